@@ -1,0 +1,130 @@
+"""%A: the share of hidden parameters still able to learn (DESIGN.md "Definitions").
+
+Hidden parameters P: weight and bias of every feeding layer, plus the weights of consumer layers
+that read those neurons. Inactive: pruned weights; a dead neuron's incoming weights and bias; the
+consumer weights reading a dead neuron. Totals count each parameter once; per-site figures count
+a layer shared by two sites (consumer of one, feeder of the next) in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .scan import ScanResult, SiteResult
+
+
+@dataclass(frozen=True)
+class SiteCapacity:
+    hidden_params: int
+    inactive_params: int
+
+    @property
+    def active_percent(self) -> float:
+        return percent(self.hidden_params, self.inactive_params)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    sites: dict[str, SiteCapacity]  # by site name; sites without a feeding layer are absent
+    hidden_params: int
+    inactive_params: int
+    feeding_weights: int  # feeding-layer weights only (the reference code's denominator)
+    inactive_feeding_weights: int
+    pruned_weights: int
+
+    @property
+    def active_percent(self) -> float:
+        return percent(self.hidden_params, self.inactive_params)
+
+    @property
+    def active_percent_feeding_weights(self) -> float:
+        return percent(self.feeding_weights, self.inactive_feeding_weights)
+
+
+def percent(total: int, inactive: int) -> float:
+    return 100.0 * (total - inactive) / total if total else 100.0
+
+
+class _Layer:
+    """Row (output) and column (input) dead marks of one weight, gathered from every site."""
+
+    def __init__(self, module: nn.Module):
+        w = module.weight
+        self.module = module
+        self.out, self.inp = w.shape[0], w.shape[1]
+        self.kernel = int(np.prod(w.shape[2:])) if w.ndim > 2 else 1
+        self.rows = np.zeros(self.out, dtype=bool)  # set when this layer feeds a site
+        self.cols = np.zeros(self.inp, dtype=bool)  # set when this layer consumes a site
+        self.feeds = self.consumes = False
+        self.bias = module.bias.numel() if getattr(module, "bias", None) is not None else 0
+
+
+def _fits(layer: _Layer, r: SiteResult, consumer: bool) -> bool:
+    if consumer:
+        return layer.inp == r.neurons * r.site.consumer.group
+    return layer.out == r.neurons
+
+
+def capacity(model: nn.Module, scan: ScanResult, masks: dict[str, torch.Tensor] | None = None) -> Capacity:
+    """Count hidden and inactive parameters. ``masks``: layer name -> bool tensor, True = pruned."""
+    masks = masks or {}
+    layers: dict[str, _Layer] = {}
+
+    def layer(name: str) -> _Layer:
+        if name not in layers:
+            layers[name] = _Layer(model.get_submodule(name))
+        return layers[name]
+
+    per_site: dict[str, SiteCapacity] = {}
+    for r in scan.sites:
+        f = r.site.feeding
+        if f is None or r.neurons == 0 or not _fits(layer(f.layer), r, consumer=False):
+            continue
+        feed = layer(f.layer)
+        feed.feeds = True
+        feed.rows |= r.dead
+        hidden = feed.out * feed.inp * feed.kernel + feed.bias
+        dead = int(r.dead.sum())
+        inactive = dead * (feed.inp * feed.kernel + (1 if feed.bias else 0))
+        inactive += _pruned_outside(masks.get(f.layer), r.dead, None)
+        c = r.site.consumer
+        if c is not None and _fits(layer(c.layer), r, consumer=True):
+            cons = layer(c.layer)
+            cons.consumes = True
+            cols = np.repeat(r.dead, c.group)
+            cons.cols |= cols
+            hidden += cons.out * cons.inp * cons.kernel
+            inactive += int(cols.sum()) * cons.out * cons.kernel
+        per_site[r.site.name] = SiteCapacity(hidden, inactive)
+
+    hidden = inactive = feeding_w = inactive_fw = pruned = 0
+    for name, L in layers.items():
+        if not (L.feeds or L.consumes):
+            continue
+        weights = L.out * L.inp * L.kernel
+        r, c = int(L.rows.sum()), int(L.cols.sum())
+        hidden += weights + (L.bias if L.feeds else 0)
+        # rows + columns - overlap, plus pruned weights outside them
+        inactive += (r * L.inp + c * L.out - r * c) * L.kernel + (r if L.feeds and L.bias else 0)
+        mask = masks.get(name)
+        inactive += _pruned_outside(mask, L.rows, L.cols)
+        pruned += int(mask.sum()) if mask is not None else 0
+        if L.feeds:
+            feeding_w += weights
+            inactive_fw += r * L.inp * L.kernel + _pruned_outside(mask, L.rows, None)
+    return Capacity(per_site, hidden, inactive, feeding_w, inactive_fw, pruned)
+
+
+def _pruned_outside(mask: torch.Tensor | None, rows: np.ndarray, cols: np.ndarray | None) -> int:
+    """Pruned weights not already counted as a dead row or column."""
+    if mask is None:
+        return 0
+    m = mask.detach().to("cpu", torch.bool).flatten(2) if mask.ndim > 2 else mask.detach().to("cpu", torch.bool)[..., None]
+    keep = ~torch.from_numpy(rows)[:, None, None]
+    if cols is not None:
+        keep = keep & ~torch.from_numpy(cols)[None, :, None]
+    return int((m & keep).sum())

@@ -1,0 +1,336 @@
+"""Run data through the model with every site instrumented; keep per-neuron statistics.
+
+Statistics stay on the device and are reduced per batch with tensor ops only: the scan loop
+never waits on the host. They are sums, counts and maxima, so shards scanned apart merge exactly
+(:func:`merge`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .defaults import DEFAULTS
+from .errors import DataError, TraceError
+from .trace import Site, SiteMap, copy_graph, effective_affine, find_sites
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-site statistics
+
+
+class SiteStats:
+    """Running per-neuron statistics of one site, on the activation's device."""
+
+    def __init__(self, site: Site):
+        self.site = site
+        self.sum: torch.Tensor | None = None  # sum of outputs (float64)
+        self.active: torch.Tensor | None = None  # count of elements > 0 (int64)
+        self.pre_max: torch.Tensor | None = None  # max pre-activation (float32)
+        self.elements = 0  # elements per neuron seen (host int: known from shapes, no sync)
+        self.calls = 0  # calls seen (host int)
+
+    def _axis(self, x: torch.Tensor) -> int:
+        if self.site.axis is not None:
+            return self.site.axis % x.ndim
+        return x.ndim - 1 if x.ndim <= 3 else 1  # unknown: token-last for (B, T, D), channels for images
+
+    def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Record pre-activation ``x`` (and its output ``y`` if already computed)."""
+        if x.ndim == 1:
+            x = x.unsqueeze(0)
+            y = None if y is None else y.unsqueeze(0)
+        axis = self._axis(x)
+        dims = [d for d in range(x.ndim) if d != axis]
+        n = x.shape[axis]
+        if self.sum is None:
+            self.sum = torch.zeros(n, dtype=torch.float64, device=x.device)
+            self.active = torch.zeros(n, dtype=torch.int64, device=x.device)
+            self.pre_max = torch.full((n,), -torch.inf, dtype=torch.float32, device=x.device)
+        elif self.sum.shape[0] != n:
+            raise TraceError(
+                f"site {self.site.name}: {n} neurons in this call but {self.sum.shape[0]} before; "
+                "a module reused with different widths cannot be one site"
+            )
+        if y is None:
+            y = _act(self.site.activation, x, inplace=False)
+        self.sum += y.sum(dims, dtype=torch.float32)
+        self.active += (x > 0).sum(dims)
+        torch.maximum(self.pre_max, x.amax(dims).float(), out=self.pre_max)
+        self.elements += x.numel() // n
+        self.calls += 1
+
+
+def _act(activation: str, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    if activation == "relu6":
+        return F.relu6(x, inplace=inplace)
+    return torch.relu_(x) if inplace else torch.relu(x)
+
+
+class _Probe(nn.Module):
+    """Stands in for one relu call in a traced graph: records, then applies the activation."""
+
+    def __init__(self, stats: SiteStats):
+        super().__init__()
+        self.stats = stats
+
+    def forward(self, x):
+        s = self.stats
+        if not s.site.inplace:
+            y = _act(s.site.activation, x, inplace=False)
+            s.update(x, y)
+            return y
+        s.update(x)  # stats first: the in-place op overwrites the pre-activation
+        return _act(s.site.activation, x, inplace=True)
+
+
+@contextlib.contextmanager
+def instrument(model: nn.Module, sitemap: SiteMap) -> Iterator[tuple[nn.Module, list[SiteStats]]]:
+    """Yield (runner, stats): calling ``runner`` runs ``model`` with every site recorded.
+
+    Traced parts become GraphModules sharing the model's parameters; untraced parts are swapped
+    in place for the duration and restored afterwards. The model's weights are never copied.
+    """
+    stats = [SiteStats(s) for s in sitemap.sites]
+    by_part: dict[int, dict[str, SiteStats]] = {}
+    for st in stats:
+        if not st.site.hooked:
+            by_part.setdefault(st.site.part, {})[st.site.node] = st
+    runner: nn.Module = model
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    handles = []
+    try:
+        for i, part in enumerate(sitemap.parts):
+            gm = _instrumented_graph_module(part.module, part.graph, by_part.get(i, {}))
+            if part.path == "":
+                runner = gm
+            else:
+                parent_name, _, attr = part.path.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                swapped.append((parent, attr, getattr(parent, attr)))
+                setattr(parent, attr, gm)
+        for st in stats:
+            if st.site.hooked:
+                handles.append(model.get_submodule(st.site.name).register_forward_pre_hook(
+                    lambda _m, args, st=st: st.update(args[0])))
+        yield runner, stats
+    finally:
+        for h in handles:
+            h.remove()
+        for parent, attr, original in reversed(swapped):
+            setattr(parent, attr, original)
+
+
+def _instrumented_graph_module(root: nn.Module, graph: fx.Graph, probes: dict[str, SiteStats]) -> fx.GraphModule:
+    graph = copy_graph(graph)
+    gm = fx.GraphModule(root, graph)
+    for node in list(gm.graph.nodes):
+        st = probes.get(node.name)
+        if st is None:
+            continue
+        name = f"_deadscan_probe_{len(gm._modules)}"
+        gm.add_submodule(name, _Probe(st))
+        x = node.args[0] if node.args else node.kwargs["input"]
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (x,))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class SiteResult:
+    """Per-neuron statistics of one site over the scanned data (numpy, on the host)."""
+
+    site: Site
+    out_sum: np.ndarray  # float64, sum of outputs
+    active: np.ndarray  # int64, elements with output > 0
+    elements: int  # elements per neuron scanned (samples x positions)
+    pre_max: np.ndarray  # float32, max pre-activation (how far a dead neuron is from waking)
+    provably_dead: np.ndarray  # bool, from the weights alone
+    tau: float
+
+    @property
+    def neurons(self) -> int:
+        return int(self.out_sum.shape[0])
+
+    @property
+    def dead(self) -> np.ndarray:
+        """Output exactly zero on every element scanned."""
+        return self.active == 0
+
+    @property
+    def frequency(self) -> np.ndarray:
+        """Fraction of elements where the neuron fired."""
+        return self.active / max(self.elements, 1)
+
+    @property
+    def out_max(self) -> np.ndarray:
+        top = 6.0 if self.site.activation == "relu6" else np.inf
+        return np.clip(self.pre_max, 0.0, top)
+
+    @property
+    def score(self) -> np.ndarray:
+        """ReDo score s_i = mean|h_i| / mean_k mean|h_k| (outputs are >= 0, so |h| = h)."""
+        mean = self.out_sum / max(self.elements, 1)
+        avg = mean.mean() if mean.size else 0.0
+        return mean / avg if avg > 0 else np.zeros_like(mean)
+
+    @property
+    def dormant(self) -> np.ndarray:
+        return self.score <= self.tau
+
+    @property
+    def dead_indices(self) -> list[int]:
+        return np.flatnonzero(self.dead).tolist()
+
+
+@dataclass
+class ScanResult:
+    sites: list[SiteResult]
+    sitemap: SiteMap = field(repr=False)
+    samples: int
+    device: str
+    tau: float
+
+    def __getitem__(self, name: str) -> SiteResult:
+        for r in self.sites:
+            if r.site.name == name:
+                return r
+        raise KeyError(name)
+
+    @property
+    def dead(self) -> int:
+        return int(sum(r.dead.sum() for r in self.sites))
+
+    @property
+    def neurons(self) -> int:
+        return sum(r.neurons for r in self.sites)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanning
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DataError(f"unknown --device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def _input_batches(data, batch_size: int, device: torch.device) -> tuple[Iterable[torch.Tensor], int | None]:
+    """Batches of model inputs from a deadscan Dataset, a tensor, or an iterable of batches."""
+    if hasattr(data, "batches"):
+        return data.batches(batch_size, device), len(data)
+    if isinstance(data, torch.Tensor):
+        x = data.to(device)
+        return (x[i:i + batch_size] for i in range(0, len(x), batch_size)), len(x)
+
+    def from_iterable():
+        for item in data:
+            xb = item[0] if isinstance(item, (tuple, list)) else item
+            yield xb.to(device, non_blocking=True)
+    return from_iterable(), None
+
+
+def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: int = DEFAULTS.batch_size,
+         device: str | torch.device | None = None, tau: float = DEFAULTS.tau, progress: bool = False) -> ScanResult:
+    """Scan ``data`` through ``model`` and return per-site, per-neuron statistics.
+
+    ``data``: a :class:`deadscan.data.Dataset`, a tensor of inputs, or any iterable of input
+    batches (or ``(x, y, ...)`` tuples, e.g. a DataLoader). The model runs in eval mode under
+    ``torch.inference_mode``; its training flag is restored afterwards.
+    """
+    dev = resolve_device(device)
+    if sitemap is None:
+        sitemap = find_sites(model)
+    model.to(dev)
+    was_training = model.training
+    model.eval()
+    samples = forwards = 0
+    try:
+        batches, total = _input_batches(data, batch_size, dev)
+        with instrument(model, sitemap) as (runner, stats), torch.inference_mode():
+            bar = _progress(total, progress)
+            for xb in batches:
+                runner(xb)
+                samples += len(xb)
+                forwards += 1
+                bar.update(len(xb))
+            bar.close()
+    finally:
+        model.train(was_training)
+    if samples == 0:
+        raise DataError("no samples to scan: the data split is empty")
+    results = [_result(model, st, tau, forwards) for st in stats]  # one host transfer per site, after the loop
+    return ScanResult(results, sitemap, samples, str(dev), tau)
+
+
+def _progress(total: int | None, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="img", desc="scan", leave=False, dynamic_ncols=True)
+
+
+def _result(model: nn.Module, st: SiteStats, tau: float, forwards: int) -> SiteResult:
+    site = st.site
+    if st.sum is None:
+        site = _with_note(site, "never called on this data")
+        empty = np.zeros(0)
+        return SiteResult(site, empty, empty.astype(np.int64), 0, empty.astype(np.float32), empty.astype(bool), tau)
+    if site.hooked and st.calls != forwards:
+        site = _with_note(site, f"called {st.calls / forwards:g} times per forward: calls merged into one site")
+    n = st.sum.shape[0]
+    provable = provably_dead(model, site, n)
+    return SiteResult(site, st.sum.cpu().numpy(), st.active.cpu().numpy(), st.elements,
+                      st.pre_max.cpu().numpy(), provable, tau)
+
+
+def _with_note(site: Site, note: str) -> Site:
+    return replace(site, note=f"{site.note}; {note}" if site.note else note)
+
+
+def provably_dead(model: nn.Module, site: Site, neurons: int) -> np.ndarray:
+    """Dead whatever the data: inputs >= 0 (they come from a ReLU) and every incoming weight and
+    the bias, taken with the sign of the per-feature scale after the layer, are <= 0."""
+    out = np.zeros(neurons, dtype=bool)
+    if site.feeding is None or not site.input_nonneg:
+        return out
+    layer = model.get_submodule(site.feeding.layer)
+    w = layer.weight.detach()
+    if w.shape[0] != neurons:
+        return out
+    with torch.no_grad():
+        s, t = effective_affine(model, site.feeding)
+        w_eff = w.float().flatten(1) * s[:, None]
+        dead = (w_eff <= 0).all(dim=1) & (t <= 0)
+    return dead.cpu().numpy()
+
+
+def merge(a: ScanResult, b: ScanResult) -> ScanResult:
+    """Combine scans of two data shards of the same model (sums add, maxima take the max)."""
+    if [r.site.name for r in a.sites] != [r.site.name for r in b.sites]:
+        raise TraceError("cannot merge scans of different models (site lists differ)")
+    sites = [
+        replace(ra, out_sum=ra.out_sum + rb.out_sum, active=ra.active + rb.active,
+                elements=ra.elements + rb.elements, pre_max=np.maximum(ra.pre_max, rb.pre_max))
+        for ra, rb in zip(a.sites, b.sites)
+    ]
+    return ScanResult(sites, a.sitemap, a.samples + b.samples, a.device, a.tau)

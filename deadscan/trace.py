@@ -1,0 +1,499 @@
+"""Find every ReLU site with torch.fx, with its feeding and consumer layers.
+
+A *site* is one call of relu in the traced graph. Where fx cannot trace a module (data-dependent
+control flow, iteration over shapes, ...), that module is left *opaque*: it runs as written, its
+children are traced on their own, ReLU modules directly inside it are watched with hooks, and the
+opaque part is reported with the reason. Functional relu calls written in an opaque forward cannot
+be seen; the report says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from numbers import Number
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .errors import TraceError
+
+ACT_MODULES = (nn.ReLU, nn.ReLU6)
+# call_function targets -> (activation, how it was written, in-place)
+ACT_FUNCTIONS = {
+    F.relu: ("relu", "F.relu", None),  # None: read the inplace argument
+    torch.relu: ("relu", "torch.relu", False),
+    torch.relu_: ("relu", "torch.relu_", True),
+    F.relu6: ("relu6", "F.relu6", None),
+}
+ACT_METHODS = {"relu": ("relu", "Tensor.relu", False), "relu_": ("relu", "Tensor.relu_", True)}
+
+LAYERS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
+PASS_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                  nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+# Ops after which a non-negative tensor stays non-negative (for "provably dead").
+NONNEG_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous", "unflatten", "squeeze",
+                  "unsqueeze", "__getitem__"}
+NONNEG_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+                    operator.getitem, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
+                    F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+                    F.dropout, torch.cat}
+FEATURE_AXIS_LAST = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention, nn.RMSNorm)
+FEATURE_AXIS_ONE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
+
+
+@dataclass(frozen=True)
+class Feeding:
+    """The layer whose outputs reach the site through per-feature ops only."""
+
+    layer: str  # qualified name in the model
+    kind: str  # linear | conv1d | conv2d | conv3d
+    # Per-feature ops from the layer to the site, in order: ("bn", name) | ("scale", c) |
+    # ("shift", c) | ("bias", name of a parameter or buffer added per feature).
+    chain: tuple = ()
+    exclusive: bool = True  # no other op reads the values between layer and site
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """The layer reading the site's outputs through per-feature ops only."""
+
+    layer: str
+    kind: str
+    group: int = 1  # input columns per neuron (a flatten after an adaptive pool to h x w: h*w)
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    activation: str  # relu | relu6
+    call: str  # nn.ReLU, F.relu, torch.relu, Tensor.relu_, nn.ReLU6, ...
+    inplace: bool
+    axis: int | None  # neuron axis of the activation tensor: -1 (Linear) or 1 (Conv); None: by ndim
+    feeding: Feeding | None
+    consumer: Consumer | None
+    input_nonneg: bool  # the feeding layer's input comes from a ReLU (for "provably dead")
+    note: str = ""  # why there is no feeding layer, or how the site was watched
+    hooked: bool = False  # watched by a module hook inside an opaque forward
+    part: int = -1  # index into SiteMap.parts (traced sites)
+    node: str = ""  # node name in that part's graph
+
+    @property
+    def strippable(self) -> bool:
+        return self.feeding is not None
+
+
+@dataclass(frozen=True)
+class Opaque:
+    module: str  # qualified name, "(root)" for the model itself
+    reason: str
+
+
+@dataclass
+class TracedPart:
+    path: str  # qualified name of the traced module ("" = the model)
+    module: nn.Module
+    graph: fx.Graph
+
+
+@dataclass
+class SiteMap:
+    sites: list[Site]
+    opaque: list[Opaque]
+    parts: list[TracedPart] = field(default_factory=list, repr=False)
+
+    def __getitem__(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing with fallback
+
+
+class _Tracer(fx.Tracer):
+    """Traces through every module but torch.nn's atomic ones; a submodule that fails to trace is
+    kept as one opaque call instead of failing the whole model."""
+
+    def __init__(self):
+        super().__init__()
+        self.opaque: dict[str, str] = {}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_leaf(m)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        if qualname in self.opaque:  # a second call of a module that already failed
+            return self.create_proxy("call_module", qualname, args, kwargs)
+        if is_leaf(m):
+            return super().call_module(m, forward, args, kwargs)
+        stack, before = len(self.module_stack), len(self.graph.nodes)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as e:  # fx raises many kinds for untraceable code
+            while len(self.module_stack) > stack:
+                self.module_stack.popitem(last=True)
+            # Drop what the failed attempt emitted; get_attr nodes may be cached by the tracer.
+            for node in reversed(list(self.graph.nodes)[before:]):
+                if node.op != "get_attr" and not node.users:
+                    self.graph.erase_node(node)
+            self.opaque[qualname] = _reason(e)
+            return self.create_proxy("call_module", qualname, args, kwargs)
+
+
+def is_leaf(m: nn.Module) -> bool:
+    if isinstance(m, nn.MultiheadAttention):
+        return True
+    return type(m).__module__.startswith("torch.nn") and next(m.children(), None) is None
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path and name else path or name
+
+
+def find_sites(model: nn.Module) -> SiteMap:
+    """Trace ``model`` (eval mode) and return its ReLU sites in execution order."""
+    was_training = model.training
+    model.eval()  # trace the inference graph (e.g. no auxiliary heads)
+    try:
+        finder = _Finder(model)
+        finder.discover(model, "")
+    finally:
+        model.train(was_training)
+    return SiteMap(finder.sites, finder.opaque, finder.parts)
+
+
+class _Finder:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.sites: list[Site] = []
+        self.opaque: list[Opaque] = []
+        self.parts: list[TracedPart] = []
+        self.calls: dict[str, int] = {}
+
+    def discover(self, module: nn.Module, path: str) -> None:
+        tracer = _Tracer()
+        try:
+            graph = tracer.trace(module)
+        except Exception as e:
+            self.opaque.append(Opaque(path or "(root)", _reason(e) + "; functional relu calls in its forward are not seen"))
+            self.discover_inside_opaque(module, path)
+            return
+        part = len(self.parts)
+        self.parts.append(TracedPart(path, module, graph))
+        seen_opaque: set[str] = set()
+        for node in graph.nodes:
+            act = _activation(node, module)
+            if act is not None:
+                self.sites.append(self._site(node, module, path, part, *act))
+            elif node.op == "call_module" and node.target in tracer.opaque and node.target not in seen_opaque:
+                seen_opaque.add(node.target)
+                full = _join(path, node.target)
+                self.opaque.append(Opaque(full, tracer.opaque[node.target] + "; functional relu calls in its forward are not seen"))
+                self.discover_inside_opaque(module.get_submodule(node.target), full)
+
+    def discover_inside_opaque(self, module: nn.Module, path: str) -> None:
+        for name, child in module.named_children():
+            full = _join(path, name)
+            if isinstance(child, ACT_MODULES):
+                activation = "relu6" if isinstance(child, nn.ReLU6) else "relu"
+                self.sites.append(Site(
+                    name=full, activation=activation, call=f"nn.{type(child).__name__}", inplace=child.inplace,
+                    axis=None, feeding=None, consumer=None, input_nonneg=False, hooked=True,
+                    note="called inside an opaque forward: watched by a hook, no feeding layer known",
+                ))
+            elif not is_leaf(child):
+                self.discover(child, full)
+
+    def _name(self, node: fx.Node, path: str, call: str) -> str:
+        if node.op == "call_module":
+            base = _join(path, node.target)
+        else:
+            stack = node.meta.get("nn_module_stack") or {}
+            owner = list(stack.values())[-1][0] if stack else ""
+            base = f"{_join(path, owner) or '(root)'}:{call.split('.')[-1]}"
+        n = self.calls.get(base, 0) + 1
+        self.calls[base] = n
+        return base if n == 1 else f"{base}#{n}"
+
+    def _site(self, node, root, path, part, activation, call, inplace) -> Site:
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        feeding, axis = _find_feeding(x, root, path)
+        consumer = _find_consumer(node, root, path, axis) if isinstance(x, fx.Node) else None
+        note = "" if feeding else _why_no_feeding(x, root)
+        nonneg = feeding is not None and _input_nonneg(_layer_node(x, feeding, root, path), root)
+        return Site(
+            name=self._name(node, path, call), activation=activation, call=call, inplace=inplace,
+            axis=axis, feeding=feeding, consumer=consumer, input_nonneg=nonneg, note=note,
+            part=part, node=node.name,
+        )
+
+
+def _activation(node: fx.Node, root: nn.Module):
+    """(activation, call, inplace) if ``node`` is a relu call, else None."""
+    if node.op == "call_module":
+        m = root.get_submodule(node.target)
+        if isinstance(m, ACT_MODULES):
+            return ("relu6" if isinstance(m, nn.ReLU6) else "relu", f"nn.{type(m).__name__}", m.inplace)
+    elif node.op == "call_function" and node.target in ACT_FUNCTIONS:
+        act, call, inplace = ACT_FUNCTIONS[node.target]
+        if inplace is None:
+            inplace = bool(node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False))
+        return act, call, inplace
+    elif node.op == "call_method" and node.target in ACT_METHODS:
+        return ACT_METHODS[node.target]
+    return None
+
+
+def _scalar(node: fx.Node):
+    """(tensor node, scalar) for ``x * c``/``c * x``/``x / c`` style nodes, else (None, None)."""
+    a, b = (list(node.args) + [None, None])[:2]
+    if isinstance(a, fx.Node) and isinstance(b, Number) and not isinstance(b, bool):
+        return a, b
+    if isinstance(b, fx.Node) and isinstance(a, Number) and not isinstance(a, bool):
+        return b, a
+    return None, None
+
+
+MUL = {operator.mul, torch.mul, "mul"}
+DIV = {operator.truediv, torch.div, "div"}
+ADD = {operator.add, torch.add, "add"}
+SUB = {operator.sub, torch.sub, "sub"}
+
+
+def _find_feeding(x, root: nn.Module, path: str) -> tuple[Feeding | None, int | None]:
+    chain: list[tuple] = []
+    exclusive = True
+    n = x
+    while isinstance(n, fx.Node):
+        if n is not x and len(n.users) > 1:
+            exclusive = False
+        nxt = None
+        if n.op == "call_module":
+            m = root.get_submodule(n.target)
+            kind = LAYERS.get(type(m))
+            if kind is not None:
+                if len(n.users) > 1:
+                    exclusive = False
+                axis = -1 if kind == "linear" else 1
+                return Feeding(_join(path, n.target), kind, tuple(reversed(chain)), exclusive), axis
+            if _is_eval_bn(m):
+                chain.append(("bn", _join(path, n.target)))
+                nxt = n.args[0]
+            elif isinstance(m, PASS_MODULES):
+                nxt = n.args[0]
+        elif n.op in ("call_function", "call_method") and n.target in (F.dropout, "contiguous"):
+            nxt = n.args[0]
+        elif n.op in ("call_function", "call_method"):
+            t, c = _scalar(n)
+            if t is not None and n.target in MUL:
+                chain.append(("scale", float(c)))
+                nxt = t
+            elif t is not None and n.target in DIV and n.args[0] is t and c != 0:
+                chain.append(("scale", 1.0 / float(c)))
+                nxt = t
+            elif t is not None and n.target in ADD:
+                chain.append(("shift", float(c)))
+                nxt = t
+            elif t is not None and n.target in SUB and n.args[0] is t:
+                chain.append(("shift", -float(c)))
+                nxt = t
+            elif n.target in ADD and len(n.args) == 2:
+                # x + self.bias with a per-feature parameter
+                a, b = n.args
+                attr, other = (a, b) if _is_attr(a) else (b, a) if _is_attr(b) else (None, None)
+                if attr is not None and isinstance(other, fx.Node):
+                    chain.append(("bias", _join(path, attr.target)))
+                    nxt = other
+        if nxt is None:
+            break
+        n = nxt
+    return None, _guess_axis(x, root)
+
+
+def _is_attr(n) -> bool:
+    return isinstance(n, fx.Node) and n.op == "get_attr"
+
+
+def _is_eval_bn(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_var is not None
+
+
+def _guess_axis(x, root: nn.Module) -> int | None:
+    """Neuron axis when no feeding layer: the convention of the nearest layer upstream."""
+    frontier, seen = [x], set()
+    while frontier and len(seen) < 200:
+        n = frontier.pop(0)
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_module":
+            m = root.get_submodule(n.target)
+            if isinstance(m, FEATURE_AXIS_LAST):
+                return -1
+            if isinstance(m, FEATURE_AXIS_ONE):
+                return 1
+        frontier.extend(a for a in n.all_input_nodes)
+    return None
+
+
+def _why_no_feeding(x, root: nn.Module) -> str:
+    if not isinstance(x, fx.Node):
+        return "input is not a traced tensor"
+    if x.op in ("call_function", "call_method"):
+        name = getattr(x.target, "__name__", str(x.target))
+        if name in ("add", "iadd", "__add__", "sub"):
+            return "after a residual add: scanned, not strippable"
+        if name in ("cat", "stack"):
+            return "after a concat: scanned, not strippable"
+        return f"after {name}: scanned, not strippable"
+    if x.op == "call_module":
+        return f"after {type(root.get_submodule(x.target)).__name__}: scanned, not strippable"
+    return "reads the model input: scanned, not strippable"
+
+
+def _layer_node(x, feeding: Feeding, root, path) -> fx.Node | None:
+    n = x
+    while isinstance(n, fx.Node):
+        if n.op == "call_module" and _join(path, n.target) == feeding.layer:
+            return n
+        n = next((a for a in n.all_input_nodes if a.op != "get_attr"), None)
+    return None
+
+
+def _input_nonneg(layer_node: fx.Node | None, root: nn.Module) -> bool:
+    """True if the layer's input is a relu output through value-preserving ops only."""
+    return layer_node is not None and bool(layer_node.args) and _nonneg(layer_node.args[0], root)
+
+
+def _nonneg(n, root: nn.Module) -> bool:
+    while isinstance(n, fx.Node):
+        if _activation(n, root) is not None:
+            return True
+        if n.op == "call_module":
+            m = root.get_submodule(n.target)
+            if not isinstance(m, PASS_MODULES + POOLS + ADAPTIVE_POOLS + (nn.Flatten,)):
+                return False
+        elif n.op == "call_function" and n.target is torch.cat:
+            return all(_nonneg(a, root) for a in n.args[0])
+        elif not ((n.op == "call_method" and n.target in NONNEG_METHODS)
+                  or (n.op == "call_function" and n.target in NONNEG_FUNCTIONS)):
+            return False
+        n = n.args[0] if n.args else None
+    return False
+
+
+def _find_consumer(node: fx.Node, root: nn.Module, path: str, axis: int | None) -> Consumer | None:
+    """Follow the site's single reader through per-feature ops to a Linear/Conv.
+
+    A conv site may reach a Linear only through an adaptive pool then a flatten; each neuron then
+    feeds ``h*w`` consecutive input columns.
+    """
+    n, cells, group = node, None, None  # cells: spatial positions per channel after an adaptive pool
+    while True:
+        users = list(n.users)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        m = root.get_submodule(u.target) if u.op == "call_module" else None
+        kind = LAYERS.get(type(m)) if m is not None else None
+        if kind is not None:
+            if u.args[0] is not n or getattr(m, "groups", 1) != 1:
+                return None
+            if kind == "linear":
+                if axis == 1 and group is None:
+                    return None  # a conv output reaching a Linear without a known flatten
+                return Consumer(_join(path, u.target), kind, group or 1)
+            return Consumer(_join(path, u.target), kind, 1) if group is None and axis != -1 else None
+        if m is not None and (isinstance(m, PASS_MODULES + POOLS) or _is_eval_bn(m)):
+            pass
+        elif m is not None and isinstance(m, ADAPTIVE_POOLS):
+            cells = _adaptive_cells(m)
+        elif _is_flatten(u, m):
+            if axis != 1 or cells is None:
+                return None
+            group = cells
+        elif u.op in ("call_function", "call_method") and u.target in (F.dropout, "contiguous"):
+            pass
+        else:
+            return None
+        n = u
+
+
+def _is_flatten(u: fx.Node, m: nn.Module | None) -> bool:
+    if m is not None:
+        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+    if u.op in ("call_function", "call_method") and u.target in (torch.flatten, "flatten"):
+        start = u.args[1] if len(u.args) > 1 else u.kwargs.get("start_dim", 0)
+        return start == 1 and len(u.args) <= 2 and "end_dim" not in u.kwargs
+    return False
+
+
+def _adaptive_cells(m: nn.Module) -> int | None:
+    dims = int(type(m).__name__[-2])  # AdaptiveAvgPool2d -> 2
+    size = m.output_size
+    if isinstance(size, int):
+        return size**dims
+    if any(v is None for v in size):
+        return None
+    out = 1
+    for v in size:
+        out *= v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Effective per-feature affine map (for provably dead and stripping)
+
+
+def effective_affine(model: nn.Module, feeding: Feeding) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale s, shift t), one entry per neuron, such that pre-activation = s * (W x) + t.
+
+    A negative s (e.g. BatchNorm gamma < 0) flips which incoming weights hold a neuron down.
+    """
+    layer = model.get_submodule(feeding.layer)
+    w = layer.weight
+    n = w.shape[0]
+    s = torch.ones(n, dtype=torch.float32, device=w.device)
+    t = layer.bias.detach().float().clone() if layer.bias is not None else torch.zeros_like(s)
+    for op, arg in feeding.chain:
+        if op == "bn":
+            bn = model.get_submodule(arg)
+            a = torch.rsqrt(bn.running_var.float() + bn.eps)
+            if bn.weight is not None:
+                a = a * bn.weight.detach().float()
+            b = -bn.running_mean.float() * a
+            if bn.bias is not None:
+                b = b + bn.bias.detach().float()
+            s, t = s * a, t * a + b
+        elif op == "scale":
+            s, t = s * arg, t * arg
+        elif op == "shift":
+            t = t + arg
+        elif op == "bias":
+            p = _get_tensor(model, arg).detach().float().flatten()
+            if p.numel() != n:
+                raise TraceError(f"per-feature bias {arg} has {p.numel()} entries for {n} neurons")
+            t = t + p
+    return s, t
+
+
+def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attr)
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    return copy.deepcopy(graph)

@@ -1,0 +1,236 @@
+"""Architectures by spec string: built-ins (the paper's MLP and ViT), torchvision, timm, and
+``pkg.module:factory``.
+
+A spec is ``NAME`` or ``NAME(key=value, ...)`` with Python literal values, e.g.
+``mlp(depth=4, width=512, in_features=3072, classes=10)``, ``torchvision:resnet18(num_classes=10)``,
+``mypkg.models:build(width=64)``. deadscan writes the spec into the metadata of what it saves.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ArchError
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str  # "mlp", "vit-relu", "torchvision:resnet18", "pkg.mod:fn"
+    kwargs: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        if not self.kwargs:
+            return self.name
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"{self.name}({args})"
+
+    @property
+    def runs_user_code(self) -> bool:
+        """True for ``pkg.module:factory`` specs: building them imports and calls user code."""
+        return ":" in self.name and self.name.split(":", 1)[0] not in ("torchvision", "timm")
+
+
+def parse_spec(text: str) -> ArchSpec:
+    """Parse ``NAME`` or ``NAME(k=v, ...)``; values must be Python literals."""
+    text = text.strip()
+    name, _, rest = text.partition("(")
+    name = name.strip()
+    if not name or any(c.isspace() for c in name):
+        raise ArchError(f"bad --arch spec {text!r}: expected NAME or NAME(key=value, ...)")
+    kwargs: dict = {}
+    if rest:
+        if not rest.endswith(")"):
+            raise ArchError(f"bad --arch spec {text!r}: missing closing ')'")
+        try:
+            call = ast.parse(f"f({rest}", mode="eval").body
+            if not isinstance(call, ast.Call) or call.args:
+                raise ValueError("positional arguments")
+            for kw in call.keywords:
+                if kw.arg is None:
+                    raise ValueError("**kwargs")
+                kwargs[kw.arg] = ast.literal_eval(kw.value)
+        except (SyntaxError, ValueError) as e:
+            raise ArchError(
+                f"bad --arch spec {text!r}: arguments must be key=value with literal values ({e})"
+            ) from None
+    return ArchSpec(name, kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in models (paper Table I MLP, Table II ViT)
+
+
+def paper_mlp(depth: int = 2, width: int = 256, in_features: int = 3072, classes: int = 10) -> nn.Module:
+    """Table I: ``depth`` hidden Linear+ReLU layers of ``width``, then a Linear head."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+    prev = in_features
+    for i in range(1, depth + 1):
+        layers[f"fc{i}"] = nn.Linear(prev, width)
+        layers[f"relu{i}"] = nn.ReLU()
+        prev = width
+    layers["head"] = nn.Linear(prev, classes)
+    return nn.Sequential(layers)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x):
+        # (B, T, D) -> (B, H, T, D/H)
+        q, k, v = (f(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for f in (self.q, self.k, self.v))
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm block; the activation follows BOTH MLP linears, as in the paper's reference code."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, act: str):
+        super().__init__()
+        make_act = nn.ReLU if act == "relu" else nn.GELU
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(OrderedDict(
+            fc1=nn.Linear(dim, mlp_dim), act1=make_act(), drop1=nn.Dropout(dropout),
+            fc2=nn.Linear(mlp_dim, dim), act2=make_act(), drop2=nn.Dropout(dropout),
+        ))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PaperViT(nn.Module):
+    """Table II ViT: 4x4 patches on 32x32 images give 64 tokens + a class token."""
+
+    def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3, classes: int = 10,
+                 depth: int = 7, heads: int = 8, dim: int = 384, mlp_dim: int = 1536,
+                 dropout: float = 0.0, act: str = "relu"):
+        super().__init__()
+        if img_size % patch_size:
+            raise ArchError(f"vit: img_size {img_size} is not a multiple of patch_size {patch_size}")
+        if dim % heads:
+            raise ArchError(f"vit: dim {dim} is not a multiple of heads {heads}")
+        self.patch_size = patch_size
+        tokens = (img_size // patch_size) ** 2 + 1
+        self.embed = nn.Linear(in_chans * patch_size**2, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.Sequential(*[EncoderBlock(dim, heads, mlp_dim, dropout, act) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        p = self.patch_size
+        # (B, C, H, W) -> (B, H/p * W/p, C*p*p)
+        x = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
+        x = self.embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.blocks(x)
+        return self.head(self.norm(x[:, 0]))
+
+
+BUILTINS = {
+    "mlp": paper_mlp,
+    "vit-relu": lambda **kw: PaperViT(act="relu", **kw),
+    "vit-gelu": lambda **kw: PaperViT(act="gelu", **kw),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def build(spec: ArchSpec | str, *, allow_user_code: bool = True) -> nn.Module:
+    """Build an untrained model from a spec.
+
+    ``allow_user_code=False`` refuses ``pkg.module:factory`` specs; used for specs read from a
+    file's metadata, which must never choose what code deadscan imports.
+    """
+    if isinstance(spec, str):
+        spec = parse_spec(spec)
+    name, kwargs = spec.name, dict(spec.kwargs)
+    try:
+        if name in BUILTINS:
+            return BUILTINS[name](**kwargs)
+        prefix, _, fn = name.partition(":")
+        if prefix == "torchvision":
+            return _torchvision(fn, kwargs)
+        if prefix == "timm":
+            return _timm(fn, kwargs)
+        if fn:
+            if not allow_user_code:
+                raise ArchError(
+                    f"the checkpoint names architecture {spec} (user code); deadscan does not import "
+                    f"code named by a file: pass it yourself with --arch '{spec}' if you trust it"
+                )
+            return _factory(prefix, fn, kwargs)
+    except TypeError as e:
+        raise ArchError(f"cannot build --arch {spec}: {e}") from None
+    raise ArchError(
+        f"unknown --arch {name!r}: use one of {', '.join(BUILTINS)}, torchvision:NAME, timm:NAME "
+        "or pkg.module:factory"
+    )
+
+
+def _no_weights(kwargs: dict, what: str) -> None:
+    for key in ("weights", "pretrained", "weights_backbone"):
+        if kwargs.get(key):
+            raise ArchError(f"{what}: {key}= would download weights; deadscan loads weights from your checkpoint")
+
+
+def _torchvision(fn: str, kwargs: dict) -> nn.Module:
+    import torchvision
+
+    _no_weights(kwargs, f"torchvision:{fn}")
+    kwargs.pop("weights", None)
+    if fn not in torchvision.models.list_models():
+        raise ArchError(f"torchvision has no model {fn!r} (see torchvision.models.list_models())")
+    return torchvision.models.get_model(fn, weights=None, **kwargs)
+
+
+def _timm(fn: str, kwargs: dict) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ArchError(f"--arch timm:{fn} needs timm: pip install timm") from None
+    _no_weights(kwargs, f"timm:{fn}")
+    kwargs.pop("pretrained", None)
+    try:
+        return timm.create_model(fn, pretrained=False, **kwargs)
+    except RuntimeError as e:
+        raise ArchError(f"timm cannot build {fn!r}: {e}") from None
+
+
+def _factory(module: str, fn: str, kwargs: dict) -> nn.Module:
+    try:
+        factory = getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise ArchError(f"cannot import {module}:{fn} ({e}); is the package on your PYTHONPATH?") from None
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ArchError(f"{module}:{fn} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in model.parameters())
