@@ -12,6 +12,8 @@ from . import __version__, pipeline
 from .data import SPLITS, resource_path
 from .defaults import DEFAULTS
 from .errors import DeadscanError
+from .finetune import Interrupted, TrainConfig
+from .strip import CRITERIA
 
 SAMPLE_MODEL = "mlp_digits.safetensors"
 
@@ -110,6 +112,76 @@ def demo(out, device):
     result = _run(pipeline.inspect, model, "digits", out=out, device=device, command=_command_line(), progress=True)
     _print_inspection(result, as_json=False)
     click.echo(f"outputs in {result.summary_path.parent}/")
+
+
+@main.command()
+@click.argument("checkpoint", required=False, type=click.Path(dir_okay=False))
+@click.option("--data", default=None, help="dataset (default: the one the last inspect in --from used)")
+@click.option("--arch", default=None, help="architecture for plain state dicts")
+@click.option("--from", "from_dir", default=DEFAULTS.out_dir, show_default=True, help="folder of the inspect run to reuse when CKPT is omitted")
+@click.option("--finetune", "epochs", type=click.IntRange(min=0), default=TrainConfig.epochs, show_default=True, help="epochs of fine-tuning; 0 = one strip step and a re-scan")
+@click.option("--every", type=click.IntRange(min=1), default=TrainConfig.every, show_default=True, help="strip every K epochs")
+@click.option("--rate", type=click.FloatRange(0, 1, min_open=True), default=TrainConfig.rate, show_default=True, help="fraction of a dead neuron's remaining incoming weights pruned per step")
+@click.option("--criterion", type=click.Choice(CRITERIA), default=TrainConfig.criterion, show_default=True, help="rank by weight (paper) or by w * E[x]")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default=TrainConfig.optimizer, show_default=True)
+@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True)
+@click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=TrainConfig.warmup, show_default=True, help="epochs of linear warm-up")
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=TrainConfig.schedule, show_default=True)
+@click.option("--final-lr", type=float, default=TrainConfig.final_lr, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, show_default=True)
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
+@click.option("--baseline", is_flag=True, help="also run the same fine-tuning without stripping, for a side-by-side")
+@click.option("--resume", is_flag=True, help="continue an interrupted run from its last completed epoch")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+@click.option("--data-root", default=None, help="folder holding torchvision datasets")
+@click.option("--download", is_flag=True, help="download a torchvision dataset if missing")
+@click.option("--out", default=DEFAULTS.out_dir, show_default=True, help="output folder")
+@click.option("--trust-pickle", is_flag=True, help="allow pickled modules and TorchScript: RUNS CODE from the file")
+def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, optimizer, lr, weight_decay, warmup,
+          schedule, final_lr, batch_size, seed, baseline, resume, device, data_root, download, out, trust_pickle):
+    """Revive dead neurons with Synaptic Stripping while fine-tuning.
+
+    After each epoch: scan the validation split, prune the most negative remaining incoming
+    weights of every dead neuron (a fraction --rate), log a history row. Writes
+    stripped.safetensors (+ masks.safetensors) and summary.json with the history to --out.
+
+    Example:
+
+        deadscan strip sample_models/mlp_digits.safetensors --data digits --finetune 5 --warmup 0
+    """
+    cfg = TrainConfig(epochs=epochs, every=every, rate=rate, criterion=criterion, optimizer=optimizer, lr=lr,
+                      weight_decay=weight_decay, warmup=warmup, schedule=schedule, final_lr=final_lr,
+                      batch_size=batch_size, seed=seed)
+
+    def on_epoch(row):
+        click.echo(f"epoch {row['epoch']:>3}  dead {row['dead']:>5}  revived {row['revived']:>4}  "
+                   f"pruned {row['pruned_weights']:>7}  %A {row['active_percent']:6.2f}  "
+                   f"train loss {row['train_loss']:.4f}  val acc {row['val_acc']:.2f}")
+
+    try:
+        run = pipeline.strip_checkpoint(checkpoint, data, cfg=cfg, out=out, from_dir=from_dir, arch=arch,
+                                        trust_pickle=trust_pickle, baseline=baseline, resume=resume, device=device,
+                                        data_root=data_root, download=download, command=_command_line(),
+                                        on_epoch=on_epoch)
+    except Interrupted as e:
+        raise click.ClickException(f"{e}; resume with: {_command_line()} --resume") from None
+    except DeadscanError as e:
+        raise click.ClickException(str(e)) from None
+    s = run.summary
+    t = s["totals"]
+    click.echo(f"\nafter stripping: dead {t['dead']} of {t['neurons']}  %A {t['active_percent']:.2f}  "
+               f"pruned weights {t['pruned_weights']}  test acc {_fmt(s['test'].get('acc'))}")
+    if "baseline" in s:
+        b = s["baseline"]["history"][-1] if s["baseline"]["history"] else {}
+        click.echo(f"baseline (no stripping): dead {b.get('dead')}  %A {_fmt(b.get('active_percent'))}  "
+                   f"test acc {_fmt(s['baseline']['test'].get('acc'))}")
+    for name, path in run.files.items():
+        click.echo(f"wrote {path}")
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 if __name__ == "__main__":  # pragma: no cover

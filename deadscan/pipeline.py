@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .capacity import Capacity, capacity
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, save_safetensors
 from .data import Dataset, check_fits, load_data
 from .defaults import DEFAULTS
+from .errors import DataError, OutputError
+from .finetune import STATE_FILE, TrainConfig, finetune
 from .report import build_summary, write_summary
 from .scan import ScanResult, resolve_device, scan
 from .trace import find_sites
@@ -39,7 +42,88 @@ def inspect(checkpoint: str | Path, data: str, *, out: str | Path = DEFAULTS.out
     sitemap = find_sites(model)
     result = scan(model, ds, sitemap=sitemap, batch_size=batch_size, device=dev, tau=tau, progress=progress)
     cap = capacity(model, result)
-    summary = build_summary(result, cap, command=command, checkpoint=ckpt.info, data=ds.describe(),
+    summary = build_summary(result, cap, command=command, checkpoint=ckpt.info, data={**ds.describe(), "root": data_root},
                             elapsed=time.perf_counter() - start)
     path = write_summary(summary, out)
     return Inspection(ckpt, ds, result, cap, summary, path)
+
+
+@dataclass
+class StripRun:
+    summary: dict
+    out: Path
+    files: dict[str, Path]
+
+
+def last_inspection(from_dir: str | Path) -> dict:
+    """The checkpoint and data a previous ``inspect`` used (its summary.json)."""
+    path = Path(from_dir) / "summary.json"
+    if not path.exists():
+        raise DataError(f"no checkpoint given and no previous inspect in {from_dir}/ (no summary.json); "
+                        "pass CKPT and --data, or run deadscan inspect first")
+    try:
+        s = json.loads(path.read_text(encoding="utf-8"))
+        return {"checkpoint": s["checkpoint"]["path"], "arch": s["checkpoint"]["arch"], "data": s["data"]["name"],
+                "data_root": s["data"].get("root"), "format": s["checkpoint"]["format"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a deadscan summary ({e}); pass CKPT and --data") from None
+
+
+def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: TrainConfig,
+                     out: str | Path = DEFAULTS.out_dir, from_dir: str | Path = DEFAULTS.out_dir,
+                     arch: str | None = None, trust_pickle: bool = False, baseline: bool = False,
+                     resume: bool = False, device: str | None = None, data_root: str | None = None,
+                     download: bool = False, data_seed: int = DEFAULTS.seed, command: str = "",
+                     on_epoch=None) -> StripRun:
+    start = time.perf_counter()
+    if checkpoint is None:
+        last = last_inspection(from_dir)
+        checkpoint, arch = last["checkpoint"], arch or (last["arch"] if last["format"] != "safetensors" else None)
+        data, data_root = data or last["data"], data_root or last["data_root"]
+    if data is None:
+        raise DataError("--data is required with a checkpoint")
+    out = Path(out)
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
+    if (out / "stripped.safetensors").resolve() == Path(checkpoint).resolve():
+        raise OutputError(f"--out {out} would overwrite the input checkpoint {checkpoint}; choose another --out")
+    splits = {s: load_data(data, s, root=data_root, download=download, seed=data_seed) for s in ("train", "val", "test")}
+    model = ckpt.model.to(dev)
+    check_fits(model, splits["val"], dev)
+
+    base_hist = base_test = None
+    if baseline:
+        base_model = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle).model
+        base = finetune(base_model, splits["train"], splits["val"], replace(cfg, strip=False), device=dev,
+                        test=splits["test"])
+        base_hist, base_test = base.history, base.test
+        del base_model
+
+    res = finetune(model, splits["train"], splits["val"], cfg, device=dev, test=splits["test"],
+                   state_path=out / STATE_FILE, resume=resume, on_epoch=on_epoch)
+    stripper = res.stripper
+    final = scan(model, splits["val"], sitemap=stripper.sitemap, batch_size=cfg.eval_batch_size, device=dev)
+    cap = capacity(model, final, stripper.masks.masks)
+    files = {"stripped": out / "stripped.safetensors", "masks": out / "masks.safetensors"}
+    save_safetensors(model, files["stripped"], ckpt.info.arch or "", {"deadscan_source_sha256": ckpt.info.sha256})
+    save_masks(stripper.masks.state_dict(), files["masks"])
+    data_info = {**splits["val"].describe(), "root": data_root}
+    summary = build_summary(final, cap, command=command, checkpoint=ckpt.info, data=data_info,
+                            elapsed=time.perf_counter() - start)
+    summary["config"] = asdict(cfg)
+    summary["history"] = res.history
+    summary["test"] = res.test
+    if baseline:
+        summary["baseline"] = {"history": base_hist, "test": base_test}
+    summary["outputs"] = {k: str(v) for k, v in files.items()}
+    files["summary"] = write_summary(summary, out)
+    return StripRun(summary, out, files)
+
+
+def save_masks(masks: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from .checkpoint import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp), metadata={"deadscan": "pruning masks, True = pruned"})

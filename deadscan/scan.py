@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .defaults import DEFAULTS
-from .errors import DataError, TraceError
+from .errors import DataError, DeadscanError, TraceError
 from .trace import Site, SiteMap, copy_graph, effective_affine, find_sites
 
 
@@ -73,6 +73,25 @@ def _act(activation: str, x: torch.Tensor, inplace: bool) -> torch.Tensor:
     return torch.relu_(x) if inplace else torch.relu(x)
 
 
+class InputStats:
+    """Running per-input-feature sum of a feeding layer's input (for the contribution criterion)."""
+
+    def __init__(self, axis: int):
+        self.axis = axis  # -1 for Linear, 1 for Conv
+        self.sum: torch.Tensor | None = None
+        self.elements = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        axis = self.axis % x.ndim
+        dims = [d for d in range(x.ndim) if d != axis]
+        s = x.sum(dims, dtype=torch.float32).double()
+        self.sum = s if self.sum is None else self.sum + s
+        self.elements += x.numel() // x.shape[axis]
+
+    def mean(self) -> np.ndarray | None:
+        return None if self.sum is None else (self.sum / max(self.elements, 1)).float().cpu().numpy()
+
+
 class _Probe(nn.Module):
     """Stands in for one relu call in a traced graph: records, then applies the activation."""
 
@@ -91,8 +110,11 @@ class _Probe(nn.Module):
 
 
 @contextlib.contextmanager
-def instrument(model: nn.Module, sitemap: SiteMap) -> Iterator[tuple[nn.Module, list[SiteStats]]]:
+def instrument(model: nn.Module, sitemap: SiteMap, inputs: dict[str, InputStats] | None = None
+               ) -> Iterator[tuple[nn.Module, list[SiteStats]]]:
     """Yield (runner, stats): calling ``runner`` runs ``model`` with every site recorded.
+
+    ``inputs`` (feeding layer name -> InputStats) also records those layers' mean inputs.
 
     Traced parts become GraphModules sharing the model's parameters; untraced parts are swapped
     in place for the duration and restored afterwards. The model's weights are never copied.
@@ -119,6 +141,9 @@ def instrument(model: nn.Module, sitemap: SiteMap) -> Iterator[tuple[nn.Module, 
             if st.site.hooked:
                 handles.append(model.get_submodule(st.site.name).register_forward_pre_hook(
                     lambda _m, args, st=st: st.update(args[0])))
+        for layer, rec in (inputs or {}).items():
+            handles.append(model.get_submodule(layer).register_forward_pre_hook(
+                lambda _m, args, rec=rec: rec.update(args[0])))
         yield runner, stats
     finally:
         for h in handles:
@@ -160,6 +185,7 @@ class SiteResult:
     pre_max: np.ndarray  # float32, max pre-activation (how far a dead neuron is from waking)
     provably_dead: np.ndarray  # bool, from the weights alone
     tau: float
+    mean_input: np.ndarray | None = None  # feeding layer's mean input per input feature (if asked)
 
     @property
     def neurons(self) -> int:
@@ -251,12 +277,14 @@ def _input_batches(data, batch_size: int, device: torch.device) -> tuple[Iterabl
 
 
 def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: int = DEFAULTS.batch_size,
-         device: str | torch.device | None = None, tau: float = DEFAULTS.tau, progress: bool = False) -> ScanResult:
+         device: str | torch.device | None = None, tau: float = DEFAULTS.tau, progress: bool = False,
+         input_means: bool = False) -> ScanResult:
     """Scan ``data`` through ``model`` and return per-site, per-neuron statistics.
 
     ``data``: a :class:`deadscan.data.Dataset`, a tensor of inputs, or any iterable of input
     batches (or ``(x, y, ...)`` tuples, e.g. a DataLoader). The model runs in eval mode under
-    ``torch.inference_mode``; its training flag is restored afterwards.
+    ``torch.inference_mode``; its training flag is restored afterwards. ``input_means=True`` also
+    records each feeding layer's mean input (for the contribution criterion).
     """
     dev = resolve_device(device)
     if sitemap is None:
@@ -265,12 +293,19 @@ def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: 
     was_training = model.training
     model.eval()
     samples = forwards = 0
+    inputs = {s.feeding.layer: InputStats(-1 if s.feeding.kind == "linear" else 1)
+              for s in sitemap.sites if input_means and s.feeding is not None}
     try:
         batches, total = _input_batches(data, batch_size, dev)
-        with instrument(model, sitemap) as (runner, stats), torch.inference_mode():
+        with instrument(model, sitemap, inputs) as (runner, stats), torch.inference_mode():
             bar = _progress(total, progress)
             for xb in batches:
-                runner(xb)
+                try:
+                    runner(xb)
+                except DeadscanError:
+                    raise
+                except Exception as e:  # the user's model failed: say where, not a traceback
+                    raise TraceError(f"the model raised during the scan: {_where(e)}") from None
                 samples += len(xb)
                 forwards += 1
                 bar.update(len(xb))
@@ -280,7 +315,19 @@ def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: 
     if samples == 0:
         raise DataError("no samples to scan: the data split is empty")
     results = [_result(model, st, tau, forwards) for st in stats]  # one host transfer per site, after the loop
+    for r in results:
+        if r.site.feeding is not None and r.site.feeding.layer in inputs:
+            r.mean_input = inputs[r.site.feeding.layer].mean()
     return ScanResult(results, sitemap, samples, str(dev), tau)
+
+
+def _where(e: BaseException) -> str:
+    """The exception and the innermost module frame of the user's code it came from."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "torch/" not in f.filename.replace("\\", "/")]
+    at = f" (in {frames[-1].name}, {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}{at}"
 
 
 def _progress(total: int | None, enabled: bool):

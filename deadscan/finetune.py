@@ -1,0 +1,192 @@
+"""Fine-tuning with per-epoch detection and stripping: history, checkpoints, resume.
+
+One straight loop; its helpers sit just above it. Each epoch: train, scan the validation split,
+strip, evaluate, log a history row, save a resumable checkpoint atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import atomic_path
+from .data import Dataset
+from .errors import DeadscanError
+from .strip import StepReport, Stripper
+
+STATE_FILE = "train-state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Defaults are the paper's ViT protocol (Table II); the MLP ablation used batch 64, no warm-up,
+    constant lr."""
+
+    epochs: int = 50
+    every: int = 1  # strip every K epochs
+    rate: float = 0.1  # fraction of a dead neuron's remaining incoming weights pruned per step
+    criterion: str = "weight"  # weight | contribution
+    strip: bool = True  # False: the baseline run (detect only)
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 5  # epochs of linear warm-up from 0
+    schedule: str = "cosine"  # cosine | constant
+    final_lr: float = 1e-5
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    seed: int = 0
+
+
+class Interrupted(DeadscanError):
+    """Ctrl-C / SIGTERM: the last completed epoch is saved."""
+
+
+@dataclass
+class FinetuneResult:
+    history: list[dict] = field(default_factory=list)
+    stripper: Stripper | None = None
+    test: dict = field(default_factory=dict)  # loss, acc on the test split
+
+
+def _lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    epoch = step / steps_per_epoch
+    if epoch < cfg.warmup:
+        return cfg.lr * (step + 1) / (cfg.warmup * steps_per_epoch)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(cfg.epochs - cfg.warmup, 1)
+    progress = min((epoch - cfg.warmup) / span, 1.0)
+    return cfg.final_lr + 0.5 * (cfg.lr - cfg.final_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _train_batches(ds: Dataset, batch_size: int, device: torch.device, gen: torch.Generator):
+    """Shuffled (x, y) batches; the whole split sits on the device, order from a seeded randperm."""
+    if hasattr(ds, "train_batches"):
+        yield from ds.train_batches(batch_size, device, gen)
+        return
+    x, y = ds.x.to(device), ds.y.to(device)
+    perm = torch.randperm(len(x), generator=gen, device=gen.device).to(device)
+    for i in range(0, len(x), batch_size):
+        idx = perm[i:i + batch_size]
+        yield ds.prepare(x[idx]), y[idx]
+
+
+def evaluate(model: nn.Module, ds: Dataset | None, device: torch.device, batch_size: int) -> dict:
+    """Mean NLL and accuracy (%) over a split; one host sync at the end."""
+    if ds is None or len(ds) == 0:
+        return {"loss": None, "acc": None}
+    model.eval()
+    loss = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    y_all = ds.y.to(device)
+    with torch.inference_mode():
+        for i, xb in enumerate(ds.batches(batch_size, device)):
+            yb = y_all[i * batch_size:(i + 1) * batch_size]
+            out = model(xb)
+            loss += F.cross_entropy(out.float(), yb, reduction="sum").double()
+            correct += (out.argmax(1) == yb).sum()
+    n = len(ds)
+    return {"loss": float(loss) / n, "acc": 100.0 * float(correct) / n}  # sync point
+
+
+def _history_row(epoch: int, report: StepReport, train_loss, val: dict) -> dict:
+    return {
+        "epoch": epoch, "dead": report.dead, "revived": report.revived_count, "died": report.died_count,
+        "pruned_weights": report.pruned_weights, "pruned_this_epoch": report.stripped.total if report.stripped else 0,
+        "active_percent": round(report.active_percent, 4),
+        "active_percent_feeding_weights": round(report.active_percent_feeding_weights, 4),
+        "train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"], "test_acc": None,
+        "revived_neurons": report.revived, "died_neurons": report.died,
+    }
+
+
+def _save_state(path: Path, model, opt, stripper, history, gen, cfg, epoch) -> None:
+    state = {
+        "epoch": epoch, "config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "stripper": stripper.state_dict(), "history": history, "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *, device: torch.device,
+             test: Dataset | None = None, state_path: Path | None = None, resume: bool = False,
+             on_epoch=None) -> FinetuneResult:
+    """Train ``cfg.epochs`` epochs with detection (+ stripping) after each. ``epochs=0``: one strip
+    step and a re-scan, no training. ``on_epoch(row)`` is called after each history row."""
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    opt = _optimizer(cfg, model)
+    stripper = Stripper(model, opt, rate=cfg.rate, criterion=cfg.criterion, every=cfg.every,
+                        batch_size=cfg.eval_batch_size, device=device, enabled=cfg.strip)
+    result = FinetuneResult(stripper=stripper)
+    start = 0
+    if resume and state_path is not None and state_path.exists():
+        state = load_state(state_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        stripper.load_state_dict(state["stripper"])
+        result.history = list(state["history"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start = int(state["epoch"])
+
+    if cfg.epochs == 0:  # one strip step, then a re-scan to see what it did
+        report = stripper.step(val)
+        result.history.append(_history_row(0, report, None, evaluate(model, val, device, cfg.eval_batch_size)))
+        stripper.enabled = False
+        after = stripper.step(val)
+        stripper.enabled = cfg.strip
+        result.history.append(_history_row(1, after, None, evaluate(model, val, device, cfg.eval_batch_size)))
+        result.test = evaluate(model, test, device, cfg.eval_batch_size)
+        return result
+
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    try:
+        for epoch in range(start, cfg.epochs):
+            t0 = time.perf_counter()
+            model.train()
+            total = torch.zeros((), device=device, dtype=torch.float64)
+            for i, (xb, yb) in enumerate(_train_batches(train, cfg.batch_size, device, gen)):
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
+                loss = F.cross_entropy(model(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()  # gradient hooks zero the pruned weights' gradients
+                opt.step()
+                total += loss.detach().double() * len(yb)
+            train_loss = float(total) / len(train)  # sync point: once per epoch
+            report = stripper.step(val)
+            row = _history_row(epoch + 1, report, train_loss, evaluate(model, val, device, cfg.eval_batch_size))
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            result.history.append(row)
+            if state_path is not None:
+                _save_state(state_path, model, opt, stripper, result.history, gen, cfg, epoch + 1)
+            if on_epoch is not None:
+                on_epoch(row)
+    except KeyboardInterrupt:
+        done = len(result.history)
+        raise Interrupted(f"interrupted during epoch {done + 1}; {done} epoch(s) saved"
+                          + (f" in {state_path}" if state_path else "")) from None
+    result.test = evaluate(model, test, device, cfg.eval_batch_size)
+    if result.history:
+        result.history[-1]["test_acc"] = result.test["acc"]
+    return result

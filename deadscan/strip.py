@@ -1,0 +1,228 @@
+"""Synaptic Stripping: prune the most negative remaining incoming weights of dead neurons.
+
+Decisions (README "The strip step"):
+- Only weights that hold the neuron down are candidates: negative *effective* weights, i.e. the
+  weight times the sign of the per-feature scale after the layer (BatchNorm gamma < 0 flips it).
+  Pruning a positive weight can only push a dead neuron further down.
+- Per dead neuron and step, prune ``max(1, floor(rate * remaining))`` weights, where remaining
+  counts its not-yet-pruned incoming weights (the paper: "10% of the remaining weights"), capped
+  by how many negative ones are left. Ties go to the lower flat index (stable sort).
+- One vectorised operation per layer; no Python loop over neurons.
+- Pruned weights stay exactly zero: a gradient hook zeroes their gradients and their optimizer
+  state is cleared when they are pruned, so Adam's moments cannot move them. Masks live beside the
+  model (never ``weight_orig``/``weight_mask`` keys in a state dict).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .scan import ScanResult
+from .trace import effective_affine
+
+CRITERIA = ("weight", "contribution")
+
+
+@dataclass
+class StripStats:
+    """What one strip step did."""
+
+    pruned: dict[str, int] = field(default_factory=dict)  # layer -> weights pruned this step
+    dead_targeted: int = 0  # dead neurons with a feeding layer
+    without_negative: int = 0  # dead neurons with no negative weight left to prune
+
+    @property
+    def total(self) -> int:
+        return sum(self.pruned.values())
+
+
+def strip_layer(weight: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, rate: float,
+                sign: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Mark the most negative remaining incoming weights of ``rows`` in ``mask`` (in place).
+
+    ``scores`` (same shape as the rows' weights) replaces the weight as the ranking value, e.g.
+    w * E[x] for the contribution criterion. Returns (new pruned count per row, rows with no
+    negative candidate).
+    """
+    if rows.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=weight.device), 0
+    w = weight.detach()[rows].flatten(1).float() if scores is None else scores.flatten(1).float()
+    if sign is not None:
+        w = w * sign[rows, None]
+    taken = mask[rows].flatten(1)
+    remaining = (~taken).sum(1)
+    candidate = (w < 0) & ~taken
+    k = torch.clamp((remaining.float() * rate).floor().long(), min=1)
+    k = torch.minimum(k, candidate.sum(1))
+    vals = torch.where(candidate, w, torch.full_like(w, torch.inf))
+    order = vals.argsort(dim=1, stable=True)  # most negative first, ties by index
+    chosen = torch.arange(w.shape[1], device=w.device)[None, :] < k[:, None]
+    new = torch.zeros_like(taken).scatter_(1, order, chosen)
+    mask[rows] |= new.view_as(mask[rows])
+    return k, int((candidate.sum(1) == 0).sum())
+
+
+class Masks:
+    """Pruning masks (True = pruned) per layer, kept exact through training."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.masks: dict[str, torch.Tensor] = {}
+        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+
+    def get(self, layer: str) -> torch.Tensor:
+        if layer not in self.masks:
+            w = self.model.get_submodule(layer).weight
+            self.masks[layer] = torch.zeros_like(w, dtype=torch.bool)
+            keep = self.masks[layer]
+            # Zero the gradient of pruned weights before it reaches the optimizer.
+            self._hooks[layer] = w.register_hook(lambda g, m=keep: g.masked_fill(m, 0))
+        return self.masks[layer]
+
+    def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero pruned weights and their optimizer state (moments, momentum buffers)."""
+        with torch.no_grad():
+            for layer, mask in self.masks.items():
+                w = self.model.get_submodule(layer).weight
+                w.masked_fill_(mask, 0)
+                if optimizer is not None:
+                    for value in optimizer.state.get(w, {}).values():
+                        if isinstance(value, torch.Tensor) and value.shape == w.shape:
+                            value.masked_fill_(mask, 0)
+
+    def pruned(self) -> int:
+        return int(sum(int(m.sum()) for m in self.masks.values()))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.masks.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for layer, mask in state.items():
+            self.get(layer).copy_(mask.to(torch.bool))
+        self.apply()
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks.values():
+            h.remove()
+        self._hooks.clear()
+
+
+def strip(model: nn.Module, scan: ScanResult, masks: Masks, *, rate: float = 0.1, criterion: str = "weight",
+          optimizer: torch.optim.Optimizer | None = None) -> StripStats:
+    """One strip step over every dead neuron that has a feeding layer."""
+    if not 0 < rate <= 1:
+        raise ValueError(f"rate must be in (0, 1], got {rate}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    stats = StripStats()
+    for r in scan.sites:
+        f = r.site.feeding
+        if f is None or r.neurons == 0 or not r.dead.any():
+            continue
+        layer = model.get_submodule(f.layer)
+        if layer.weight.shape[0] != r.neurons:
+            continue
+        rows = torch.from_numpy(np.flatnonzero(r.dead)).to(layer.weight.device)
+        with torch.no_grad():
+            scale, _ = effective_affine(model, f)
+            scores = None
+            if criterion == "contribution" and r.mean_input is not None:
+                mean_in = torch.as_tensor(r.mean_input, device=layer.weight.device, dtype=torch.float32)
+                w = layer.weight.detach()[rows].float()
+                scores = w * mean_in.view((1, -1) + (1,) * (w.ndim - 2))
+            mask = masks.get(f.layer)
+            k, none_left = strip_layer(layer.weight, mask, rows, rate, torch.sign(scale), scores)
+        stats.pruned[f.layer] = stats.pruned.get(f.layer, 0) + int(k.sum())
+        stats.dead_targeted += int(rows.numel())
+        stats.without_negative += none_left
+    masks.apply(optimizer)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# One call per epoch from any training loop
+
+
+@dataclass
+class StepReport:
+    epoch: int
+    scan: ScanResult  # the scan this step's decisions came from (before stripping)
+    dead: int
+    revived: dict[str, list[int]]  # site -> neurons dead at the previous step, alive now
+    died: dict[str, list[int]]  # site -> neurons alive at the previous step, dead now
+    stripped: StripStats | None  # None on epochs skipped by ``every``
+    pruned_weights: int  # total pruned so far
+    active_percent: float
+    active_percent_feeding_weights: float
+
+    @property
+    def revived_count(self) -> int:
+        return sum(len(v) for v in self.revived.values())
+
+    @property
+    def died_count(self) -> int:
+        return sum(len(v) for v in self.died.values())
+
+
+class Stripper:
+    """Synaptic Stripping inside your own training loop: one call per epoch.
+
+    Example::
+
+        stripper = deadscan.Stripper(model, optimizer, rate=0.1)
+        for epoch in range(epochs):
+            train_one_epoch(model, optimizer)
+            report = stripper.step(val_inputs)  # scan held-out data, prune dead neurons' weights
+            print(epoch, report.dead, report.revived_count, report.active_percent)
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, rate: float = 0.1,
+                 criterion: str = "weight", every: int = 1, batch_size: int = 256, device=None, tau: float = 0.025,
+                 enabled: bool = True):
+        from .trace import find_sites
+
+        self.model, self.optimizer = model, optimizer
+        self.rate, self.criterion, self.every = rate, criterion, every
+        self.batch_size, self.device, self.tau = batch_size, device, tau
+        self.enabled = enabled  # False: detect and report only (the baseline run)
+        self.sitemap = find_sites(model)
+        self.masks = Masks(model)
+        self.epoch = 0
+        self.previous: dict[str, np.ndarray] = {}
+
+    def step(self, data) -> StepReport:
+        """Scan ``data`` (held-out inputs), strip dead neurons, return what happened."""
+        from .capacity import capacity
+        from .scan import scan
+
+        self.epoch += 1
+        result = scan(self.model, data, sitemap=self.sitemap, batch_size=self.batch_size, device=self.device,
+                      tau=self.tau, input_means=self.criterion == "contribution")
+        revived, died = {}, {}
+        for r in result.sites:
+            before = self.previous.get(r.site.name)
+            if before is not None and before.shape == r.dead.shape:
+                revived[r.site.name] = np.flatnonzero(before & ~r.dead).tolist()
+                died[r.site.name] = np.flatnonzero(~before & r.dead).tolist()
+            self.previous[r.site.name] = r.dead.copy()
+        stripped = None
+        if self.enabled and self.epoch % self.every == 0:
+            stripped = strip(self.model, result, self.masks, rate=self.rate, criterion=self.criterion,
+                             optimizer=self.optimizer)
+        cap = capacity(self.model, result, self.masks.masks)
+        return StepReport(self.epoch, result, result.dead, {k: v for k, v in revived.items() if v},
+                          {k: v for k, v in died.items() if v}, stripped, self.masks.pruned(),
+                          cap.active_percent, cap.active_percent_feeding_weights)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "masks": self.masks.state_dict(),
+                "previous": {k: torch.from_numpy(v) for k, v in self.previous.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.masks.load_state_dict(state["masks"])
+        self.previous = {k: v.numpy().astype(bool) for k, v in state["previous"].items()}
