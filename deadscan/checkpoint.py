@@ -25,7 +25,7 @@ from torch import nn
 
 from .defaults import DEFAULTS
 from .errors import ArchError, CheckpointError, OutputError
-from .zoo import ArchSpec, build, parse_spec
+from .zoo import SHAPES_KEY, ArchSpec, apply_shapes, build, parse_spec
 
 ARCH_KEY = "deadscan_arch"  # safetensors metadata key holding the arch spec
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
@@ -139,7 +139,9 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None, *, trust_p
     spec = _choose_spec(path, arch, metadata)
     try:
         model = build(spec, allow_user_code=arch is not None)
-    except ArchError as e:
+        if SHAPES_KEY in metadata:  # a compacted model: narrower layers than the spec builds
+            apply_shapes(model, json.loads(metadata[SHAPES_KEY]))
+    except (ArchError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     load_into(model, state, path)
     return Checkpoint(model.eval(), CheckpointInfo(str(path), sha256_of(path), fmt, str(spec)))
@@ -162,11 +164,14 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 def _torch_load(path: Path, trust_pickle: bool):
     try:
         # weights_only is passed explicitly whatever torch's default is: files are untrusted.
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        # A file object, not the path: torch.load treats any path ending in .safetensors as safetensors,
+        # whatever the bytes say; the format was already detected from the bytes.
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:  # torch raises many kinds for bad or unsafe pickles
         msg = _one_line(e)
         if not trust_pickle and ("weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg):
-            found = _pickle_globals_hint(msg)
+            found = _pickle_globals_hint(" ".join(str(e).split()))  # untruncated: torch names the global late
             raise CheckpointError(
                 f"{path}: the pickle needs code to load ({found}); it may be a whole pickled module. "
                 f"If you trust the file pass {TRUST_FLAG} (runs code from it), or re-save it as a state dict"
@@ -177,7 +182,8 @@ def _torch_load(path: Path, trust_pickle: bool):
 def _pickle_globals_hint(msg: str) -> str:
     import re
 
-    m = re.search(r"(?:Unsupported global|GLOBAL)[:\s]+([\w.]+)", msg)
+    # torch: "Unsupported global: GLOBAL torch.nn.modules.container.Sequential was not an allowed global"
+    m = re.search(r"Unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", msg) or re.search(r"GLOBAL\s+([\w.]+)", msg)
     return f"global {m.group(1)}" if m else "non-tensor objects"
 
 
@@ -221,19 +227,19 @@ def _choose_spec(path: Path, arch: str | None, metadata: dict[str, str]) -> Arch
 
 
 def strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """Drop wrapper prefixes (``module.`` DDP, ``model.`` Lightning, ``_orig_mod.`` compile) while
-    that makes more keys match the model."""
-    while True:
-        best, best_hits = None, len(expected & state.keys())
-        for prefix in PREFIXES:
-            if state and all(k.startswith(prefix) for k in state):
-                cand = {k[len(prefix):]: v for k, v in state.items()}
-                hits = len(expected & cand.keys())
-                if hits > best_hits:
-                    best, best_hits = cand, hits
-        if best is None:
-            return state
-        state = best
+    """Drop wrapper prefixes (``module.`` DDP, ``model.`` Lightning, ``_orig_mod.`` compile), stacked
+    in any order (``module._orig_mod.``); keep the stripping that makes the most keys match the model."""
+    best, best_hits = state, len(expected & state.keys())
+    while state:
+        # the prefixes are not prefixes of one another, so at most one is shared by every key
+        prefix = next((p for p in PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            return best
+        state = {k[len(prefix):]: v for k, v in state.items()}
+        hits = len(expected & state.keys())
+        if hits > best_hits:
+            best, best_hits = state, hits
+    return best
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str | os.PathLike = "state dict") -> None:

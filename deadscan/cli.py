@@ -133,13 +133,15 @@ def demo(out, device):
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
 @click.option("--baseline", is_flag=True, help="also run the same fine-tuning without stripping, for a side-by-side")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last completed epoch")
+@click.option("--compact", is_flag=True, help="also write compact.safetensors with the still-dead neurons removed")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
 @click.option("--data-root", default=None, help="folder holding torchvision datasets")
 @click.option("--download", is_flag=True, help="download a torchvision dataset if missing")
 @click.option("--out", default=DEFAULTS.out_dir, show_default=True, help="output folder")
 @click.option("--trust-pickle", is_flag=True, help="allow pickled modules and TorchScript: RUNS CODE from the file")
 def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, optimizer, lr, weight_decay, warmup,
-          schedule, final_lr, batch_size, seed, baseline, resume, device, data_root, download, out, trust_pickle):
+          schedule, final_lr, batch_size, seed, baseline, resume, compact, device, data_root, download, out,
+          trust_pickle):
     """Revive dead neurons with Synaptic Stripping while fine-tuning.
 
     After each epoch: scan the validation split, prune the most negative remaining incoming
@@ -163,7 +165,7 @@ def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, opti
         run = pipeline.strip_checkpoint(checkpoint, data, cfg=cfg, out=out, from_dir=from_dir, arch=arch,
                                         trust_pickle=trust_pickle, baseline=baseline, resume=resume, device=device,
                                         data_root=data_root, download=download, command=_command_line(),
-                                        on_epoch=on_epoch)
+                                        compact=compact, on_epoch=on_epoch)
     except Interrupted as e:
         raise click.ClickException(f"{e}; resume with: {_command_line()} --resume") from None
     except DeadscanError as e:
@@ -176,6 +178,11 @@ def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, opti
         b = s["baseline"]["history"][-1] if s["baseline"]["history"] else {}
         click.echo(f"baseline (no stripping): dead {b.get('dead')}  %A {_fmt(b.get('active_percent'))}  "
                    f"test acc {_fmt(s['baseline']['test'].get('acc'))}")
+    if "compact" in s:
+        c = s["compact"]
+        click.echo(f"compact: removed {sum(c['removed'].values())} dead neurons, params {c['params_before']} -> "
+                   f"{c['params_after']}, max abs output diff {c['max_abs_diff']:.3g}, CPU latency "
+                   f"{c['cpu_latency_ms_before']:.3f} -> {c['cpu_latency_ms_after']:.3f} ms")
     for name, path in run.files.items():
         click.echo(f"wrote {path}")
 

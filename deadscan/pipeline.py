@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+
+import torch
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -74,7 +76,7 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
                      arch: str | None = None, trust_pickle: bool = False, baseline: bool = False,
                      resume: bool = False, device: str | None = None, data_root: str | None = None,
                      download: bool = False, data_seed: int = DEFAULTS.seed, command: str = "",
-                     on_epoch=None) -> StripRun:
+                     compact: bool = False, on_epoch=None) -> StripRun:
     start = time.perf_counter()
     if checkpoint is None:
         last = last_inspection(from_dir)
@@ -107,6 +109,9 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
     files = {"stripped": out / "stripped.safetensors", "masks": out / "masks.safetensors"}
     save_safetensors(model, files["stripped"], ckpt.info.arch or "", {"deadscan_source_sha256": ckpt.info.sha256})
     save_masks(stripper.masks.state_dict(), files["masks"])
+    if compact:
+        summary_compact = _compact(model, final, splits["val"], cfg, out, ckpt.info.arch or "")
+        files["compact"] = Path(summary_compact["path"])
     data_info = {**splits["val"].describe(), "root": data_root}
     summary = build_summary(final, cap, command=command, checkpoint=ckpt.info, data=data_info,
                             elapsed=time.perf_counter() - start)
@@ -115,6 +120,8 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
     summary["test"] = res.test
     if baseline:
         summary["baseline"] = {"history": base_hist, "test": base_test}
+    if compact:
+        summary["compact"] = summary_compact
     summary["outputs"] = {k: str(v) for k, v in files.items()}
     files["summary"] = write_summary(summary, out)
     return StripRun(summary, out, files)
@@ -127,3 +134,29 @@ def save_masks(masks: dict, path: Path) -> None:
 
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp), metadata={"deadscan": "pruning masks, True = pruned"})
+
+
+def _compact(model, final: ScanResult, val: Dataset, cfg: TrainConfig, out: Path, arch: str) -> dict:
+    """Remove still-dead neurons; write compact.safetensors only if outputs match on the scanned data."""
+    from .compact import compact, cpu_latency_ms, max_output_diff
+
+    dev = next(model.parameters()).device
+    c = compact(model, final)
+    diff = max_output_diff(model, c.model, val.batches(cfg.eval_batch_size, dev))
+    scale = max_output_diff(model, _Zero(), val.batches(cfg.eval_batch_size, dev))  # max |output|
+    tolerance = 1e-4 * max(1.0, scale)
+    if diff > tolerance:
+        raise OutputError(f"compacted model's outputs differ by {diff:.3g} (> {tolerance:.3g}) on the scanned "
+                          "data; compact.safetensors not written")
+    path = out / "compact.safetensors"
+    save_safetensors(c.model, path, arch, c.metadata())
+    example = val.prepare(val.x[: min(len(val), 64)])
+    return {"path": str(path), "removed": c.removed, "skipped": c.skipped, "params_before": c.params_before,
+            "params_after": c.params_after, "max_abs_diff": diff,
+            "cpu_latency_ms_before": round(cpu_latency_ms(model, example), 4),
+            "cpu_latency_ms_after": round(cpu_latency_ms(c.model, example), 4), "latency_batch": len(example)}
+
+
+class _Zero(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros((), device=x.device)

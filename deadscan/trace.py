@@ -65,6 +65,7 @@ class Consumer:
     layer: str
     kind: str
     group: int = 1  # input columns per neuron (a flatten after an adaptive pool to h x w: h*w)
+    keeps_zero: bool = True  # a dead neuron reaches the layer as 0 (False: a BatchNorm shifts it)
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,8 @@ class _Finder:
                     axis=None, feeding=None, consumer=None, input_nonneg=False, hooked=True,
                     note="called inside an opaque forward: watched by a hook, no feeding layer known",
                 ))
+            elif isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+                self.discover_inside_opaque(child, full)  # a container has no forward: not opaque itself
             elif not is_leaf(child):
                 self.discover(child, full)
 
@@ -402,6 +405,7 @@ def _find_consumer(node: fx.Node, root: nn.Module, path: str, axis: int | None) 
     feeds ``h*w`` consecutive input columns.
     """
     n, cells, group = node, None, None  # cells: spatial positions per channel after an adaptive pool
+    keeps_zero = True
     while True:
         users = list(n.users)
         if len(users) != 1:
@@ -415,10 +419,12 @@ def _find_consumer(node: fx.Node, root: nn.Module, path: str, axis: int | None) 
             if kind == "linear":
                 if axis == 1 and group is None:
                     return None  # a conv output reaching a Linear without a known flatten
-                return Consumer(_join(path, u.target), kind, group or 1)
-            return Consumer(_join(path, u.target), kind, 1) if group is None and axis != -1 else None
-        if m is not None and (isinstance(m, PASS_MODULES + POOLS) or _is_eval_bn(m)):
+                return Consumer(_join(path, u.target), kind, group or 1, keeps_zero)
+            return Consumer(_join(path, u.target), kind, 1, keeps_zero) if group is None and axis != -1 else None
+        if m is not None and isinstance(m, PASS_MODULES + POOLS):
             pass
+        elif m is not None and _is_eval_bn(m):
+            keeps_zero = False
         elif m is not None and isinstance(m, ADAPTIVE_POOLS):
             cells = _adaptive_cells(m)
         elif _is_flatten(u, m):

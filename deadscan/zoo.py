@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib
 import math
+import shlex
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -181,7 +182,7 @@ def build(spec: ArchSpec | str, *, allow_user_code: bool = True) -> nn.Module:
             if not allow_user_code:
                 raise ArchError(
                     f"the checkpoint names architecture {spec} (user code); deadscan does not import "
-                    f"code named by a file: pass it yourself with --arch '{spec}' if you trust it"
+                    f"code named by a file: pass it yourself with --arch {shlex.quote(str(spec))} if you trust it"
                 )
             return _factory(prefix, fn, kwargs)
     except TypeError as e:
@@ -234,3 +235,48 @@ def _factory(module: str, fn: str, kwargs: dict) -> nn.Module:
 
 def count_params(model: nn.Module) -> int:
     return sum(math.prod(p.shape) for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Resized layers (compacted models record their new widths so deadscan can rebuild them)
+
+SHAPES_KEY = "deadscan_shapes"  # safetensors metadata: JSON {module name: {"in": n, "out": n}}
+
+
+def resized(m: nn.Module, in_features: int | None = None, out_features: int | None = None) -> nn.Module:
+    """An empty copy of a Linear, Conv or BatchNorm with other widths (same dtype and device)."""
+    w = getattr(m, "weight", None)
+    kw = {"device": w.device, "dtype": w.dtype} if w is not None else {}
+    if isinstance(m, nn.Linear):
+        return nn.Linear(in_features or m.in_features, out_features or m.out_features, bias=m.bias is not None, **kw)
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if m.groups != 1:
+            raise ArchError(f"cannot resize grouped convolution {type(m).__name__}(groups={m.groups})")
+        return type(m)(in_features or m.in_channels, out_features or m.out_channels, m.kernel_size, m.stride,
+                       m.padding, m.dilation, 1, m.bias is not None, m.padding_mode, **kw)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return type(m)(out_features or m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, **kw)
+    raise ArchError(f"cannot resize a {type(m).__name__}")
+
+
+def widths(m: nn.Module) -> dict:
+    if isinstance(m, nn.Linear):
+        return {"in": m.in_features, "out": m.out_features}
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return {"in": m.in_channels, "out": m.out_channels}
+    return {"out": m.num_features}
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def apply_shapes(model: nn.Module, shapes: dict) -> None:
+    """Swap the named layers for resized ones, so a compacted state dict loads strictly."""
+    for name, size in shapes.items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise ArchError(f"compacted layer {name} is not in the architecture") from None
+        set_submodule(model, name, resized(m, size.get("in"), size.get("out")))

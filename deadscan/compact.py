@@ -1,0 +1,176 @@
+"""Physically remove dead neurons: rows (and bias, BatchNorm entries) of the feeding layer and the
+matching input columns of the consumer layer. Outputs are checked equal on the scanned data
+before anything is written.
+
+Only where the structure allows: the feeding layer's output reaches nothing but the site, the
+per-feature ops between are BatchNorms, dropouts or scalars, and a dead neuron reaches the
+consumer as an exact zero (no BatchNorm after the ReLU). Other sites are left whole, with the
+reason recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .scan import ScanResult
+from .zoo import SHAPES_KEY, resized, set_submodule, widths
+
+
+def prune_linear_out(layer: nn.Linear, keep: torch.Tensor) -> nn.Linear:
+    new = resized(layer, out_features=len(keep))
+    with torch.no_grad():
+        new.weight.copy_(layer.weight.index_select(0, keep))
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias.index_select(0, keep))
+    return new
+
+
+def prune_linear_in(layer: nn.Linear, cols: torch.Tensor) -> nn.Linear:
+    new = resized(layer, in_features=len(cols))
+    with torch.no_grad():
+        new.weight.copy_(layer.weight.index_select(1, cols))
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias)
+    return new
+
+
+def prune_conv_out(layer: nn.Module, keep: torch.Tensor) -> nn.Module:
+    new = resized(layer, out_features=len(keep))
+    with torch.no_grad():
+        new.weight.copy_(layer.weight.index_select(0, keep))
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias.index_select(0, keep))
+    return new
+
+
+def prune_conv_in(layer: nn.Module, keep: torch.Tensor) -> nn.Module:
+    new = resized(layer, in_features=len(keep))
+    with torch.no_grad():
+        new.weight.copy_(layer.weight.index_select(1, keep))
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias)
+    return new
+
+
+def prune_bn(bn: nn.Module, keep: torch.Tensor) -> nn.Module:
+    new = resized(bn, out_features=len(keep))
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            src = getattr(bn, name)
+            if src is not None:
+                getattr(new, name).copy_(src.index_select(0, keep))
+        if bn.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    return new
+
+
+@dataclass
+class Compacted:
+    model: nn.Module
+    removed: dict[str, int] = field(default_factory=dict)  # site -> neurons removed
+    skipped: dict[str, str] = field(default_factory=dict)  # site -> why its dead neurons stay
+    shapes: dict[str, dict] = field(default_factory=dict)  # layer -> new widths (safetensors metadata)
+    params_before: int = 0
+    params_after: int = 0
+    max_abs_diff: float | None = None
+
+    def metadata(self) -> dict[str, str]:
+        return {SHAPES_KEY: json.dumps(self.shapes, sort_keys=True)}
+
+
+def _why_not(model: nn.Module, r, uses: dict[tuple[str, str], int]) -> str | None:
+    s = r.site
+    if s.feeding is None:
+        return "no feeding layer"
+    if s.consumer is None:
+        return "no consumer layer (its output is added, concatenated or returned)"
+    if not s.feeding.exclusive:
+        return "the feeding layer's output is also read elsewhere"
+    if uses[("feeds", s.feeding.layer)] > 1 or uses[("reads", s.consumer.layer)] > 1:
+        return "a layer feeds or reads several sites"
+    if any(op == "bias" for op, _ in s.feeding.chain):
+        return "a per-feature bias parameter sits between layer and ReLU"
+    if not s.consumer.keeps_zero:
+        return "a BatchNorm after the ReLU turns dead outputs into a constant"
+    if s.consumer.kind != "linear" and s.consumer.group != 1:
+        return "unsupported consumer layout"
+    if r.dead.all():
+        return "every neuron is dead: the site would vanish"
+    return None
+
+
+def compact(model: nn.Module, scan: ScanResult) -> Compacted:
+    """A copy of ``model`` without the dead neurons of every site where that is exact."""
+    new = copy.deepcopy(model)
+    out = Compacted(new, params_before=_params(model))
+    uses: Counter[tuple[str, str]] = Counter()
+    for r in scan.sites:
+        if r.site.feeding:
+            uses["feeds", r.site.feeding.layer] += 1
+        if r.site.consumer:
+            uses["reads", r.site.consumer.layer] += 1
+    for r in scan.sites:
+        if r.neurons == 0 or not r.dead.any():
+            continue
+        why = _why_not(model, r, uses)
+        if why is not None:
+            out.skipped[r.site.name] = why
+            continue
+        f, c = r.site.feeding, r.site.consumer
+        layer = new.get_submodule(f.layer)
+        keep = torch.from_numpy(np.flatnonzero(~r.dead)).to(layer.weight.device)
+        prune_out = prune_linear_out if f.kind == "linear" else prune_conv_out
+        set_submodule(new, f.layer, prune_out(layer, keep))
+        for op, name in f.chain:
+            if op == "bn":
+                set_submodule(new, name, prune_bn(new.get_submodule(name), keep))
+                out.shapes[name] = widths(new.get_submodule(name))
+        cons = new.get_submodule(c.layer)
+        if c.kind == "linear":
+            cols = (keep[:, None] * c.group + torch.arange(c.group, device=keep.device)[None, :]).flatten()
+            set_submodule(new, c.layer, prune_linear_in(cons, cols))
+        else:
+            set_submodule(new, c.layer, prune_conv_in(cons, keep))
+        out.shapes[f.layer] = widths(new.get_submodule(f.layer))
+        out.shapes[c.layer] = widths(new.get_submodule(c.layer))
+        out.removed[r.site.name] = int(r.dead.sum())
+    out.params_after = _params(new)
+    return out
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def max_output_diff(a: nn.Module, b: nn.Module, batches) -> float:
+    """Largest absolute difference of the two models' outputs over ``batches``; one sync at the end."""
+    worst = None
+    a.eval()
+    b.eval()
+    with torch.inference_mode():
+        for xb in batches:
+            d = (a(xb).float() - b(xb).float()).abs().max()
+            worst = d if worst is None else torch.maximum(worst, d)
+    return float(worst) if worst is not None else 0.0
+
+
+def cpu_latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 20) -> float:
+    """Median CPU latency of one forward on ``example`` (milliseconds)."""
+    m = copy.deepcopy(model).to("cpu").eval()
+    x = example.to("cpu")
+    times = []
+    with torch.inference_mode():
+        m(x)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            m(x)
+            times.append(time.perf_counter() - t)
+    return 1000 * float(np.median(times))
