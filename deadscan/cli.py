@@ -78,7 +78,7 @@ def _scan_options(f):
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint")
 @_scan_options
 def inspect(checkpoint, data, arch, split, limit, batch_size, device, tau, data_root, download, seed, out,
             as_json, trust_pickle):
@@ -115,7 +115,7 @@ def demo(out, device):
 
 
 @main.command()
-@click.argument("checkpoint", required=False, type=click.Path(dir_okay=False))
+@click.argument("checkpoint", required=False)
 @click.option("--data", default=None, help="dataset (default: the one the last inspect in --from used)")
 @click.option("--arch", default=None, help="architecture for plain state dicts")
 @click.option("--from", "from_dir", default=DEFAULTS.out_dir, show_default=True, help="folder of the inspect run to reuse when CKPT is omitted")

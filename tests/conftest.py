@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny hand-built paper MLP whose dead neurons are known by construction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import deadscan
+from deadscan.zoo import build
+
+MLP_SPEC = "mlp(depth=2, width=8, in_features=4, classes=3)"
+
+
+def _hand_mlp() -> torch.nn.Module:
+    """mlp(depth=2, width=8, in_features=4, classes=3) with every weight set by hand.
+
+    Inputs are in [0, 1). fc1 rows 0-1: weights -1, bias -5 -> dead on any such input (not provably:
+    fc1's inputs do not come from a ReLU). fc2 rows 0-2: weights -1, bias -1 on ReLU outputs -> dead
+    and provably dead. All other rows have positive weights and bias, so they are active everywhere.
+    """
+    m = build(MLP_SPEC)
+    with torch.no_grad():
+        m.fc1.weight.fill_(0.5)
+        m.fc1.bias.fill_(0.1)
+        m.fc1.weight[:2] = -1.0
+        m.fc1.bias[:2] = -5.0
+        m.fc2.weight.fill_(0.25)
+        m.fc2.bias.fill_(0.1)
+        m.fc2.weight[:3] = -1.0
+        m.fc2.bias[:3] = -1.0
+        m.head.weight.fill_(0.1)
+        m.head.bias.zero_()
+    return m.eval()
+
+
+@pytest.fixture
+def mlp_spec() -> str:
+    return MLP_SPEC
+
+
+@pytest.fixture
+def hand_mlp() -> torch.nn.Module:
+    return _hand_mlp()
+
+
+@pytest.fixture
+def mlp_file(tmp_path, hand_mlp):
+    """The hand-built MLP saved by deadscan as safetensors (arch spec in the metadata)."""
+    path = tmp_path / "mlp.safetensors"
+    deadscan.save_safetensors(hand_mlp, path, MLP_SPEC)
+    return path
+
+
+@pytest.fixture
+def npz_data(tmp_path):
+    """100 float inputs in [0, 1) with 4 features and labels 0..2."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "data.npz"
+    np.savez(path, x=rng.random((100, 4)).astype(np.float32), y=(np.arange(100) % 3).astype(np.int64))
+    return path
