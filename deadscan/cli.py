@@ -13,7 +13,7 @@ from .data import SPLITS, resource_path
 from .defaults import DEFAULTS
 from .errors import DeadscanError
 from .finetune import Interrupted, TrainConfig
-from .strip import CRITERIA
+from .strip import CRITERIA, METHODS
 
 SAMPLE_MODEL = "mlp_digits.safetensors"
 
@@ -123,6 +123,7 @@ def demo(out, device):
 @click.option("--every", type=click.IntRange(min=1), default=TrainConfig.every, show_default=True, help="strip every K epochs")
 @click.option("--rate", type=click.FloatRange(0, 1, min_open=True), default=TrainConfig.rate, show_default=True, help="fraction of a dead neuron's remaining incoming weights pruned per step")
 @click.option("--criterion", type=click.Choice(CRITERIA), default=TrainConfig.criterion, show_default=True, help="rank by weight (paper) or by w * E[x]")
+@click.option("--method", type=click.Choice(METHODS), default=TrainConfig.method, show_default=True, help="strip (Synaptic Stripping) or redo (re-initialise dead neurons, a baseline)")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default=TrainConfig.optimizer, show_default=True)
 @click.option("--lr", type=float, default=TrainConfig.lr, show_default=True)
 @click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, show_default=True)
@@ -139,7 +140,7 @@ def demo(out, device):
 @click.option("--download", is_flag=True, help="download a torchvision dataset if missing")
 @click.option("--out", default=DEFAULTS.out_dir, show_default=True, help="output folder")
 @click.option("--trust-pickle", is_flag=True, help="allow pickled modules and TorchScript: RUNS CODE from the file")
-def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, optimizer, lr, weight_decay, warmup,
+def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, method, optimizer, lr, weight_decay, warmup,
           schedule, final_lr, batch_size, seed, baseline, resume, compact, device, data_root, download, out,
           trust_pickle):
     """Revive dead neurons with Synaptic Stripping while fine-tuning.
@@ -152,7 +153,7 @@ def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, opti
 
         deadscan strip sample_models/mlp_digits.safetensors --data digits --finetune 5 --warmup 0
     """
-    cfg = TrainConfig(epochs=epochs, every=every, rate=rate, criterion=criterion, optimizer=optimizer, lr=lr,
+    cfg = TrainConfig(epochs=epochs, every=every, rate=rate, criterion=criterion, method=method, optimizer=optimizer, lr=lr,
                       weight_decay=weight_decay, warmup=warmup, schedule=schedule, final_lr=final_lr,
                       batch_size=batch_size, seed=seed)
 

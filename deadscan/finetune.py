@@ -33,6 +33,7 @@ class TrainConfig:
     rate: float = 0.1  # fraction of a dead neuron's remaining incoming weights pruned per step
     criterion: str = "weight"  # weight | contribution
     strip: bool = True  # False: the baseline run (detect only)
+    method: str = "strip"  # strip | redo (re-initialise dead neurons, the ReDo baseline)
     optimizer: str = "adam"  # adam | adamw
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -136,7 +137,8 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     opt = _optimizer(cfg, model)
     stripper = Stripper(model, opt, rate=cfg.rate, criterion=cfg.criterion, every=cfg.every,
-                        batch_size=cfg.eval_batch_size, device=device, enabled=cfg.strip)
+                        batch_size=cfg.eval_batch_size, device=device, enabled=cfg.strip, method=cfg.method,
+                        seed=cfg.seed)
     result = FinetuneResult(stripper=stripper)
     start = 0
     if resume and state_path is not None and state_path.exists():

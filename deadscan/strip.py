@@ -25,6 +25,7 @@ from .scan import ScanResult
 from .trace import effective_affine
 
 CRITERIA = ("weight", "contribution")
+METHODS = ("strip", "redo")
 
 
 @dataclass
@@ -143,6 +144,50 @@ def strip(model: nn.Module, scan: ScanResult, masks: Masks, *, rate: float = 0.1
     return stats
 
 
+def redo(model: nn.Module, scan: ScanResult, *, optimizer: torch.optim.Optimizer | None = None,
+         generator: torch.Generator | None = None) -> StripStats:
+    """ReDo (Sokar et al. 2023), the comparison baseline: re-initialise each dead neuron's incoming
+    weights (the layer's default uniform init) and bias, zero its outgoing consumer weights, and
+    clear the optimizer state of both."""
+    stats = StripStats()
+    for r in scan.sites:
+        f, c = r.site.feeding, r.site.consumer
+        if f is None or r.neurons == 0 or not r.dead.any():
+            continue
+        layer = model.get_submodule(f.layer)
+        if layer.weight.shape[0] != r.neurons:
+            continue
+        w = layer.weight
+        rows = torch.from_numpy(np.flatnonzero(r.dead)).to(w.device)
+        fan_in = w[0].numel()
+        bound = 1.0 / fan_in**0.5  # nn.Linear / nn.ConvNd default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        with torch.no_grad():
+            fresh = torch.rand((len(rows),) + tuple(w.shape[1:]), generator=generator, device="cpu")
+            w[rows] = ((fresh * 2 - 1) * bound).to(w.device, w.dtype)
+            if layer.bias is not None:
+                layer.bias[rows] = 0
+            _clear_state(optimizer, w, rows, dim=0)
+            if layer.bias is not None:
+                _clear_state(optimizer, layer.bias, rows, dim=0)
+            if c is not None:
+                cons = model.get_submodule(c.layer)
+                if cons.weight.shape[1] == r.neurons * c.group:
+                    cols = (rows[:, None] * c.group + torch.arange(c.group, device=w.device)[None, :]).flatten()
+                    cons.weight[:, cols] = 0
+                    _clear_state(optimizer, cons.weight, cols, dim=1)
+        stats.pruned[f.layer] = 0
+        stats.dead_targeted += int(rows.numel())
+    return stats
+
+
+def _clear_state(optimizer, param: torch.Tensor, index: torch.Tensor, dim: int) -> None:
+    if optimizer is None:
+        return
+    for value in optimizer.state.get(param, {}).values():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            value.index_fill_(dim, index, 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # One call per epoch from any training loop
 
@@ -182,13 +227,17 @@ class Stripper:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, rate: float = 0.1,
                  criterion: str = "weight", every: int = 1, batch_size: int = 256, device=None, tau: float = 0.025,
-                 enabled: bool = True):
+                 enabled: bool = True, method: str = "strip", seed: int = 0):
         from .trace import find_sites
 
         self.model, self.optimizer = model, optimizer
         self.rate, self.criterion, self.every = rate, criterion, every
         self.batch_size, self.device, self.tau = batch_size, device, tau
         self.enabled = enabled  # False: detect and report only (the baseline run)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.method = method
+        self.generator = torch.Generator().manual_seed(seed)  # ReDo's re-initialisation
         self.sitemap = find_sites(model)
         self.masks = Masks(model)
         self.epoch = 0
@@ -211,18 +260,23 @@ class Stripper:
             self.previous[r.site.name] = r.dead.copy()
         stripped = None
         if self.enabled and self.epoch % self.every == 0:
-            stripped = strip(self.model, result, self.masks, rate=self.rate, criterion=self.criterion,
-                             optimizer=self.optimizer)
+            if self.method == "redo":
+                stripped = redo(self.model, result, optimizer=self.optimizer, generator=self.generator)
+            else:
+                stripped = strip(self.model, result, self.masks, rate=self.rate, criterion=self.criterion,
+                                 optimizer=self.optimizer)
         cap = capacity(self.model, result, self.masks.masks)
         return StepReport(self.epoch, result, result.dead, {k: v for k, v in revived.items() if v},
                           {k: v for k, v in died.items() if v}, stripped, self.masks.pruned(),
                           cap.active_percent, cap.active_percent_feeding_weights)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "masks": self.masks.state_dict(),
+        return {"epoch": self.epoch, "masks": self.masks.state_dict(), "generator": self.generator.get_state(),
                 "previous": {k: torch.from_numpy(v) for k, v in self.previous.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
         self.masks.load_state_dict(state["masks"])
         self.previous = {k: v.numpy().astype(bool) for k, v in state["previous"].items()}
