@@ -375,9 +375,16 @@ def merge(a: ScanResult, b: ScanResult) -> ScanResult:
     """Combine scans of two data shards of the same model (sums add, maxima take the max)."""
     if [r.site.name for r in a.sites] != [r.site.name for r in b.sites]:
         raise TraceError("cannot merge scans of different models (site lists differ)")
-    sites = [
-        replace(ra, out_sum=ra.out_sum + rb.out_sum, active=ra.active + rb.active,
-                elements=ra.elements + rb.elements, pre_max=np.maximum(ra.pre_max, rb.pre_max))
-        for ra, rb in zip(a.sites, b.sites)
-    ]
+    sites = [_merge_site(ra, rb) for ra, rb in zip(a.sites, b.sites)]
     return ScanResult(sites, a.sitemap, a.samples + b.samples, a.device, a.tau)
+
+
+def _merge_site(ra: SiteResult, rb: SiteResult) -> SiteResult:
+    if ra.elements == 0:  # never called on shard a (e.g. a branch not taken there)
+        return replace(rb, tau=ra.tau)
+    if rb.elements == 0:
+        return ra
+    if ra.neurons != rb.neurons:
+        raise TraceError(f"cannot merge site {ra.site.name}: {ra.neurons} neurons vs {rb.neurons}")
+    return replace(ra, out_sum=ra.out_sum + rb.out_sum, active=ra.active + rb.active,
+                   elements=ra.elements + rb.elements, pre_max=np.maximum(ra.pre_max, rb.pre_max))
