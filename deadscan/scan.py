@@ -60,7 +60,7 @@ class SiteStats:
             )
         if y is None:
             y = _act(self.site.activation, x, inplace=False)
-        self.sum += y.sum(dims, dtype=torch.float32)
+        self.sum += y.sum(dims, dtype=torch.float64)  # float64: shards and batch sizes agree
         self.active += (x > 0).sum(dims)
         torch.maximum(self.pre_max, x.amax(dims).float(), out=self.pre_max)
         self.elements += x.numel() // n
@@ -84,7 +84,7 @@ class InputStats:
     def update(self, x: torch.Tensor) -> None:
         axis = self.axis % x.ndim
         dims = [d for d in range(x.ndim) if d != axis]
-        s = x.sum(dims, dtype=torch.float32).double()
+        s = x.sum(dims, dtype=torch.float64)
         self.sum = s if self.sum is None else self.sum + s
         self.elements += x.numel() // x.shape[axis]
 
