@@ -94,6 +94,8 @@ def _why_not(model: nn.Module, r, uses: dict[tuple[str, str], int]) -> str | Non
         return "no consumer layer (its output is added, concatenated or returned)"
     if not s.feeding.exclusive:
         return "the feeding layer's output is also read elsewhere"
+    if getattr(model.get_submodule(s.feeding.layer), "groups", 1) != 1:
+        return "a grouped convolution feeds the site (its channels are tied to its inputs)"
     if uses[("feeds", s.feeding.layer)] > 1 or uses[("reads", s.consumer.layer)] > 1:
         return "a layer feeds or reads several sites"
     if any(op == "bias" for op, _ in s.feeding.chain):

@@ -142,23 +142,30 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
     result = FinetuneResult(stripper=stripper)
     start = 0
     if resume and state_path is not None and state_path.exists():
-        state = load_state(state_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        stripper.load_state_dict(state["stripper"])
-        result.history = list(state["history"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start = int(state["epoch"])
+        try:
+            state = load_state(state_path)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            stripper.load_state_dict(state["stripper"])
+            result.history = list(state["history"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            start = int(state["epoch"])
+        except Exception as e:  # another model's state, or a damaged file: one line, not a traceback
+            text = " ".join(str(e).split())[:200]
+            raise DeadscanError(f"{state_path}: cannot resume: the saved state does not fit this run "
+                                f"({type(e).__name__}: {text}); drop --resume or choose another --out") from None
 
     if cfg.epochs == 0:  # one strip step, then a re-scan to see what it did
+        stripper.every = 1  # the one step strips whatever --every says (epoch 1 % every may be non-zero)
         report = stripper.step(val)
         result.history.append(_history_row(0, report, None, evaluate(model, val, device, cfg.eval_batch_size)))
         stripper.enabled = False
         after = stripper.step(val)
-        stripper.enabled = cfg.strip
+        stripper.enabled, stripper.every = cfg.strip, cfg.every
         result.history.append(_history_row(1, after, None, evaluate(model, val, device, cfg.eval_batch_size)))
         result.test = evaluate(model, test, device, cfg.eval_batch_size)
+        result.history[-1]["test_acc"] = result.test["acc"]  # as the training path does
         return result
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)

@@ -386,5 +386,11 @@ def _merge_site(ra: SiteResult, rb: SiteResult) -> SiteResult:
         return ra
     if ra.neurons != rb.neurons:
         raise TraceError(f"cannot merge site {ra.site.name}: {ra.neurons} neurons vs {rb.neurons}")
+    mean_input = None  # the feeding layer's mean input: weighted by elements (exact for Linear inputs)
+    if ra.mean_input is not None and rb.mean_input is not None:
+        total = ra.elements + rb.elements
+        mean_input = ((ra.mean_input.astype(np.float64) * ra.elements + rb.mean_input.astype(np.float64) * rb.elements)
+                      / total).astype(np.float32)
     return replace(ra, out_sum=ra.out_sum + rb.out_sum, active=ra.active + rb.active,
-                   elements=ra.elements + rb.elements, pre_max=np.maximum(ra.pre_max, rb.pre_max))
+                   elements=ra.elements + rb.elements, pre_max=np.maximum(ra.pre_max, rb.pre_max),
+                   mean_input=mean_input)

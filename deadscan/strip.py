@@ -80,8 +80,10 @@ class Masks:
             w = self.model.get_submodule(layer).weight
             self.masks[layer] = torch.zeros_like(w, dtype=torch.bool)
             keep = self.masks[layer]
-            # Zero the gradient of pruned weights before it reaches the optimizer.
-            self._hooks[layer] = w.register_hook(lambda g, m=keep: g.masked_fill(m, 0))
+            # Zero the gradient of pruned weights before it reaches the optimizer. A frozen weight
+            # (requires_grad False) gets no gradient and cannot take a hook: it needs none.
+            if w.requires_grad:
+                self._hooks[layer] = w.register_hook(lambda g, m=keep: g.masked_fill(m, 0))
         return self.masks[layer]
 
     def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -131,10 +133,18 @@ def strip(model: nn.Module, scan: ScanResult, masks: Masks, *, rate: float = 0.1
         with torch.no_grad():
             scale, _ = effective_affine(model, f)
             scores = None
-            if criterion == "contribution" and r.mean_input is not None:
+            if criterion == "contribution":
+                if r.mean_input is None:
+                    raise ValueError(f"criterion='contribution' needs the feeding layers' mean inputs: scan with "
+                                     f"input_means=True (site {r.site.name} has none)")
                 mean_in = torch.as_tensor(r.mean_input, device=layer.weight.device, dtype=torch.float32)
                 w = layer.weight.detach()[rows].float()
-                scores = w * mean_in.view((1, -1) + (1,) * (w.ndim - 2))
+                groups = getattr(layer, "groups", 1)
+                if groups > 1:  # a grouped conv's output channel reads only its group's input channels
+                    mean_in = mean_in.view(groups, -1)[rows // (layer.weight.shape[0] // groups)]
+                    scores = w * mean_in.view(mean_in.shape + (1,) * (w.ndim - 2))
+                else:
+                    scores = w * mean_in.view((1, -1) + (1,) * (w.ndim - 2))
             mask = masks.get(f.layer)
             k, none_left = strip_layer(layer.weight, mask, rows, rate, torch.sign(scale), scores)
         stats.pruned[f.layer] = stats.pruned.get(f.layer, 0) + int(k.sum())
@@ -265,6 +275,12 @@ class Stripper:
             else:
                 stripped = strip(self.model, result, self.masks, rate=self.rate, criterion=self.criterion,
                                  optimizer=self.optimizer)
+                if stripped.total and self.optimizer is None:
+                    import warnings
+
+                    warnings.warn("Stripper has no optimizer: the pruned weights' optimizer state (Adam moments, "
+                                  "momentum) is not cleared, so the optimizer can move them off zero; pass it as "
+                                  "Stripper(model, optimizer)", stacklevel=2)
         cap = capacity(self.model, result, self.masks.masks)
         return StepReport(self.epoch, result, result.dead, {k: v for k, v in revived.items() if v},
                           {k: v for k, v in died.items() if v}, stripped, self.masks.pruned(),

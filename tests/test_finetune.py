@@ -1,0 +1,386 @@
+"""Fine-tuning with per-epoch stripping: the no-training step, history rows, resume after a stop or
+Ctrl-C, the exported stripped model, and the ``deadscan strip`` command. Tiny data, CPU, fixed seeds."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import OrderedDict
+from importlib.metadata import version
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+import deadscan
+from deadscan import pipeline
+from deadscan.checkpoint import ARCH_KEY
+from deadscan.cli import main
+from deadscan.data import Dataset
+from deadscan.finetune import STATE_FILE, Interrupted, TrainConfig, finetune, load_state
+from deadscan.zoo import build
+
+SPEC = "mlp(depth=2, width=16, in_features=8, classes=3)"
+CPU = torch.device("cpu")
+HISTORY_FIELDS = {"epoch", "dead", "revived", "pruned_weights", "active_percent", "train_loss", "val_loss",
+                  "val_acc", "test_acc"}
+CLICK = tuple(int(p) for p in version("click").split(".")[:2])
+
+
+def _model(dropout: bool = False) -> nn.Module:
+    """The paper MLP on inputs in [0.1, 1) with exactly fc1 rows 0-2 dead at the start:
+    row 0 is held down by one weight of -50 (one strip step at rate 0.1 revives it);
+    rows 1 and 2 have only negative weights and a negative bias (they stay dead, losing one weight
+    per step). Every other hidden row has positive weights and bias: alive."""
+    torch.manual_seed(0)
+    m = build(SPEC)
+    if dropout:
+        items = list(m.named_children())
+        items.insert(3, ("drop1", nn.Dropout(0.25)))  # after relu1
+        m = nn.Sequential(OrderedDict(items))
+    with torch.no_grad():
+        for layer in (m.fc1, m.fc2):
+            layer.weight.abs_()
+            layer.bias.fill_(0.1)
+        m.fc1.weight[0] = torch.tensor([0.2, 0.3, -50.0, 0.1, 0.2, 0.3, 0.1, 0.2])
+        m.fc1.weight[1:3] = -torch.linspace(0.1, 0.8, 8)
+        m.fc1.bias[1:3] = -1.0
+    return m.eval()
+
+
+def _arrays(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 8, generator=g) * 0.9 + 0.1
+    y = torch.randint(0, 3, (n,), generator=g)
+    return x, y
+
+
+def _splits():
+    train = Dataset("t", "train", *_arrays(40, 1))
+    val = Dataset("t", "val", *_arrays(24, 2))
+    test = Dataset("t", "test", *_arrays(24, 3))
+    return train, val, test
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(epochs=4, warmup=1, batch_size=16, eval_batch_size=10, lr=1e-2, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _without_seconds(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def _assert_same_run(a, b, model_a, model_b):
+    assert _without_seconds(a.history) == _without_seconds(b.history)
+    ma, mb = a.stripper.masks.masks, b.stripper.masks.masks
+    assert ma.keys() == mb.keys() and ma
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert a.test == b.test
+
+
+# ---------------------------------------------------------------------------------------------
+# epochs=0: one strip step and a re-scan
+
+
+def test_zero_epochs_strips_once_and_rescans_without_training():
+    train, val, test = _splits()
+    m = _model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    res = finetune(m, train, val, _cfg(epochs=0), device=CPU, test=test)
+    assert [row["epoch"] for row in res.history] == [0, 1]
+    first, second = res.history
+    assert first["dead"] == 3  # fc1 rows 0-2
+    assert first["train_loss"] is None and second["train_loss"] is None
+    masks = res.stripper.masks.masks
+    assert torch.nonzero(masks["fc1"]).tolist() == [[0, 2], [1, 7], [2, 7]]  # one weight per dead row
+    assert first["pruned_weights"] == second["pruned_weights"] == res.stripper.masks.pruned()
+    # the re-scan sees row 0 back (its -5 is gone) and nothing newly dead
+    assert second["revived"] == 1 and second["revived_neurons"] == {"relu1": [0]}
+    assert second["dead"] == 2
+    assert second["died"] == 0
+    # no training: every weight but the pruned ones is unchanged
+    after = m.state_dict()
+    for k, v in after.items():
+        layer = k.rpartition(".")[0]
+        if k.endswith(".weight") and layer in masks:
+            mask = masks[layer]
+            assert torch.equal(v[~mask], before[k][~mask]), k
+            assert torch.equal(v[mask], torch.zeros(int(mask.sum()))), k
+        else:
+            assert torch.equal(v, before[k]), k
+    assert res.test["acc"] is not None
+    assert second["test_acc"] == res.test["acc"]
+
+
+def test_zero_epochs_strips_whatever_every_says():
+    train, val, _ = _splits()
+    res = finetune(_model(), train, val, _cfg(epochs=0, every=3), device=CPU)
+    assert res.history[0]["pruned_this_epoch"] == 3
+    assert res.history[1]["pruned_weights"] == 3
+
+
+def test_zero_epochs_baseline_prunes_nothing():
+    train, val, _ = _splits()
+    m = _model()
+    before = copy.deepcopy(m.state_dict())
+    res = finetune(m, train, val, _cfg(epochs=0, strip=False), device=CPU)
+    assert [row["pruned_weights"] for row in res.history] == [0, 0]
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# ---------------------------------------------------------------------------------------------
+# History
+
+
+def test_history_rows_hold_the_documented_fields():
+    train, val, test = _splits()
+    res = finetune(_model(), train, val, _cfg(epochs=2), device=CPU, test=test)
+    assert [row["epoch"] for row in res.history] == [1, 2]
+    for row in res.history:
+        assert HISTORY_FIELDS <= row.keys()
+        assert isinstance(row["dead"], int) and isinstance(row["revived"], int)
+        assert isinstance(row["pruned_weights"], int)
+        assert 0 <= row["active_percent"] <= 100
+        assert np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss"])
+        assert 0 <= row["val_acc"] <= 100
+    assert res.history[0]["test_acc"] is None
+    assert res.history[-1]["test_acc"] == res.test["acc"]
+    # one weight per dead fc1 row per epoch; row 0 revives after the first
+    assert [row["dead"] for row in res.history] == [3, 2]
+    assert res.history[0]["revived"] == 0
+    assert res.history[1]["revived_neurons"] == {"relu1": [0]}
+    assert [row["pruned_weights"] for row in res.history] == [3, 5]
+    assert json.loads(json.dumps(res.history)) == res.history  # plain JSON values only
+
+
+def test_on_epoch_sees_every_row():
+    train, val, _ = _splits()
+    seen = []
+    res = finetune(_model(), train, val, _cfg(epochs=3), device=CPU, on_epoch=seen.append)
+    assert [row["epoch"] for row in seen] == [1, 2, 3]
+    assert seen == res.history
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["mlp", "mlp-dropout"])
+def test_resume_after_a_stop_equals_one_run(tmp_path, dropout):
+    """Stopped after epoch 2 (from the on_epoch callback) then resumed in a fresh model: the same
+    masks, history and weights as 4 epochs in one go (cosine schedule with warm-up)."""
+    train, val, test = _splits()
+    cfg = _cfg(epochs=4)
+    m_full = _model(dropout)
+    full = finetune(m_full, train, val, cfg, device=CPU, test=test, state_path=tmp_path / "full.pt")
+    assert load_state(tmp_path / "full.pt")["epoch"] == 4
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    state = tmp_path / "part.pt"
+    with pytest.raises(Interrupted, match="2 epoch"):
+        finetune(_model(dropout), train, val, cfg, device=CPU, test=test, state_path=state, on_epoch=stop_after_two)
+    saved = load_state(state)
+    assert saved["epoch"] == 2 and len(saved["history"]) == 2
+    m_resumed = _model(dropout)
+    resumed = finetune(m_resumed, train, val, cfg, device=CPU, test=test, state_path=state, resume=True)
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3, 4]
+    _assert_same_run(full, resumed, m_full, m_resumed)
+    assert resumed.stripper.epoch == 4
+
+
+def test_resume_extends_a_finished_run(tmp_path):
+    """Constant learning rate: 2 epochs, then the same run continued to 4, equals 4 in one go."""
+    train, val, test = _splits()
+    cfg = _cfg(epochs=4, warmup=0, schedule="constant")
+    m_full = _model()
+    full = finetune(m_full, train, val, cfg, device=CPU, test=test)
+    state = tmp_path / STATE_FILE
+    first = finetune(_model(), train, val, _cfg(epochs=2, warmup=0, schedule="constant"), device=CPU, test=test,
+                     state_path=state)
+    assert len(first.history) == 2
+    m_resumed = _model()
+    resumed = finetune(m_resumed, train, val, cfg, device=CPU, test=test, state_path=state, resume=True)
+    _assert_same_run(full, resumed, m_full, m_resumed)
+
+
+def test_ctrl_c_inside_an_epoch_keeps_the_completed_epochs(tmp_path):
+    """KeyboardInterrupt from inside a training forward of epoch 3 (3 batches per epoch)."""
+    train, val, test = _splits()
+    cfg = _cfg(epochs=4)
+    m_full = _model()
+    full = finetune(m_full, train, val, cfg, device=CPU, test=test)
+
+    m = _model()
+    calls = {"train": 0}
+
+    def ctrl_c(module, args):
+        if module.training:
+            calls["train"] += 1
+            if calls["train"] == 8:  # the second batch of epoch 3
+                raise KeyboardInterrupt
+
+    handle = m.head.register_forward_pre_hook(ctrl_c)
+    state = tmp_path / STATE_FILE
+    with pytest.raises(Interrupted) as e:
+        finetune(m, train, val, cfg, device=CPU, test=test, state_path=state)
+    handle.remove()
+    assert "epoch 3" in str(e.value) and "2 epoch(s) saved" in str(e.value) and str(state) in str(e.value)
+    saved = load_state(state)
+    assert saved["epoch"] == 2
+    assert _without_seconds(saved["history"]) == _without_seconds(full.history[:2])
+
+    m_resumed = _model()
+    resumed = finetune(m_resumed, train, val, cfg, device=CPU, test=test, state_path=state, resume=True)
+    _assert_same_run(full, resumed, m_full, m_resumed)
+    assert load_state(state)["epoch"] == 4
+
+
+def test_resume_without_a_state_file_starts_over(tmp_path):
+    train, val, _ = _splits()
+    res = finetune(_model(), train, val, _cfg(epochs=1), device=CPU, state_path=tmp_path / "none.pt", resume=True)
+    assert [row["epoch"] for row in res.history] == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The exported stripped model
+
+
+def _write_inputs(tmp_path):
+    ckpt = tmp_path / "mlp.safetensors"
+    deadscan.save_safetensors(_model(), ckpt, SPEC)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=(rng.random((120, 8)) * 0.9 + 0.1).astype(np.float32), y=(np.arange(120) % 3).astype(np.int64))
+    return ckpt, data
+
+
+def test_strip_checkpoint_exports_the_trained_model(tmp_path, monkeypatch):
+    ckpt, data = _write_inputs(tmp_path)
+    captured = {}
+    real = pipeline.finetune
+
+    def capture(model, *args, **kwargs):
+        captured["model"] = model
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "finetune", capture)
+    out = tmp_path / "out"
+    run = pipeline.strip_checkpoint(ckpt, str(data), cfg=TrainConfig(epochs=2, warmup=0, batch_size=16),
+                                    out=out, device="cpu")
+    model = captured["model"].eval()
+    stripped = out / "stripped.safetensors"
+    assert run.files["stripped"] == stripped and stripped.exists()
+    assert (out / "masks.safetensors").exists() and (out / STATE_FILE).exists()
+
+    with safe_open(str(stripped), framework="pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert not any("weight_orig" in k or "weight_mask" in k for k in keys)
+    assert set(keys) == set(build(SPEC).state_dict())
+    assert meta[ARCH_KEY] == SPEC
+
+    loaded = deadscan.load(stripped)  # strict, arch from the metadata
+    assert type(loaded) is type(model)
+    x = torch.rand(30, 8)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+    state = loaded.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v), k
+
+    masks = load_file(str(out / "masks.safetensors"))
+    assert "fc1" in masks
+    assert sum(int(m.sum()) for m in masks.values()) == run.summary["history"][-1]["pruned_weights"] > 0
+    for layer, mask in masks.items():
+        w = state[f"{layer}.weight"]
+        assert mask.dtype == torch.bool and mask.shape == w.shape
+        assert torch.equal(w[mask], torch.zeros(int(mask.sum()))), layer
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["epoch"] for row in summary["history"]] == [1, 2]
+    assert all(HISTORY_FIELDS <= row.keys() for row in summary["history"])
+    assert summary["totals"]["pruned_weights"] == summary["history"][-1]["pruned_weights"]
+    assert summary["config"]["epochs"] == 2
+    assert summary["test"]["acc"] == summary["history"][-1]["test_acc"]
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.fixture
+def runner():
+    return CliRunner() if CLICK >= (8, 2) else CliRunner(mix_stderr=False)
+
+
+def test_cli_strip_finetune_one_epoch(tmp_path, runner):
+    ckpt, data = _write_inputs(tmp_path)
+    out = tmp_path / "out"
+    r = runner.invoke(main, ["strip", str(ckpt), "--data", str(data), "--finetune", "1", "--warmup", "0",
+                             "--batch-size", "16", "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "epoch   1" in r.stdout
+    for name in ("stripped.safetensors", "masks.safetensors", "summary.json"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["epoch"] for row in summary["history"]] == [1]
+    assert summary["checkpoint"]["path"] == str(ckpt)
+
+
+def test_cli_strip_reuses_the_last_inspect(tmp_path, runner):
+    ckpt, data = _write_inputs(tmp_path)
+    inspected = tmp_path / "inspected"
+    r = runner.invoke(main, ["inspect", str(ckpt), "--data", str(data), "--device", "cpu", "--out", str(inspected)])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out2"
+    r = runner.invoke(main, ["strip", "--finetune", "0", "--from", str(inspected), "--device", "cpu",
+                             "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoint"]["path"] == str(ckpt)
+    assert summary["checkpoint"]["arch"] == SPEC
+    assert summary["data"]["name"] == str(data)
+    assert [row["epoch"] for row in summary["history"]] == [0, 1]
+    assert summary["history"][0]["pruned_weights"] == 3
+    assert (out / "stripped.safetensors").exists()
+
+
+def test_cli_strip_without_checkpoint_or_inspect_fails_in_one_line(tmp_path, runner):
+    out = tmp_path / "out"
+    r = runner.invoke(main, ["strip", "--from", str(tmp_path / "nothing-here"), "--out", str(out)])
+    assert r.exit_code == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:"), r.stderr
+    assert "inspect" in lines[0]
+    assert "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_resume_from_a_state_that_does_not_fit_fails_cleanly(tmp_path):
+    """A train-state.pt left by another model (or a damaged one) is a clear DeadscanError, not a
+    torch traceback."""
+    from deadscan.errors import DeadscanError
+
+    train, val, _ = _splits()
+    state = tmp_path / STATE_FILE
+    finetune(_model(), train, val, _cfg(epochs=1), device=CPU, state_path=state)
+    other = build("mlp(depth=2, width=12, in_features=8, classes=3)")
+    with pytest.raises(DeadscanError, match="cannot resume"):
+        finetune(other, train, val, _cfg(epochs=2), device=CPU, state_path=state, resume=True)
+    state.write_bytes(b"not a torch file")
+    with pytest.raises(DeadscanError, match="cannot resume"):
+        finetune(_model(), train, val, _cfg(epochs=2), device=CPU, state_path=state, resume=True)
