@@ -6,7 +6,10 @@ strip, evaluate, log a history row, save a resumable checkpoint atomically.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,17 +113,50 @@ def _history_row(epoch: int, report: StepReport, train_loss, val: dict) -> dict:
         "active_percent_feeding_weights": round(report.active_percent_feeding_weights, 4),
         "train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"], "test_acc": None,
         "revived_neurons": report.revived, "died_neurons": report.died,
+        # dead neurons with no negative incoming weight left: only their bias holds them down
+        "held_by_bias": report.stripped.without_negative if report.stripped else 0,
     }
 
 
-def _save_state(path: Path, model, opt, stripper, history, gen, cfg, epoch) -> None:
+def _save_state(path: Path, model, opt, stripper, history, gen, cfg, epoch, source) -> None:
     state = {
-        "epoch": epoch, "config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "epoch": epoch, "config": asdict(cfg), "source": source, "model": model.state_dict(), "optimizer": opt.state_dict(),
         "stripper": stripper.state_dict(), "history": history, "generator": gen.get_state(),
         "torch_rng": torch.get_rng_state(),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def _check_resumable(state: dict, cfg: TrainConfig, source: str, path: Path) -> None:
+    saved = state.get("config", {})
+    # The schedule depends on the epoch count too: a different --finetune is a different run.
+    ignore = {"epochs"} if cfg.schedule == "constant" else set()  # a constant lr run may be extended
+    changed = sorted(k for k, v in asdict(cfg).items() if k in saved and saved[k] != v and k not in ignore)
+    if changed:
+        was = ", ".join(f"{k}={saved[k]!r}" for k in changed)
+        raise DeadscanError(f"{path}: cannot resume: the saved run used {was}; rerun with those settings, "
+                            "or drop --resume / choose another --out")
+    if source and state.get("source") and state["source"] != source:
+        raise DeadscanError(f"{path}: cannot resume: it was saved from another checkpoint; "
+                            "drop --resume or choose another --out")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops training like Ctrl-C: the last completed epoch is saved (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def load_state(path: Path) -> dict:
@@ -129,9 +165,11 @@ def load_state(path: Path) -> dict:
 
 def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *, device: torch.device,
              test: Dataset | None = None, state_path: Path | None = None, resume: bool = False,
-             on_epoch=None) -> FinetuneResult:
+             on_epoch=None, source: str = "") -> FinetuneResult:
     """Train ``cfg.epochs`` epochs with detection (+ stripping) after each. ``epochs=0``: one strip
-    step and a re-scan, no training. ``on_epoch(row)`` is called after each history row."""
+    step and a re-scan, no training. ``on_epoch(row)`` is called after each history row.
+    ``source`` (e.g. the input checkpoint's sha256) is saved with the state; ``resume`` refuses a
+    state saved from another source or with another configuration."""
     torch.manual_seed(cfg.seed)
     model.to(device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -144,6 +182,7 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
     if resume and state_path is not None and state_path.exists():
         try:
             state = load_state(state_path)
+            _check_resumable(state, cfg, source, state_path)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             stripper.load_state_dict(state["stripper"])
@@ -151,6 +190,8 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
             gen.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
             start = int(state["epoch"])
+        except DeadscanError:
+            raise
         except Exception as e:  # another model's state, or a damaged file: one line, not a traceback
             text = " ".join(str(e).split())[:200]
             raise DeadscanError(f"{state_path}: cannot resume: the saved state does not fit this run "
@@ -169,32 +210,33 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
         return result
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    try:
-        for epoch in range(start, cfg.epochs):
-            t0 = time.perf_counter()
-            model.train()
-            total = torch.zeros((), device=device, dtype=torch.float64)
-            for i, (xb, yb) in enumerate(_train_batches(train, cfg.batch_size, device, gen)):
-                for group in opt.param_groups:
-                    group["lr"] = _lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
-                loss = F.cross_entropy(model(xb), yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()  # gradient hooks zero the pruned weights' gradients
-                opt.step()
-                total += loss.detach().double() * len(yb)
-            train_loss = float(total) / len(train)  # sync point: once per epoch
-            report = stripper.step(val)
-            row = _history_row(epoch + 1, report, train_loss, evaluate(model, val, device, cfg.eval_batch_size))
-            row["seconds"] = round(time.perf_counter() - t0, 3)
-            result.history.append(row)
-            if state_path is not None:
-                _save_state(state_path, model, opt, stripper, result.history, gen, cfg, epoch + 1)
-            if on_epoch is not None:
-                on_epoch(row)
-    except KeyboardInterrupt:
-        done = len(result.history)
-        raise Interrupted(f"interrupted during epoch {done + 1}; {done} epoch(s) saved"
-                          + (f" in {state_path}" if state_path else "")) from None
+    with _sigterm_as_interrupt():
+        try:
+            for epoch in range(start, cfg.epochs):
+                t0 = time.perf_counter()
+                model.train()
+                total = torch.zeros((), device=device, dtype=torch.float64)
+                for i, (xb, yb) in enumerate(_train_batches(train, cfg.batch_size, device, gen)):
+                    for group in opt.param_groups:
+                        group["lr"] = _lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
+                    loss = F.cross_entropy(model(xb), yb)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()  # gradient hooks zero the pruned weights' gradients
+                    opt.step()
+                    total += loss.detach().double() * len(yb)
+                train_loss = float(total) / len(train)  # sync point: once per epoch
+                report = stripper.step(val)
+                row = _history_row(epoch + 1, report, train_loss, evaluate(model, val, device, cfg.eval_batch_size))
+                row["seconds"] = round(time.perf_counter() - t0, 3)
+                result.history.append(row)
+                if state_path is not None:
+                    _save_state(state_path, model, opt, stripper, result.history, gen, cfg, epoch + 1, source)
+                if on_epoch is not None:
+                    on_epoch(row)
+        except KeyboardInterrupt:
+            done = len(result.history)
+            raise Interrupted(f"interrupted during epoch {done + 1}; {done} epoch(s) saved"
+                              + (f" in {state_path}" if state_path else "")) from None
     result.test = evaluate(model, test, device, cfg.eval_batch_size)
     if result.history:
         result.history[-1]["test_acc"] = result.test["acc"]

@@ -384,3 +384,44 @@ def test_resume_from_a_state_that_does_not_fit_fails_cleanly(tmp_path):
     state.write_bytes(b"not a torch file")
     with pytest.raises(DeadscanError, match="cannot resume"):
         finetune(_model(), train, val, _cfg(epochs=2), device=CPU, state_path=state, resume=True)
+
+
+def test_resume_refuses_a_changed_configuration(tmp_path):
+    train, val, test = _splits()
+    state = tmp_path / STATE_FILE
+    finetune(_model(), train, val, _cfg(epochs=2), device=CPU, state_path=state, source="abc")
+    with pytest.raises(deadscan.DeadscanError, match=r"the saved run used rate=0\.1"):
+        finetune(_model(), train, val, _cfg(epochs=2, rate=0.2), device=CPU, state_path=state, resume=True,
+                 source="abc")
+    with pytest.raises(deadscan.DeadscanError, match="saved from another checkpoint"):
+        finetune(_model(), train, val, _cfg(epochs=2), device=CPU, state_path=state, resume=True, source="xyz")
+    with pytest.raises(deadscan.DeadscanError, match="epochs=2"):  # cosine: the epoch count shapes the schedule
+        finetune(_model(), train, val, _cfg(epochs=3), device=CPU, state_path=state, resume=True, source="abc")
+
+
+def test_sigterm_stops_like_ctrl_c_and_keeps_completed_epochs(tmp_path):
+    import os
+    import signal
+
+    train, val, test = _splits()
+    state = tmp_path / STATE_FILE
+
+    def stop_after_first(row):
+        if row["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted, match="1 epoch"):
+        finetune(_model(), train, val, _cfg(epochs=3), device=CPU, state_path=state, on_epoch=stop_after_first)
+    assert signal.getsignal(signal.SIGTERM) is before  # handler restored
+    assert load_state(state)["epoch"] == 1
+
+
+def test_history_counts_dead_neurons_held_by_their_bias_alone():
+    train, val, test = _splits()
+    m = _model()
+    with torch.no_grad():
+        m.fc1.weight[1:3] = torch.linspace(0.1, 0.8, 8)  # no negative weight left: the bias ...
+        m.fc1.bias[1:3] = -100.0  # ... holds rows 1 and 2 down
+    res = finetune(m, train, val, _cfg(epochs=0), device=CPU, test=test)
+    assert res.history[0]["held_by_bias"] == 2
