@@ -145,8 +145,9 @@ def _case(name, tmp_path, hand_mlp, mlp_file, npz_data):
         return p, npz_data, [], (f"Error: {p}: holds only weights; pass --arch (e.g. --arch "
                                  "'mlp(depth=2, width=256, in_features=64)' or --arch torchvision:resnet18)")
     if name == "unknown-data-name":
-        return mlp_file, "cifar11", [], ("Error: unknown --data 'cifar11': use digits, cifar10, cifar100, "
-                                         "fashion-mnist, mnist, svhn, or a .npz/.h5 file")
+        return mlp_file, "cifar11", [], ("Error: unknown --data 'cifar11': use digits, cifar10, cifar100, svhn, "
+                                         "mnist, fashion-mnist, tiny-imagenet, cifar10-c, cifar100-c, "
+                                         "fake[:CxHxW[:CLASSES[:N]]], imagefolder:PATH, or a .npz/.h5 file")
     if name == "npz-missing-keys":
         d = _npz(tmp_path / "bad.npz", a=np.zeros((3, 4), np.float32), b=np.zeros(3, np.int64))
         return mlp_file, d, [], f"Error: {d}: expected arrays 'x' (inputs) and 'y' (labels), found ['a', 'b']"
