@@ -44,7 +44,10 @@ def _print_inspection(result: pipeline.Inspection, as_json: bool) -> None:
     click.echo(f"data {s['data']['name']} split {s['data']['split']}: {s['data']['samples']} samples on {s['device']}")
     click.echo("")
     click.echo(format_table(s))
-    click.echo(f"\nwrote {result.summary_path}")
+    click.echo("")
+    for path in (result.files or {}).values():  # stats.h5, report.html
+        click.echo(f"wrote {path}")
+    click.echo(f"wrote {result.summary_path}")
 
 
 @click.group()
@@ -58,7 +61,7 @@ def main():
 
 def _scan_options(f):
     options = [
-        click.option("--data", "data", required=True, help="digits, cifar10, cifar100, svhn, mnist, fashion-mnist, or a .npz/.h5 file"),
+        click.option("--data", "data", required=True, help="digits, cifar10, cifar100, svhn, mnist, fashion-mnist, tiny-imagenet, cifar10-c, cifar100-c, imagefolder:PATH, fake[:CxHxW[:CLASSES[:N]]], or a .npz/.h5 file (arrays x, y)"),
         click.option("--arch", default=None, help="architecture for plain state dicts, e.g. 'mlp(depth=2, width=256)' or torchvision:resnet18"),
         click.option("--split", type=click.Choice(SPLITS), default=DEFAULTS.split, show_default=True, help="data split to scan (val: seeded hold-out of train)"),
         click.option("--limit", type=click.IntRange(min=1), default=None, help="scan only the first N samples of the split"),
@@ -68,6 +71,13 @@ def _scan_options(f):
         click.option("--data-root", default=None, help="folder holding torchvision datasets (default ~/.cache/deadscan/data)"),
         click.option("--download", is_flag=True, help="download a torchvision dataset if missing"),
         click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="seed of the train/val/test split"),
+        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS.val_fraction, show_default=True, help="share of the training set held out as val"),
+        click.option("--mean", default=None, help="per-channel mean, e.g. 0.5,0.5,0.5 (default: the dataset's preset)"),
+        click.option("--std", default=None, help="per-channel std, e.g. 0.25,0.25,0.25 (default: the dataset's preset)"),
+        click.option("--resize", type=click.IntRange(min=1), default=None, help="resize images to N x N"),
+        click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="convert images to 1 (grey) or 3 (RGB) channels"),
+        click.option("--corruption", default=None, help="cifar10-c/cifar100-c corruptions, comma-separated (default: all)"),
+        click.option("--severity", default=None, help="cifar10-c/cifar100-c severities 1-5, comma-separated (default: all)"),
         click.option("--out", default=DEFAULTS.out_dir, show_default=True, help="output folder"),
         click.option("--json", "as_json", is_flag=True, help="print summary.json to stdout instead of the table"),
         click.option("--trust-pickle", is_flag=True, help="allow pickled modules and TorchScript: RUNS CODE from the file"),
@@ -77,14 +87,20 @@ def _scan_options(f):
     return f
 
 
+_plotlyjs_option = click.option(
+    "--plotlyjs", type=click.Choice(["inline", "cdn", "directory"]), default="inline", show_default=True,
+    help="report.html: plotly.js inlined (works offline), from the CDN, or as plotly.min.js beside it")
+
+
 @main.command()
 @click.argument("checkpoint")
 @_scan_options
+@_plotlyjs_option
 def inspect(checkpoint, data, arch, split, limit, batch_size, device, tau, data_root, download, seed, out,
-            as_json, trust_pickle):
+            as_json, trust_pickle, plotlyjs, **data_options):
     """Scan CHECKPOINT on a dataset: dead neurons per ReLU site and %A.
 
-    Prints a per-site table and totals, and writes summary.json to --out.
+    Prints a per-site table and totals, and writes summary.json, stats.h5 and report.html to --out.
 
     Example:
 
@@ -93,7 +109,7 @@ def inspect(checkpoint, data, arch, split, limit, batch_size, device, tau, data_
     result = _run(pipeline.inspect, checkpoint, data, out=out, arch=arch, trust_pickle=trust_pickle,
                   split=split, limit=limit, batch_size=batch_size, device=device, tau=tau,
                   data_root=data_root, download=download, seed=seed, command=_command_line(),
-                  progress=not as_json)
+                  progress=not as_json, plotlyjs=plotlyjs, **data_options)
     _print_inspection(result, as_json)
 
 
@@ -135,19 +151,30 @@ def demo(out, device):
 @click.option("--baseline", is_flag=True, help="also run the same fine-tuning without stripping, for a side-by-side")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last completed epoch")
 @click.option("--compact", is_flag=True, help="also write compact.safetensors with the still-dead neurons removed")
+@click.option("--augment", default=TrainConfig.augment, show_default=True, help="training augmentation: default (crop+flip for CIFAR-like images), none, or crop/flip/autoaugment joined with +")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None, help="share of the training set held out as val (default 0.1, or the inspect's)")
+@click.option("--mean", default=None, help="per-channel mean, e.g. 0.5,0.5,0.5 (default: the dataset's preset)")
+@click.option("--std", default=None, help="per-channel std (default: the dataset's preset)")
+@click.option("--resize", type=click.IntRange(min=1), default=None, help="resize images to N x N")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="convert images to 1 or 3 channels")
+@click.option("--test-corrupted", default=None, help="also evaluate on a corrupted test set at the end, e.g. cifar10-c")
+@click.option("--corruption", default=None, help="with --test-corrupted: corruptions, comma-separated (default: all)")
+@click.option("--severity", default=None, help="with --test-corrupted: severities 1-5, comma-separated (default: all)")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
 @click.option("--data-root", default=None, help="folder holding torchvision datasets")
 @click.option("--download", is_flag=True, help="download a torchvision dataset if missing")
 @click.option("--out", default=DEFAULTS.out_dir, show_default=True, help="output folder")
 @click.option("--trust-pickle", is_flag=True, help="allow pickled modules and TorchScript: RUNS CODE from the file")
+@_plotlyjs_option
 def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, method, optimizer, lr, weight_decay, warmup,
-          schedule, final_lr, batch_size, seed, baseline, resume, compact, device, data_root, download, out,
-          trust_pickle):
+          schedule, final_lr, batch_size, seed, baseline, resume, compact, augment, val_fraction, mean, std, resize,
+          channels, test_corrupted, corruption, severity, device, data_root, download, out, trust_pickle, plotlyjs):
     """Revive dead neurons with Synaptic Stripping while fine-tuning.
 
     After each epoch: scan the validation split, prune the most negative remaining incoming
     weights of every dead neuron (a fraction --rate), log a history row. Writes
-    stripped.safetensors (+ masks.safetensors) and summary.json with the history to --out.
+    stripped.safetensors (+ masks.safetensors), summary.json with the history, stats.h5 and
+    report.html to --out.
 
     Example:
 
@@ -155,7 +182,8 @@ def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, meth
     """
     cfg = TrainConfig(epochs=epochs, every=every, rate=rate, criterion=criterion, method=method, optimizer=optimizer, lr=lr,
                       weight_decay=weight_decay, warmup=warmup, schedule=schedule, final_lr=final_lr,
-                      batch_size=batch_size, seed=seed)
+                      batch_size=batch_size, seed=seed, augment=augment)
+    data_options = {"val_fraction": val_fraction, "mean": mean, "std": std, "resize": resize, "channels": channels}
 
     def on_epoch(row):
         click.echo(f"epoch {row['epoch']:>3}  dead {row['dead']:>5}  revived {row['revived']:>4}  "
@@ -166,7 +194,9 @@ def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, meth
         run = pipeline.strip_checkpoint(checkpoint, data, cfg=cfg, out=out, from_dir=from_dir, arch=arch,
                                         trust_pickle=trust_pickle, baseline=baseline, resume=resume, device=device,
                                         data_root=data_root, download=download, command=_command_line(),
-                                        compact=compact, on_epoch=on_epoch)
+                                        compact=compact, on_epoch=on_epoch, plotlyjs=plotlyjs,
+                                        data_options=data_options, corrupted=test_corrupted,
+                                        corrupted_options={"corruption": corruption, "severity": severity})
     except Interrupted as e:
         raise click.ClickException(f"{e}; resume with: {_command_line()} --resume") from None
     except DeadscanError as e:
@@ -175,6 +205,9 @@ def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, meth
     t = s["totals"]
     click.echo(f"\nafter stripping: dead {t['dead']} of {t['neurons']}  %A {t['active_percent']:.2f}  "
                f"pruned weights {t['pruned_weights']}  test acc {_fmt(s['test'].get('acc'))}")
+    if "test_corrupted" in s:
+        click.echo(f"corrupted test ({s['test_corrupted']['name']}): acc {_fmt(s['test_corrupted']['acc'])}  "
+                   f"NLL {_fmt(s['test_corrupted']['loss'])}")
     if "baseline" in s:
         b = s["baseline"]["history"][-1] if s["baseline"]["history"] else {}
         click.echo(f"baseline (no stripping): dead {b.get('dead')}  %A {_fmt(b.get('active_percent'))}  "
@@ -186,6 +219,41 @@ def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, meth
                    f"{c['cpu_latency_ms_before']:.3f} -> {c['cpu_latency_ms_after']:.3f} ms")
     for name, path in run.files.items():
         click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("stats")
+@click.option("--out", default=None, help="output folder (default: the folder holding STATS)")
+@_plotlyjs_option
+def report(stats, out, plotlyjs):
+    """Re-render report.html from a stats.h5 alone (no model or data needed).
+
+    Example:
+
+        deadscan report deadscan-out/stats.h5 --out paper
+    """
+    from .report import rerender
+
+    click.echo(f"wrote {_run(rerender, stats, out, plotlyjs=plotlyjs)}")
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--out", default=DEFAULTS.out_dir, show_default=True, help="output folder (compare.html)")
+@_plotlyjs_option
+def compare(a, b, out, plotlyjs):
+    """Compare two runs side by side: per-site dead and %A deltas (B - A), overlaid histograms.
+
+    A and B are stats.h5 files written by inspect or strip; writes compare.html to --out.
+
+    Example:
+
+        deadscan compare base/stats.h5 stripped/stats.h5 --out compare-out
+    """
+    from .report import compare as compare_runs
+
+    click.echo(f"wrote {_run(compare_runs, a, b, out, plotlyjs=plotlyjs)}")
 
 
 def _fmt(x) -> str:

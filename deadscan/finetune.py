@@ -45,6 +45,7 @@ class TrainConfig:
     final_lr: float = 1e-5
     batch_size: int = 128
     eval_batch_size: int = 512
+    augment: str = "default"  # crop+flip for CIFAR-like images; see deadscan.data.parse_augment
     seed: int = 0
 
 
@@ -73,18 +74,6 @@ def _lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
     return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def _train_batches(ds: Dataset, batch_size: int, device: torch.device, gen: torch.Generator):
-    """Shuffled (x, y) batches; the whole split sits on the device, order from a seeded randperm."""
-    if hasattr(ds, "train_batches"):
-        yield from ds.train_batches(batch_size, device, gen)
-        return
-    x, y = ds.x.to(device), ds.y.to(device)
-    perm = torch.randperm(len(x), generator=gen, device=gen.device).to(device)
-    for i in range(0, len(x), batch_size):
-        idx = perm[i:i + batch_size]
-        yield ds.prepare(x[idx]), y[idx]
 
 
 def evaluate(model: nn.Module, ds: Dataset | None, device: torch.device, batch_size: int) -> dict:
@@ -216,7 +205,7 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
                 t0 = time.perf_counter()
                 model.train()
                 total = torch.zeros((), device=device, dtype=torch.float64)
-                for i, (xb, yb) in enumerate(_train_batches(train, cfg.batch_size, device, gen)):
+                for i, (xb, yb) in enumerate(train.train_batches(cfg.batch_size, device, gen, augment=cfg.augment)):
                     for group in opt.param_groups:
                         group["lr"] = _lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
                     loss = F.cross_entropy(model(xb), yb)

@@ -14,8 +14,9 @@ from .checkpoint import Checkpoint, load_checkpoint, save_safetensors
 from .data import Dataset, check_fits, load_data
 from .defaults import DEFAULTS
 from .errors import DataError, OutputError
-from .finetune import STATE_FILE, TrainConfig, finetune
-from .report import build_summary, write_summary
+from .finetune import STATE_FILE, TrainConfig, evaluate, finetune
+from .report import build_summary, write_outputs, write_summary
+from .reportdata import capture_weights, collect
 from .scan import ScanResult, resolve_device, scan
 from .trace import find_sites
 
@@ -28,26 +29,33 @@ class Inspection:
     capacity: Capacity
     summary: dict
     summary_path: Path
+    files: dict[str, Path] | None = None  # stats.h5 and report.html
 
 
 def inspect(checkpoint: str | Path, data: str, *, out: str | Path = DEFAULTS.out_dir, arch: str | None = None,
             trust_pickle: bool = False, split: str = DEFAULTS.split, limit: int | None = None,
             batch_size: int = DEFAULTS.batch_size, device: str | None = None, tau: float = DEFAULTS.tau,
             data_root: str | None = None, download: bool = False, seed: int = DEFAULTS.seed,
-            command: str = "", progress: bool = False) -> Inspection:
+            command: str = "", progress: bool = False, val_fraction: float = DEFAULTS.val_fraction,
+            mean=None, std=None, resize: int | None = None, channels: int | None = None,
+            corruption: str | None = None, severity=None, plotlyjs: str = "inline") -> Inspection:
     start = time.perf_counter()
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
-    ds = load_data(data, split, root=data_root, download=download, limit=limit, seed=seed)
+    ds = load_data(data, split, root=data_root, download=download, limit=limit, seed=seed,
+                   val_fraction=val_fraction, mean=mean, std=std, resize=resize, channels=channels,
+                   corruption=corruption, severity=severity)
     model = ckpt.model.to(dev)
     check_fits(model, ds, dev)
     sitemap = find_sites(model)
-    result = scan(model, ds, sitemap=sitemap, batch_size=batch_size, device=dev, tau=tau, progress=progress)
+    result = scan(model, ds, sitemap=sitemap, batch_size=batch_size, device=dev, tau=tau, progress=progress,
+                  input_means=True)
     cap = capacity(model, result)
     summary = build_summary(result, cap, command=command, checkpoint=ckpt.info, data={**ds.describe(), "root": data_root},
                             elapsed=time.perf_counter() - start)
     path = write_summary(summary, out)
-    return Inspection(ckpt, ds, result, cap, summary, path)
+    files = write_outputs(collect(summary, result, model), out, plotlyjs=plotlyjs)  # stats.h5, report.html
+    return Inspection(ckpt, ds, result, cap, summary, path, files)
 
 
 @dataclass
@@ -55,6 +63,10 @@ class StripRun:
     summary: dict
     out: Path
     files: dict[str, Path]
+
+
+# Data settings an inspect records and a later strip reuses (keyword arguments of load_data).
+DATA_OPTIONS = ("seed", "val_fraction", "mean", "std", "resize", "channels")
 
 
 def last_inspection(from_dir: str | Path) -> dict:
@@ -65,8 +77,10 @@ def last_inspection(from_dir: str | Path) -> dict:
                         "pass CKPT and --data, or run deadscan inspect first")
     try:
         s = json.loads(path.read_text(encoding="utf-8"))
-        return {"checkpoint": s["checkpoint"]["path"], "arch": s["checkpoint"]["arch"], "data": s["data"]["name"],
-                "data_root": s["data"].get("root"), "format": s["checkpoint"]["format"]}
+        d = s["data"]
+        options = {k: d[k] for k in DATA_OPTIONS if d.get(k) is not None}
+        return {"checkpoint": s["checkpoint"]["path"], "arch": s["checkpoint"]["arch"], "data": d["name"],
+                "data_root": d.get("root"), "format": s["checkpoint"]["format"], "data_options": options}
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not a deadscan summary ({e}); pass CKPT and --data") from None
 
@@ -76,20 +90,32 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
                      arch: str | None = None, trust_pickle: bool = False, baseline: bool = False,
                      resume: bool = False, device: str | None = None, data_root: str | None = None,
                      download: bool = False, data_seed: int = DEFAULTS.seed, command: str = "",
-                     compact: bool = False, on_epoch=None) -> StripRun:
+                     compact: bool = False, on_epoch=None, plotlyjs: str = "inline", data_options: dict | None = None,
+                     corrupted: str | None = None, corrupted_options: dict | None = None) -> StripRun:
+    """Fine-tune with stripping and write the outputs. ``data_options``: load_data keywords (val_fraction,
+    mean, std, resize, channels); ``corrupted``: a test set (e.g. cifar10-c) also evaluated at the end."""
     start = time.perf_counter()
+    data_options = {"seed": data_seed, **(data_options or {})}
     if checkpoint is None:
         last = last_inspection(from_dir)
         checkpoint, arch = last["checkpoint"], arch or (last["arch"] if last["format"] != "safetensors" else None)
         data, data_root = data or last["data"], data_root or last["data_root"]
+        data_options = {**last["data_options"], **{k: v for k, v in data_options.items() if v is not None}}
     if data is None:
         raise DataError("--data is required with a checkpoint")
     out = Path(out)
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
-    if (out / "stripped.safetensors").resolve() == Path(checkpoint).resolve():
-        raise OutputError(f"--out {out} would overwrite the input checkpoint {checkpoint}; choose another --out")
-    splits = {s: load_data(data, s, root=data_root, download=download, seed=data_seed) for s in ("train", "val", "test")}
+    for name in ("stripped.safetensors", "masks.safetensors", "compact.safetensors", STATE_FILE):
+        if (out / name).resolve() == Path(checkpoint).resolve():
+            raise OutputError(f"--out {out} would overwrite the input checkpoint {checkpoint}; choose another --out")
+    options = {k: v for k, v in data_options.items() if v is not None}
+    splits = {s: load_data(data, s, root=data_root, download=download, **options) for s in ("train", "val", "test")}
+    shifted = None
+    if corrupted is not None:
+        shifted = load_data(corrupted, "test", root=data_root, download=download,
+                            **{k: v for k, v in {**options, **(corrupted_options or {})}.items()
+                               if k not in ("val_fraction",)})
     model = ckpt.model.to(dev)
     check_fits(model, splits["val"], dev)
 
@@ -99,12 +125,16 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
         base = finetune(base_model, splits["train"], splits["val"], replace(cfg, strip=False), device=dev,
                         test=splits["test"])
         base_hist, base_test = base.history, base.test
+        if shifted is not None:
+            base_test = {**base_test, "corrupted": evaluate(base_model, shifted, dev, cfg.eval_batch_size)}
         del base_model
 
+    before = capture_weights(model, find_sites(model))  # for the revived neurons' weight histograms
     res = finetune(model, splits["train"], splits["val"], cfg, device=dev, test=splits["test"],
-                   state_path=out / STATE_FILE, resume=resume, on_epoch=on_epoch)
+                   state_path=out / STATE_FILE, resume=resume, on_epoch=on_epoch, source=ckpt.info.sha256)
     stripper = res.stripper
-    final = scan(model, splits["val"], sitemap=stripper.sitemap, batch_size=cfg.eval_batch_size, device=dev)
+    final = scan(model, splits["val"], sitemap=stripper.sitemap, batch_size=cfg.eval_batch_size, device=dev,
+                 input_means=True)
     cap = capacity(model, final, stripper.masks.masks)
     files = {"stripped": out / "stripped.safetensors", "masks": out / "masks.safetensors"}
     save_safetensors(model, files["stripped"], ckpt.info.arch or "", {"deadscan_source_sha256": ckpt.info.sha256})
@@ -118,12 +148,17 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
     summary["config"] = asdict(cfg)
     summary["history"] = res.history
     summary["test"] = res.test
+    if shifted is not None:
+        summary["test_corrupted"] = {**evaluate(model, shifted, dev, cfg.eval_batch_size), **shifted.describe()}
     if baseline:
         summary["baseline"] = {"history": base_hist, "test": base_test}
     if compact:
         summary["compact"] = summary_compact
     summary["outputs"] = {k: str(v) for k, v in files.items()}
     files["summary"] = write_summary(summary, out)
+    report_data = collect(summary, final, model, masks=stripper.masks.masks, before=before)
+    del before
+    files.update(write_outputs(report_data, out, plotlyjs=plotlyjs))  # stats.h5, report.html
     return StripRun(summary, out, files)
 
 

@@ -1,4 +1,5 @@
-"""Outputs: ``summary.json`` (stable, documented) and the text table printed by the CLI.
+"""Outputs: ``summary.json`` (stable, documented), the text table printed by the CLI, and the HTML
+reports (report.html, compare.html) rendered from a :class:`deadscan.reportdata.ReportData`.
 
 summary.json is what scripts read; its fields are documented in the README and DESIGN.md.
 """
@@ -141,3 +142,255 @@ def format_table(summary: dict) -> str:
         if s["note"] and not s["strippable"] and "residual" not in s["note"]:
             lines.append(f"note: {s['name']}: {s['note']}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# report.html and compare.html: jinja2 templates (top-level templates/, shipped as
+# deadscan.templates) rendered from a ReportData; figures come from deadscan.figures.
+
+PLOTLYJS_MODES = ("inline", "cdn", "directory")
+PLOTLYJS_FILE = "plotly.min.js"
+
+
+def templates_dir() -> Path:
+    """The folder holding the templates: inside an installed wheel, or the source checkout."""
+    here = Path(__file__).resolve().parent
+    candidates = [here / "templates"]
+    try:
+        from importlib import resources
+
+        candidates.append(Path(str(resources.files("deadscan.templates"))))
+    except (ModuleNotFoundError, TypeError, ValueError):
+        pass
+    candidates.append(here.parent / "templates")
+    for c in candidates:
+        if (c / "report.html.j2").is_file():
+            return c
+    from .errors import DeadscanError
+
+    raise DeadscanError("deadscan's report templates are missing from this installation; reinstall deadscan")
+
+
+def _env():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["int"] = _fmt_int
+    env.filters["pct"] = _fmt_pct
+    env.filters["duration"] = _fmt_duration
+    return env
+
+
+def _fmt_int(v) -> str:
+    return "\u2013" if v is None else f"{int(v):,}"
+
+
+def _fmt_pct(v, digits: int = 2) -> str:
+    return "\u2013" if v is None else f"{float(v):.{digits}f}"
+
+
+def _fmt_duration(s) -> str:
+    if s is None:
+        return "\u2013"
+    s = float(s)
+    if s < 60:
+        return f"{s:.1f} s"
+    m, sec = divmod(int(round(s)), 60)
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {sec:02d} s"
+
+
+def _json_for_script(obj) -> str:
+    """JSON safe inside a <script> element: no '<', '>' or '&' survives as itself."""
+    from markupsafe import Markup
+
+    text = json.dumps(obj, separators=(",", ":"), allow_nan=False)
+    return Markup(text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
+
+
+def _plotly_tag(mode: str) -> dict:
+    """What the page's <head> needs to load plotly.js once."""
+    from markupsafe import Markup
+    from plotly.offline import get_plotlyjs, get_plotlyjs_version
+
+    if mode not in PLOTLYJS_MODES:
+        raise ValueError(f"plotlyjs must be one of {PLOTLYJS_MODES}, got {mode!r}")
+    if mode == "inline":
+        return {"inline": Markup(get_plotlyjs().replace("</script", "<\\/script")), "src": None}
+    if mode == "cdn":
+        return {"inline": None, "src": f"https://cdn.plot.ly/plotly-{get_plotlyjs_version()}.min.js"}
+    return {"inline": None, "src": PLOTLYJS_FILE}
+
+
+def _figures(figs) -> list[dict]:
+    return [{"id": f.id, "title": f.title, "caption": f.caption, "wide": f.id in _WIDE,
+             "json": _json_for_script(f.spec)} for f in figs]
+
+
+_WIDE = {"dead-per-site", "pre-max", "compare-sites", "compare-history"}  # full-width figures
+
+
+def _site_rows(data) -> list[dict]:
+    rows = []
+    for i, s in enumerate(data.summary["sites"], 1):
+        pct = 100.0 * s["dead"] / s["neurons"] if s["neurons"] else 0.0
+        rows.append({**s, "index": i, "dead_pct": pct})
+    return rows
+
+
+def _header(summary: dict, source: str) -> dict:
+    ck = summary.get("checkpoint") or {}
+    data = dict(summary.get("data") or {})
+    extra = {k: v for k, v in data.items() if k not in ("name", "split", "samples") and v not in (None, "")}
+    return {
+        "checkpoint": ck, "data": data, "data_extra": extra, "device": summary.get("device"),
+        "deadscan_version": summary.get("deadscan_version"), "torch_version": summary.get("torch_version"),
+        "created": summary.get("created"), "elapsed": summary.get("elapsed_seconds"),
+        "command": summary.get("command") or "", "source": source,
+    }
+
+
+def _strip_info(summary: dict) -> dict | None:
+    hist = summary.get("history") or []
+    if not hist:
+        return None
+    base = summary.get("baseline") or {}
+    bh = base.get("history") or []
+    revived_ever = set()
+    for row in hist:
+        for name, idx in (row.get("revived_neurons") or {}).items():
+            revived_ever.update((name, int(i)) for i in idx)
+    cfg = summary.get("config") or {}
+    return {
+        "epochs": len([r for r in hist if r.get("train_loss") is not None]) or cfg.get("epochs", 0),
+        "first_dead": hist[0].get("dead"), "last_dead": hist[-1].get("dead"),
+        "revived": len(revived_ever), "test_acc": (summary.get("test") or {}).get("acc"),
+        "baseline_test_acc": (base.get("test") or {}).get("acc") if base else None,
+        "baseline_dead": bh[-1].get("dead") if bh else None,
+        "baseline_active": bh[-1].get("active_percent") if bh else None,
+        "config": cfg, "compact": summary.get("compact"),
+    }
+
+
+def render_report(data, *, plotlyjs: str = "inline") -> str:
+    """report.html for one run (a :class:`deadscan.reportdata.ReportData`, live or from stats.h5)."""
+    from .figures import report_figures
+
+    s = data.summary
+    t = s["totals"]
+    ctx = {
+        "title": _title(s), "h": _header(s, data.source), "t": t, "sites": _site_rows(data),
+        "dead_pct": 100.0 * t["dead"] / t["neurons"] if t["neurons"] else 0.0,
+        "no_feeding": [x for x in s["sites"] if not x.get("feeding_layer")], "opaque": s.get("opaque") or [],
+        "definitions": s.get("definitions") or DEFINITIONS, "figures": _figures(report_figures(data)),
+        "strip": _strip_info(s), "plotly": _plotly_tag(plotlyjs), "rendered": _rendered(data.source),
+    }
+    return _env().get_template("report.html.j2").render(**ctx)
+
+
+def _title(summary: dict) -> str:
+    path = (summary.get("checkpoint") or {}).get("path") or "model"
+    return Path(path).name
+
+
+def _rendered(source: str) -> str:
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return f"re-rendered from {source} by deadscan {__version__} on {now}" if source else ""
+
+
+def _write_html(html: str, path: Path, plotlyjs: str) -> Path:
+    write_text_atomic(path, html)
+    if plotlyjs == "directory":
+        from plotly.offline import get_plotlyjs
+
+        write_text_atomic(path.parent / PLOTLYJS_FILE, get_plotlyjs())
+    return path
+
+
+def write_report(data, out_dir: str | Path, *, plotlyjs: str = "inline", name: str = "report.html") -> Path:
+    return _write_html(render_report(data, plotlyjs=plotlyjs), Path(out_dir) / name, plotlyjs)
+
+
+def write_outputs(data, out_dir: str | Path, *, plotlyjs: str = "inline") -> dict[str, Path]:
+    """stats.h5 and report.html for a run (summary.json is written by :func:`write_summary`)."""
+    from .stats_h5 import write_stats
+
+    out_dir = Path(out_dir)
+    stats = write_stats(data, out_dir / "stats.h5")
+    return {"stats": stats, "report": write_report(data, out_dir, plotlyjs=plotlyjs)}
+
+
+def rerender(stats_path: str | Path, out_dir: str | Path | None = None, *, plotlyjs: str = "inline") -> Path:
+    """``deadscan report``: report.html from a stats.h5 alone (no model, no data)."""
+    from .stats_h5 import read_stats
+
+    data = read_stats(stats_path)
+    return write_report(data, Path(stats_path).parent if out_dir is None else out_dir, plotlyjs=plotlyjs)
+
+
+# ---------------------------------------------------------------------------------------------
+# compare.html
+
+
+def compare_rows(a, b) -> tuple[list[dict], list[str], list[str]]:
+    """Per-site rows of sites in both runs (A's order), and names only in A / only in B."""
+    from .figures import matched_sites
+
+    rows = []
+    for i, (sa, sb) in enumerate(matched_sites(a, b), 1):
+        ia, ib = sa.info, sb.info
+        pa = 100.0 * ia["dead"] / ia["neurons"] if ia["neurons"] else 0.0
+        pb = 100.0 * ib["dead"] / ib["neurons"] if ib["neurons"] else 0.0
+        aa, ab = ia.get("active_percent"), ib.get("active_percent")
+        rows.append({"index": i, "name": sa.name, "neurons_a": ia["neurons"], "neurons_b": ib["neurons"],
+                     "dead_a": ia["dead"], "dead_b": ib["dead"], "dead_delta": ib["dead"] - ia["dead"],
+                     "dead_pct_a": pa, "dead_pct_b": pb, "active_a": aa, "active_b": ab,
+                     "active_delta": None if aa is None or ab is None else ab - aa})
+    na, nb = {s.name for s in a.sites}, {s.name for s in b.sites}
+    return rows, [s.name for s in a.sites if s.name not in nb], [s.name for s in b.sites if s.name not in na]
+
+
+def _totals_rows(a: dict, b: dict) -> list[dict]:
+    ta, tb = a["totals"], b["totals"]
+
+    def pct(t):
+        return 100.0 * t["dead"] / t["neurons"] if t["neurons"] else 0.0
+
+    rows = [("sites", ta["sites"], tb["sites"], "int"), ("neurons", ta["neurons"], tb["neurons"], "int"),
+            ("dead", ta["dead"], tb["dead"], "int"), ("dead %", pct(ta), pct(tb), "pct"),
+            ("provably dead", ta["provably_dead"], tb["provably_dead"], "int"),
+            ("dormant", ta["dormant"], tb["dormant"], "int"),
+            ("%A (hidden params)", ta["active_percent"], tb["active_percent"], "pct"),
+            ("%A (feeding weights)", ta["active_percent_feeding_weights"], tb["active_percent_feeding_weights"], "pct"),
+            ("pruned weights", ta["pruned_weights"], tb["pruned_weights"], "int")]
+    acc_a, acc_b = (a.get("test") or {}).get("acc"), (b.get("test") or {}).get("acc")
+    if acc_a is not None or acc_b is not None:
+        rows.append(("test accuracy (%)", acc_a, acc_b, "pct"))
+    return [{"label": lab, "a": va, "b": vb, "fmt": fmt,
+             "delta": None if va is None or vb is None else vb - va} for lab, va, vb, fmt in rows]
+
+
+def render_compare(a, b, *, plotlyjs: str = "inline", labels: tuple[str, str] = ("A", "B")) -> str:
+    from .figures import compare_figures
+
+    rows, only_a, only_b = compare_rows(a, b)
+    ctx = {
+        "title": f"{_title(a.summary)} vs {_title(b.summary)}", "la": labels[0], "lb": labels[1],
+        "ha": _header(a.summary, a.source), "hb": _header(b.summary, b.source),
+        "totals": _totals_rows(a.summary, b.summary), "rows": rows, "only_a": only_a, "only_b": only_b,
+        "figures": _figures(compare_figures(a, b, *labels)), "plotly": _plotly_tag(plotlyjs),
+        "definitions": a.summary.get("definitions") or DEFINITIONS,
+        "rendered": f"rendered by deadscan {__version__} on "
+                    f"{_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}",
+    }
+    return _env().get_template("compare.html.j2").render(**ctx)
+
+
+def compare(stats_a: str | Path, stats_b: str | Path, out_dir: str | Path, *, plotlyjs: str = "inline",
+            name: str = "compare.html") -> Path:
+    """``deadscan compare``: a side-by-side report of two stats.h5 files."""
+    from .stats_h5 import read_stats
+
+    a, b = read_stats(stats_a), read_stats(stats_b)
+    return _write_html(render_compare(a, b, plotlyjs=plotlyjs), Path(out_dir) / name, plotlyjs)

@@ -1,0 +1,211 @@
+"""stats.h5: every number a report needs, readable with h5py alone (layout in the README).
+
+::
+
+    /                       attrs: schema_version, deadscan_version, torch_version, created, kind
+                            (inspect | strip), command, config (JSON), checkpoint_sha256
+    /summary                scalar string: summary.json's content (JSON)
+    /sites/0000, 0001, ...  one group per site, in model order; attrs: name, feeding_layer,
+                            consumer_layer, kind, call, layer_kind, neurons, elements, strippable,
+                            note, dead, provably_dead, dormant, hidden_params, inactive_params,
+                            active_percent (NaN: none)
+        sum                 float64 (neurons,)  sum of outputs over the scanned data
+        active              int64   (neurons,)  elements with output > 0
+        frequency           float64 (neurons,)  active / elements
+        max                 float32 (neurons,)  max output
+        pre_max             float32 (neurons,)  max pre-activation (<= 0 for a dead neuron)
+        dead, provably_dead, dormant  bool (neurons,)
+        score               float64 (neurons,)  ReDo score
+        mean_input          float32 (fan_in,)   feeding layer's mean input (when recorded)
+        weight_hist/        edges (bins+1,), dead, healthy (bins,): incoming weights' bin counts
+        revived_hist/       edges, before, after: revived neurons' incoming weights (strip runs)
+    /weight_hist, /revived_hist   the same pooled over all sites (shared edges)
+    /masks/0000, ...        bool, the feeding layer's weight shape; attr layer; True = pruned
+    /history/stripped       resizable (maxshape None) table, one row per epoch
+    /history/baseline       the same for --baseline
+
+Per-neuron datasets are gzip-compressed. Strings are UTF-8.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .checkpoint import atomic_path
+from .errors import DataError
+from .reportdata import Hist, ReportData, SiteData
+
+SCHEMA_VERSION = 1
+HISTORY_FIELDS = (  # (name, dtype); None in a row is stored as NaN (floats) or -1 (ints)
+    ("epoch", "i8"), ("dead", "i8"), ("revived", "i8"), ("died", "i8"), ("pruned_weights", "i8"),
+    ("pruned_this_epoch", "i8"), ("active_percent", "f8"), ("active_percent_feeding_weights", "f8"),
+    ("train_loss", "f8"), ("val_loss", "f8"), ("val_acc", "f8"), ("test_acc", "f8"), ("seconds", "f8"),
+)
+SITE_ATTRS = ("name", "feeding_layer", "consumer_layer", "kind", "call", "layer_kind", "neurons", "dead",
+              "provably_dead", "dormant", "strippable", "hidden_params", "inactive_params", "active_percent", "note")
+_GZ = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+
+
+def write_stats(data: ReportData, path: str | Path) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    import h5py
+
+    path = Path(path)
+    s = data.summary
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:  # closed before the rename
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["deadscan_version"] = str(s.get("deadscan_version", __version__))
+        f.attrs["torch_version"] = str(s.get("torch_version", ""))
+        f.attrs["created"] = str(s.get("created", ""))
+        f.attrs["kind"] = "strip" if data.is_strip else "inspect"
+        f.attrs["command"] = str(s.get("command") or "")
+        f.attrs["config"] = json.dumps(_config(s))
+        f.attrs["checkpoint_sha256"] = str((s.get("checkpoint") or {}).get("sha256") or "")
+        f.create_dataset("summary", data=json.dumps(s), dtype=h5py.string_dtype())
+        sites = f.create_group("sites", track_order=True)
+        for i, site in enumerate(data.sites):
+            g = sites.create_group(f"{i:04d}")
+            for k in SITE_ATTRS:
+                g.attrs[k] = _attr(site.info.get(k))
+            g.attrs["elements"] = site.elements
+            arrays = {"sum": site.out_sum, "active": site.active, "frequency": site.frequency,
+                      "max": site.out_max.astype(np.float32), "pre_max": site.pre_max, "dead": site.dead,
+                      "provably_dead": site.provably_dead, "dormant": site.dormant, "score": site.score}
+            if site.mean_input is not None:
+                arrays["mean_input"] = site.mean_input
+            for k, v in arrays.items():
+                _dataset(g, k, np.asarray(v))
+            if site.weights is not None:
+                _write_hist(g, "weight_hist", site.weights)
+            if site.revived is not None:
+                _write_hist(g, "revived_hist", site.revived)
+        if data.weights_pooled is not None:
+            _write_hist(f, "weight_hist", data.weights_pooled)
+        if data.revived_pooled is not None:
+            _write_hist(f, "revived_hist", data.revived_pooled)
+        if data.masks:
+            m = f.create_group("masks", track_order=True)
+            for i, (layer, mask) in enumerate(data.masks.items()):
+                d = m.create_dataset(f"{i:04d}", data=np.asarray(mask, dtype=bool), chunks=True, **_GZ)
+                d.attrs["layer"] = layer
+        h = f.create_group("history")
+        if s.get("history"):
+            _write_history(h, "stripped", s["history"])
+        if (s.get("baseline") or {}).get("history"):
+            _write_history(h, "baseline", s["baseline"]["history"])
+    return path
+
+
+def _config(s: dict) -> dict:
+    if s.get("config"):
+        return s["config"]
+    t = s.get("totals") or {}
+    return {"tau": t.get("tau"), "data": s.get("data")}
+
+
+def _attr(v):
+    if v is None:
+        return ""  # HDF5 attributes have no null; the summary JSON keeps the None
+    if isinstance(v, float) and math.isnan(v):
+        return np.nan
+    if isinstance(v, str):
+        return str(v)  # plain str: numpy would store a str subclass as fixed-width unicode
+    return v
+
+
+def _dataset(g, name: str, v: np.ndarray) -> None:
+    if v.size:
+        g.create_dataset(name, data=v, chunks=True, **_GZ)
+    else:
+        g.create_dataset(name, data=v)
+
+
+def _write_hist(parent, name: str, h: Hist) -> None:
+    g = parent.create_group(name)
+    g.create_dataset("edges", data=np.asarray(h.edges, dtype=np.float64))
+    for k, v in h.series.items():
+        g.create_dataset(k, data=np.asarray(v, dtype=np.int64))
+    g.attrs["series"] = json.dumps(list(h.series))
+    for k, v in h.attrs.items():
+        g.attrs[k] = _attr(v)
+
+
+def _write_history(parent, name: str, rows: list[dict]) -> None:
+    dtype = np.dtype(list(HISTORY_FIELDS))
+    table = np.zeros(len(rows), dtype=dtype)
+    for i, row in enumerate(rows):
+        for k, t in HISTORY_FIELDS:
+            v = row.get(k)
+            table[i][k] = (np.nan if t == "f8" else -1) if v is None else v
+    d = parent.create_dataset(name, data=table, maxshape=(None,), chunks=True)
+    d.attrs["none"] = "NaN in float columns, -1 in integer columns"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_stats(path: str | Path, *, masks: bool = False) -> ReportData:
+    """Read a stats.h5 written by :func:`write_stats` (``masks=True`` also loads the masks)."""
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise DataError(f"{path}: not an HDF5 file; pass a stats.h5 written by deadscan inspect or strip") from None
+    try:
+        with f:
+            return _read(f, path, masks)
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: damaged or incomplete stats.h5 ({type(e).__name__}: {e})") from None
+
+
+def _read(f, path: Path, masks: bool) -> ReportData:
+    if "summary" not in f or "sites" not in f or "schema_version" not in f.attrs:
+        raise DataError(f"{path}: not a deadscan stats.h5 (no /summary or /sites); "
+                        "pass a stats.h5 written by deadscan inspect or strip")
+    version = int(f.attrs["schema_version"])
+    if version > SCHEMA_VERSION:
+        raise DataError(f"{path}: stats.h5 schema {version} is newer than this deadscan reads "
+                        f"({SCHEMA_VERSION}); upgrade deadscan")
+    raw = f["summary"][()]
+    summary = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    rows = {s["name"]: s for s in summary.get("sites", [])}
+    sites = []
+    for key in sorted(f["sites"]):
+        g = f["sites"][key]
+        name = _str(g.attrs["name"])
+        info = rows.get(name) or {k: _str(g.attrs[k]) for k in SITE_ATTRS if k in g.attrs}
+        sites.append(SiteData(
+            info=info, out_sum=g["sum"][()], active=g["active"][()], elements=int(g.attrs["elements"]),
+            pre_max=g["pre_max"][()], provably_dead=g["provably_dead"][()], dormant=g["dormant"][()],
+            score=g["score"][()], mean_input=g["mean_input"][()] if "mean_input" in g else None,
+            weights=_read_hist(g, "weight_hist"), revived=_read_hist(g, "revived_hist")))
+    loaded_masks = {}
+    if masks and "masks" in f:
+        for key in sorted(f["masks"]):
+            d = f["masks"][key]
+            loaded_masks[_str(d.attrs["layer"])] = d[()]
+    return ReportData(summary, sites, _read_hist(f, "weight_hist"), _read_hist(f, "revived_hist"),
+                      loaded_masks, source=str(path))
+
+
+def _str(v):
+    return v.decode("utf-8") if isinstance(v, bytes) else v
+
+
+def _read_hist(parent, name: str) -> Hist | None:
+    if name not in parent:
+        return None
+    g = parent[name]
+    series = json.loads(_str(g.attrs["series"]))
+    attrs = {k: (v.item() if hasattr(v, "item") else _str(v)) for k, v in g.attrs.items() if k != "series"}
+    return Hist(g["edges"][()], {k: g[k][()] for k in series}, attrs)
