@@ -60,10 +60,17 @@ class SiteStats:
             )
         if y is None:
             y = _act(self.site.activation, x, inplace=False)
-        self.sum += y.sum(dims, dtype=torch.float64)  # float64: shards and batch sizes agree
-        self.active += (x > 0).sum(dims)
+        per_neuron = x.numel() // n  # known from the shape: no sync
+        # Per-batch sums in float32 (a float64 reduction copies the whole activation on CPU), added
+        # into a float64 total. Counts: sign(y) is exactly 0 or 1 and a float32 sum of it is exact below
+        # 2**24 elements per neuron; it is several times cheaper on CPU than summing a bool mask.
+        self.sum += y.sum(dims, dtype=torch.float32)
+        if per_neuron < 2**24:
+            self.active += torch.sign(y).sum(dims, dtype=torch.float32).long()
+        else:
+            self.active += (x > 0).sum(dims, dtype=torch.int64)
         torch.maximum(self.pre_max, x.amax(dims).float(), out=self.pre_max)
-        self.elements += x.numel() // n
+        self.elements += per_neuron
         self.calls += 1
 
 
