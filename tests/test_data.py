@@ -19,6 +19,9 @@ from PIL import Image
 from torch import nn
 
 from deadscan import data as D
+from deadscan.data import dataset as data_dataset
+from deadscan.data import images as data_images
+from deadscan.data import sources as data_sources
 from deadscan.data import (AutoAugment, Dataset, check_fits, load_data, random_crop_flip, read_cifar_batch,
                            split_indices)
 from deadscan.errors import DataError
@@ -423,7 +426,7 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
         def __init__(self, *a, **k):
             print("Downloading https://example.invalid/cifar.tar.gz")
             raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
-    monkeypatch.setattr(D, "_tv_class", lambda name: Offline)
+    monkeypatch.setattr(data_sources, "_tv_class", lambda name: Offline)
     with pytest.raises(DataError) as e:
         load_data("cifar10", "val", root=tmp_path, download=True)
     assert "cannot download cifar10" in str(e.value) and "name resolution" in str(e.value)
@@ -670,8 +673,8 @@ def test_batches_in_order_match_prepare(tmp_path):
 def test_streamed_image_files(tmp_path, monkeypatch):
     write_folder(tmp_path / "imgs", per=10)
     resident = load_data(f"imagefolder:{tmp_path / 'imgs'}", "all")
-    monkeypatch.setattr(D, "HOST_BYTES_LIMIT", 0)  # too big for memory: decode batch by batch
-    monkeypatch.setattr(D, "STREAM_WORKERS", 2)
+    monkeypatch.setattr(data_images, "HOST_BYTES_LIMIT", 0)  # too big for memory: decode batch by batch
+    monkeypatch.setattr(data_dataset, "STREAM_WORKERS", 2)
     lazy = load_data(f"imagefolder:{tmp_path / 'imgs'}", "all")
     assert isinstance(lazy.x, D.LazyImages) and lazy.x.shape == resident.x.shape and len(lazy) == 30
     assert torch.equal(torch.cat(list(lazy.batches(8, "cpu"))), torch.cat(list(resident.batches(8, "cpu"))))

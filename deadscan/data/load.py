@@ -1,0 +1,202 @@
+"""``load_data``: a spec and a split in, a Dataset out; seeded splits and normalisation."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..defaults import DEFAULTS
+from ..errors import DataError
+from .dataset import Dataset
+from .images import _imagefolder, _tiny_imagenet
+from .presets import ALIASES, AUGMENT_DEFAULTS, AUTOAUGMENT_POLICY, CORRUPTED, LUMA, NAMES, NORMALISATION, SPLITS
+from .sources import _Adapt, _Source, _arrays_source, _cifar, _corrupted, _fake, _mnist, _svhn, default_root
+
+
+def load_data(spec: str, split: str = DEFAULTS.split, *, root: str | os.PathLike | None = None,
+              download: bool = False, limit: int | None = None, seed: int = DEFAULTS.seed,
+              val_fraction: float = DEFAULTS.val_fraction, mean=None, std=None, resize: int | None = None,
+              channels: int | None = None, corruption: str | None = None, severity=None) -> Dataset:
+    """Load one split of a dataset named by ``spec`` (a name, ``imagefolder:PATH``, ``fake:...`` or a file).
+
+    ``mean``/``std``: per-channel values (a sequence, or a comma-separated string; one value applies to
+    every channel) replacing the dataset's preset. ``resize``: N for N x N images. ``channels``: 1 or 3.
+    ``corruption``/``severity``: for cifar10-c / cifar100-c (comma-separated lists, default all).
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"--val-fraction {val_fraction} must be at least 0 and below 1")
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit {limit} must be at least 1")
+    root = Path(root).expanduser() if root else default_root()
+    kind, arg = parse_spec(spec)
+    adapt = _Adapt(_positive(resize, "--resize"), _channel_count(channels))
+    if kind not in CORRUPTED and (corruption is not None or severity is not None):
+        raise DataError("--corruption and --severity apply to cifar10-c and cifar100-c only")
+    if kind == "digits":
+        src = _arrays_source("digits", resource_path("sample_models", "digits.npz"), adapt, kind="digits")
+    elif kind in ("cifar10", "cifar100"):
+        src = _cifar(kind, root, download, adapt)
+    elif kind == "svhn":
+        src = _svhn(root, download, adapt)
+    elif kind in ("mnist", "fashion-mnist"):
+        src = _mnist(kind, root, download, adapt)
+    elif kind == "tiny-imagenet":
+        src = _tiny_imagenet(root, download, adapt)
+    elif kind in CORRUPTED:
+        src = _corrupted(kind, root, download, adapt, corruption, severity)
+    elif kind == "imagefolder":
+        src = _imagefolder(arg, adapt)
+    elif kind == "fake":
+        src = _fake(arg, adapt)
+    else:
+        src = _arrays_source(str(spec), Path(arg).expanduser(), adapt)
+    ds = _build(src, spec, split, seed, val_fraction, limit)
+    ds.mean, ds.std = _normalisation(NORMALISATION.get(src.kind), mean, std, ds)
+    ds.info.update({k: v for k, v in (("resize", adapt.resize), ("channels", adapt.channels)) if v})
+    return ds
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """(kind, argument) of a --data spec; names win over files (write ./NAME for a file called like one)."""
+    text = str(spec).strip()
+    low = text.lower()
+    name = ALIASES.get(low, low)
+    if name in NAMES:
+        return name, None
+    for prefix in ("imagefolder:", "fake:"):
+        if low.startswith(prefix):
+            return prefix[:-1], text[len(prefix):]
+    path = Path(text).expanduser()
+    if path.suffix.lower() in (".npz", ".h5", ".hdf5"):
+        return "arrays", text
+    if path.is_dir():
+        return "imagefolder", text
+    if path.exists():
+        return "arrays", text
+    raise DataError(f"unknown --data {spec!r}: use {', '.join(n for n in NAMES if n != 'fake')}, "
+                    "fake[:CxHxW[:CLASSES[:N]]], imagefolder:PATH, or a .npz/.h5 file")
+
+
+def _build(src: _Source, spec, split: str, seed: int, val_fraction: float, limit: int | None) -> Dataset:
+    test_fraction = None
+    if src.test_only:
+        if split in ("train", "val"):
+            raise DataError(f"--data {spec} is a test-only set (no training images to hold out from): "
+                            "use --split test")
+        pool = src.train()
+        idx = np.arange(len(pool.y))
+        val_fraction = None
+    elif src.test is not None and split == "test":
+        pool = src.test()
+        idx = np.arange(len(pool.y))
+    elif src.test is not None:
+        pool = src.train()
+        idx = split_indices(len(pool.y), split, seed, val_fraction, has_test=True)
+    else:
+        pool = src.train()
+        test_fraction = DEFAULTS.test_fraction
+        idx = split_indices(len(pool.y), split, seed, val_fraction, test_fraction)
+    if limit is not None:
+        idx = idx[:limit]
+    if len(idx) == 0:
+        raise DataError(f"--data {spec} split {split!r} is empty ({len(pool.y)} samples in {src.location}); "
+                        "check the files, --split and --val-fraction")
+    y = pool.y[idx]
+    if y.min() < 0:
+        raise DataError(f"{src.location}: labels must be 0 or more, found {int(y.min())}")
+    return Dataset(src.name, split, pool.take(idx), torch.from_numpy(y.astype(np.int64)), None, None, seed,
+                   val_fraction, test_fraction, idx, src.num_classes, src.location, dict(src.info),
+                   AUGMENT_DEFAULTS.get(src.kind, "none"), AUTOAUGMENT_POLICY.get(src.kind, "cifar10"))
+
+
+def split_indices(n: int, split: str, seed: int, val_fraction: float = DEFAULTS.val_fraction,
+                  test_fraction: float = DEFAULTS.test_fraction, has_test: bool = False) -> np.ndarray:
+    """Seeded split of ``n`` samples: the same indices every run for the same seed.
+
+    Without a separate test set (``has_test=False``) the data is cut 80/10/10 train/val/test;
+    with one, the training set is cut 90/10 train/val.
+    """
+    if split == "all":
+        return np.arange(n)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = 0 if has_test else int(round(n * test_fraction))
+    n_val = int(round(n * val_fraction))
+    parts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
+    return np.sort(parts[split])
+
+
+def resource_path(folder: str, name: str) -> Path:
+    """A file shipped with deadscan: inside the installed package, or the source checkout."""
+    from importlib import resources
+
+    try:
+        p = Path(str(resources.files(f"deadscan.{folder}") / name))
+        if p.exists():
+            return p
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parents[2] / folder / name  # deadscan/data/load.py -> the checkout
+
+
+def _positive(value, flag: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        v = 0
+    if v < 1:
+        raise DataError(f"{flag} {value!r} must be a positive whole number")
+    return v
+
+
+def _channel_count(value) -> int | None:
+    if value is None:
+        return None
+    if str(value).strip() not in ("1", "3"):
+        raise DataError(f"--channels {value!r}: use 1 (greyscale) or 3 (RGB)")
+    return int(value)
+
+
+def _floats(value, flag: str) -> tuple[float, ...]:
+    parts = value.replace(",", " ").split() if isinstance(value, str) else list(np.atleast_1d(value))
+    try:
+        out = tuple(float(v) for v in parts)
+    except (TypeError, ValueError):
+        out = ()
+    if not out or not all(math.isfinite(v) for v in out):
+        raise DataError(f"{flag} {value!r}: give numbers separated by commas, e.g. 0.5,0.5,0.5")
+    return out
+
+
+def _normalisation(preset, mean, std, ds: Dataset) -> tuple[tuple | None, tuple | None]:
+    """The (mean, std) to use: --mean/--std, else the preset adapted to the data's channel count."""
+    c = int(ds.x.shape[1]) if len(ds.x.shape) >= 2 else 1
+    if mean is None and std is None:
+        if preset is None:
+            return None, None
+        m, s = preset
+        if len(m) == c:
+            return tuple(m), tuple(s)
+        if len(m) == 1:
+            return tuple(m) * c, tuple(s) * c
+        if len(m) == 3 and c == 1:  # greyscale made from RGB: the luma-weighted preset (approximate)
+            return ((round(sum(w * v for w, v in zip(LUMA, m)), 4),),
+                    (round(sum(w * v for w, v in zip(LUMA, s)), 4),))
+        return None, None
+    if mean is None or std is None:
+        raise DataError("give both --mean and --std (or neither, for the dataset's preset)")
+    m, s = _floats(mean, "--mean"), _floats(std, "--std")
+    for values, flag in ((m, "--mean"), (s, "--std")):
+        if len(values) not in (1, c):
+            raise DataError(f"{flag} has {len(values)} values but --data {ds.name} has {c} channels: "
+                            f"give 1 or {c}")
+    if any(v <= 0 for v in s):
+        raise DataError(f"--std {std!r}: every value must be above 0")
+    return (m * c if len(m) == 1 else m), (s * c if len(s) == 1 else s)
