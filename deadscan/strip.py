@@ -15,6 +15,8 @@ Decisions (README "The strip step"):
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,14 +59,22 @@ def strip_layer(weight: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, ra
     taken = mask[rows].flatten(1)
     remaining = (~taken).sum(1)
     candidate = (w < 0) & ~taken
-    k = torch.clamp((remaining.float() * rate).floor().long(), min=1)
-    k = torch.minimum(k, candidate.sum(1))
+    n_candidates = candidate.sum(1)
+    # float64, as Python computes floor(rate * remaining); capped by the negative weights left
+    k = torch.minimum(torch.clamp((remaining.double() * rate).floor().long(), min=1), n_candidates)
+    # A partial selection instead of a full sort: the k-th most negative value per row (topk up to an
+    # upper bound of k known on the host, so no sync), everything below it, and at it the lowest indices.
+    cols = w.shape[1]
+    kmax = min(cols, max(1, math.floor(rate * cols)))
     vals = torch.where(candidate, w, torch.full_like(w, torch.inf))
-    order = vals.argsort(dim=1, stable=True)  # most negative first, ties by index
-    chosen = torch.arange(w.shape[1], device=w.device)[None, :] < k[:, None]
-    new = torch.zeros_like(taken).scatter_(1, order, chosen)
+    top = torch.topk(vals, kmax, dim=1, largest=False, sorted=True).values
+    threshold = top.gather(1, (k - 1).clamp(min=0)[:, None])
+    below = vals < threshold
+    at = vals == threshold
+    need = k[:, None] - below.sum(1, keepdim=True)
+    new = (below | (at & (at.cumsum(1) <= need))) & candidate & (k[:, None] > 0)
     mask[rows] |= new.view_as(mask[rows])
-    return k, int((candidate.sum(1) == 0).sum())
+    return k, int((n_candidates == 0).sum())
 
 
 class Masks:
