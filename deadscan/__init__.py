@@ -12,9 +12,10 @@ from .trace import Site, SiteMap, find_sites  # noqa: E402
 from .zoo import build  # noqa: E402
 
 
-def load(path, arch=None, *, trust_pickle=False):
-    """Load a checkpoint into a model (CPU, eval mode). ``arch`` for plain state dicts."""
-    return load_checkpoint(path, arch, trust_pickle=trust_pickle).model
+def load(path, arch=None, *, trust_pickle=False, allow_globals=()):
+    """Load a checkpoint into a model (CPU, eval mode). ``arch`` for plain state dicts; ``allow_globals``:
+    names a pickle may import (see ``deadscan inspect --list-globals FILE``)."""
+    return load_checkpoint(path, arch, trust_pickle=trust_pickle, allow_globals=allow_globals).model
 
 
 __all__ = [

@@ -6,31 +6,45 @@ Formats, by what the file holds (never by its extension):
 - ``torch-zip``: ``torch.save`` zip archive (``*/data.pkl``); loaded with ``weights_only=True``.
 - ``torch-legacy``: a bare pickle (old ``torch.save`` or ``pickle.dump``); ``weights_only=True``.
 - ``torchscript`` / ``pt2``: archives that carry code; refused unless the caller trusts them.
+
+Untrusted bytes are checked before anything is allocated from what they declare: the safetensors
+header length (every tensor's shape against its byte span: the safetensors library), zip members'
+declared sizes, legacy pickles' declared storage sizes, compacted widths against the file's own
+tensors, and an architecture named in a file's metadata (built on the meta device first, and stopped
+as soon as it registers far more tensors or elements than the file holds). :func:`list_globals` says
+what a pickle would import by reading its opcodes, without importing or running anything;
+``allow_globals`` lets named ones through ``torch.serialization.safe_globals``.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import hashlib
 import json
 import os
+import pickletools
 import struct
 import tempfile
+import warnings
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .defaults import DEFAULTS
-from .errors import ArchError, CheckpointError, OutputError
+from .errors import ArchError, CheckpointError, DeadscanWarning, OutputError
 from .zoo import SHAPES_KEY, ArchSpec, apply_shapes, build, parse_spec
 
 ARCH_KEY = "deadscan_arch"  # safetensors metadata key holding the arch spec
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
 PREFIXES = ("module.", "model.", "_orig_mod.")
 TRUST_FLAG = "--trust-pickle"
+ZIP_MAX_RATIO = 1100  # deflate never expands data more than ~1032 times
+ALLOW_FLAG = "--allow-global"
+MAX_METADATA_CHARS = 1 << 20  # longest arch spec / shapes text read from a file's metadata
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,7 @@ class CheckpointInfo:
     sha256: str
     format: str
     arch: str | None  # spec string, None for a pickled module
+    nonfinite: tuple[str, ...] = ()  # layers holding NaN or Inf weights (a warning, not an error)
 
 
 @dataclass
@@ -58,6 +73,8 @@ def detect_format(path: str | os.PathLike) -> str:
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    if not path.is_file():  # a FIFO would block the read, a device never ends
+        raise CheckpointError(f"{path}: not a regular file (a pipe, socket or device); give a checkpoint file")
     try:
         with open(path, "rb") as f:
             head = f.read(16)
@@ -67,25 +84,37 @@ def detect_format(path: str | os.PathLike) -> str:
     if size == 0:
         raise CheckpointError(f"{path}: file is empty")
     if head[:4] == b"PK\x03\x04":
-        return _zip_kind(path)
+        return _zip_kind(path, size)
     if head[:1] == b"\x80":  # pickle protocol >= 2
         return "torch-legacy"
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n <= min(size - 8, DEFAULTS.max_header_bytes) and head[8:9] == b"{":
             return "safetensors"
+        if head[8:9] == b"{" and n > min(size - 8, DEFAULTS.max_header_bytes):
+            limit = (f"the file holds {size - 8}" if n > size - 8
+                     else f"deadscan reads at most {DEFAULTS.max_header_bytes}")
+            raise CheckpointError(f"{path}: damaged safetensors file (its header claims {n} bytes; {limit}); "
+                                  "nothing was read from it")
     raise CheckpointError(
         f"{path}: not a checkpoint deadscan can read (first bytes {head[:8].hex()}); "
         "expected safetensors or a torch.save file"
     )
 
 
-def _zip_kind(path: Path) -> str:
+def _zip_kind(path: Path, size: int | None = None) -> str:
     try:
         with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: damaged zip archive ({e})") from None
+            infos = z.infolist()
+    except Exception as e:  # zipfile raises BadZipFile, OSError, ValueError, struct.error... on crafted bytes
+        raise CheckpointError(f"{path}: damaged zip archive ({_one_line(e) or type(e).__name__})") from None
+    size = path.stat().st_size if size is None else size
+    for info in infos:  # torch's reader allocates what a member declares: check it against the file first
+        limit = size if info.compress_type == zipfile.ZIP_STORED else ZIP_MAX_RATIO * max(info.compress_size, 1)
+        if info.file_size > limit:
+            raise CheckpointError(f"{path}: damaged zip archive (member {info.filename} declares "
+                                  f"{info.file_size} bytes, more than the {size}-byte file can hold)")
+    names = [i.filename for i in infos]
     leaves = {n.split("/", 1)[-1] for n in names}
     if any(n.endswith("serialized_exported_program.json") or n.endswith("archive_format") for n in names):
         return "pt2"
@@ -108,14 +137,29 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def load_checkpoint(path: str | os.PathLike, arch: str | None = None, *, trust_pickle: bool = False) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, arch: str | None = None, *, trust_pickle: bool = False,
+                    allow_globals: tuple[str, ...] | list[str] = ()) -> Checkpoint:
     """Load ``path`` into a model (CPU, eval mode).
 
     ``arch`` is needed for state dicts that do not carry a deadscan spec in their metadata.
     ``trust_pickle=True`` allows full pickled modules and TorchScript, which run code from the file.
+    ``allow_globals``: names (``module.Class``, as :func:`list_globals` shows them) the pickle may
+    import; each is imported here, by the caller's choice, and may build objects of its kind.
+    Weights holding NaN or Inf are loaded, named in ``info.nonfinite`` and warned about.
     """
     path = Path(path)
     fmt = detect_format(path)
+    ck = _load(path, fmt, arch, trust_pickle, tuple(allow_globals))
+    bad = nonfinite_layers(ck.model)
+    if bad:
+        ck.info = CheckpointInfo(ck.info.path, ck.info.sha256, ck.info.format, ck.info.arch, tuple(bad))
+        warnings.warn(DeadscanWarning(
+            f"{path}: NaN or Inf weights in {len(bad)} layer(s): {_few(bad)}; their neurons output NaN, which "
+            "counts as dead, so the figures for those layers are not meaningful"), stacklevel=2)
+    return ck
+
+
+def _load(path: Path, fmt: str, arch: str | None, trust_pickle: bool, allow_globals: tuple[str, ...]) -> Checkpoint:
     metadata: dict[str, str] = {}
     if fmt == "safetensors":
         state, metadata = _load_safetensors(path)
@@ -128,7 +172,9 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None, *, trust_p
         model = _load_code_archive(path, fmt)
         return Checkpoint(model.eval(), CheckpointInfo(str(path), sha256_of(path), fmt, arch))
     else:
-        obj = _torch_load(path, trust_pickle)
+        if fmt == "torch-legacy":
+            _check_legacy_sizes(path)
+        obj = _torch_load(path, trust_pickle, allow_globals)
         if isinstance(obj, nn.Module):
             model = obj.eval()
             if arch is not None:
@@ -137,17 +183,120 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None, *, trust_p
         state = _find_state_dict(obj, path)
 
     spec = _choose_spec(path, arch, metadata)
+    from_file = arch is None  # the file picked the architecture: it must not pick sizes beyond its own tensors
     try:
-        model = build(spec, allow_user_code=arch is not None)
-        if SHAPES_KEY in metadata:  # a compacted model: narrower layers than the spec builds
-            apply_shapes(model, json.loads(metadata[SHAPES_KEY]))
+        shapes = _shapes_from(metadata[SHAPES_KEY], state) if SHAPES_KEY in metadata else None
+        if from_file:  # first on the meta device (nothing allocated), stopped early if it outgrows the file
+            with torch.device("meta"), _size_guard(state):
+                try:
+                    build(spec, allow_user_code=False)
+                except (_TooBig, ArchError):
+                    raise
+                except Exception:  # a builder that needs real tensors (timm's .item()): the guard below still holds
+                    pass
+        with _size_guard(state) if from_file else _no_guard():
+            model = build(spec, allow_user_code=not from_file)
+        if shapes is not None:  # a compacted model: narrower layers than the spec builds (widths from the file)
+            apply_shapes(model, shapes)
+    except _TooBig as e:
+        what = f"its metadata names architecture {spec}" if from_file else f"its {SHAPES_KEY} metadata resizes {spec}"
+        raise CheckpointError(f"{path}: {what}, {e}; damaged or crafted metadata") from None
     except (ArchError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # the builder rejected its arguments (negative widths, wrong types...)
+        what = "its metadata names architecture" if from_file else "--arch"
+        raise CheckpointError(f"{path}: cannot build {what} {spec} ({type(e).__name__}: {_one_line(e)})") from None
     load_into(model, state, path)
     return Checkpoint(model.eval(), CheckpointInfo(str(path), sha256_of(path), fmt, str(spec)))
 
 
+def nonfinite_layers(model: nn.Module) -> list[str]:
+    """Names of the layers (modules) holding a NaN or Inf in a floating-point parameter or buffer."""
+    bad: dict[str, None] = {}
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            try:
+                if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel() \
+                        and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+                    bad[name.rpartition(".")[0] or name] = None
+            except (RuntimeError, NotImplementedError):  # layouts isfinite does not take (a trusted pickle's)
+                continue
+    return list(bad)
+
+
+class _TooBig(Exception):
+    pass
+
+
+@contextmanager
+def _no_guard():
+    yield
+
+
+@contextmanager
+def _size_guard(state: dict[str, torch.Tensor]):
+    """While a file-named architecture is built: stop as soon as it registers far more modules, tensors
+    or elements than the file holds, before a crafted ``width=10**9`` or ``depth=10**8`` allocates or
+    loops. Tensors are registered empty, before their initialisation touches memory. Limits are loose
+    (4x + slack): a mere mismatch is left to :func:`load_into`, which names the keys."""
+    from torch.nn.modules import module as M
+
+    tensors = len(state)
+    elements = sum(int(t.numel()) for t in state.values())
+    max_tensors, max_modules = 4 * tensors + 1000, 4 * tensors + 1000
+    max_elements = 4 * elements + 2**24
+    seen = {"tensors": 0, "modules": 0, "elements": 0}
+
+    def on_tensor(_module, _name, t):
+        if t is None:
+            return None
+        seen["tensors"] += 1
+        seen["elements"] += int(t.numel())
+        if seen["tensors"] > max_tensors or seen["elements"] > max_elements:
+            raise _TooBig(f"which holds more than {seen['tensors']} tensors / {seen['elements']} elements; "
+                          f"the file has {tensors} tensors / {elements} elements")
+        return None
+
+    def on_module(_module, _name, _sub):
+        seen["modules"] += 1
+        if seen["modules"] > max_modules:
+            raise _TooBig(f"which has more than {max_modules} modules for the file's {tensors} tensors")
+        return None
+
+    handles = [M.register_module_parameter_registration_hook(on_tensor),
+               M.register_module_buffer_registration_hook(on_tensor),
+               M.register_module_module_registration_hook(on_module)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _shapes_from(text: str, state: dict[str, torch.Tensor]) -> dict:
+    """The ``deadscan_shapes`` metadata of a compacted model, ``{layer: {"in": n, "out": n}}``, checked against
+    the file's own tensors before any layer is resized (so the widths cannot exceed what the file holds)."""
+    try:
+        shapes = json.loads(text) if len(text) <= MAX_METADATA_CHARS else None
+    except (ValueError, RecursionError):
+        shapes = None
+    ok = isinstance(shapes, dict) and all(
+        isinstance(k, str) and isinstance(v, dict) and set(v) <= {"in", "out"}
+        and all(type(n) is int and n > 0 for n in v.values()) for k, v in shapes.items())
+    if not ok:
+        raise ValueError(f"malformed {SHAPES_KEY} metadata (expected {{layer: {{\"in\": n, \"out\": n}}}})")
+    for layer, size in shapes.items():
+        t = state.get(f"{layer}.weight", state.get(f"{layer}.running_mean"))
+        dims = {"out": 0, "in": 1}
+        if t is None or any(t.ndim <= dims[k] or t.shape[dims[k]] != n for k, n in size.items()
+                            if not (k == "in" and t.ndim == 1)):
+            raise ValueError(f"{SHAPES_KEY} metadata resizes {layer} to {size}, which its tensors do not hold")
+    return shapes
+
+
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The safetensors library checks the header (length, JSON, every shape against its byte span, the
+    spans covering the file) before it maps any tensor, so a crafted header allocates nothing."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -156,27 +305,334 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             metadata = dict(f.metadata() or {})
             for key in f.keys():
                 state[key] = f.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{path}: damaged safetensors file ({_one_line(e)})") from None
     return state, metadata
 
 
-def _torch_load(path: Path, trust_pickle: bool):
+def _torch_load(path: Path, trust_pickle: bool, allow_globals: tuple[str, ...] = ()):
+    allowed = [_resolve_global(name) for name in allow_globals]  # before opening: a bad name is the user's error
     try:
         # weights_only is passed explicitly whatever torch's default is: files are untrusted.
         # A file object, not the path: torch.load treats any path ending in .safetensors as safetensors,
         # whatever the bytes say; the format was already detected from the bytes.
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # noise before a refusal
             return torch.load(f, map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:  # torch raises many kinds for bad or unsafe pickles
         msg = _one_line(e)
         if not trust_pickle and ("weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg):
-            found = _pickle_globals_hint(" ".join(str(e).split()))  # untruncated: torch names the global late
+            full = " ".join(str(e).split())
+            found = _pickle_globals_hint(full)  # untruncated: torch names the global late
+            if found == "non-tensor objects":  # torch did not say which (an opcode it does not take): read them
+                needed = [g for g in _needed_globals(path) if g not in allow_globals]
+                if needed:
+                    found = f"global {needed[0]}"
+                else:
+                    why = full.split("WeightsUnpickler error:", 1)[-1].split(" Check the documentation")[0].strip()
+                    raise CheckpointError(f"{path}: cannot load torch.save file (a damaged or unsupported pickle: "
+                                          f"{why[:200]})") from None
             raise CheckpointError(
                 f"{path}: the pickle needs code to load ({found}); it may be a whole pickled module. "
                 f"If you trust the file pass {TRUST_FLAG} (runs code from it), or re-save it as a state dict"
             ) from None
-        raise CheckpointError(f"{path}: cannot load torch.save file ({msg})") from None
+        raise CheckpointError(f"{path}: cannot load torch.save file ({msg or type(e).__name__})") from None
+
+
+def _needed_globals(path: Path) -> list[str]:
+    try:
+        return list_globals(path).needs_allowing
+    except CheckpointError:
+        return []
+
+
+def _resolve_global(name: str):
+    """Import ``pkg.module.Qual.name`` for ``--allow-global``: the longest importable module prefix, then
+    attributes. Returns ``(object, name)`` so torch matches exactly the name the pickle uses."""
+    import importlib
+
+    parts = name.split(".")
+    if len(parts) < 2 or not all(p.isidentifier() for p in parts):
+        raise CheckpointError(f"{ALLOW_FLAG} {name}: expected a dotted name such as "
+                              "torch.nn.modules.linear.Linear (deadscan inspect --list-globals FILE shows them)")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        except Exception as e:  # the module the user named failed while importing
+            raise CheckpointError(f"{ALLOW_FLAG} {name}: importing {'.'.join(parts[:i])} failed "
+                                  f"({type(e).__name__}: {_one_line(e)})") from None
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            break
+        return (obj, name)
+    raise CheckpointError(f"{ALLOW_FLAG} {name}: no such class or function can be imported here")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a pickle without running it: its opcodes, through pickletools (nothing is imported)
+
+
+@dataclass
+class PickleScan:
+    """What a pickle would import and which storages it declares, read from its opcodes alone."""
+
+    globals: list[str] = field(default_factory=list)  # module.name, in first-seen order
+    persistent_ids: list[tuple] = field(default_factory=list)  # torch: ('storage', type, key, location, numel...)
+    pickles: int = 0  # complete pickles read (a legacy torch.save file holds five in a row)
+    error: str | None = None  # why reading stopped early (damaged or unsupported bytes)
+
+
+class _Global(str):
+    """A name a GLOBAL / STACK_GLOBAL opcode would import (a value on the simulated stack)."""
+
+
+_MARK = object()
+_UNKNOWN = object()
+_STRING_ARGS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+                "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "INT", "BININT", "BININT1",
+                "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT"}
+
+
+def scan_pickle(f, *, max_pickles: int = 1) -> PickleScan:
+    """Walk the opcodes of up to ``max_pickles`` consecutive pickles in the binary file ``f``.
+
+    A small stack machine follows what reaches GLOBAL (``module name``), STACK_GLOBAL (the two strings
+    below it, pushed directly or fetched from the memo by GET/BINGET after PUT/BINPUT/MEMOIZE), and the
+    tuples handed to (BIN)PERSID. EXT1/2/4 (the copyreg registry) are listed as ``<extension N>``.
+    Nothing is imported, constructed or called."""
+    result = PickleScan()
+    seen: dict[str, None] = {}
+
+    def record(name: str) -> _Global:
+        seen.setdefault(name, None)
+        return _Global(name)
+
+    for i in range(max_pickles):
+        if i and _at_eof(f):
+            break
+        stack: list = []
+        memo: dict = {}
+        done = False
+        try:
+            for op, arg, _pos in pickletools.genops(f):
+                name = op.name
+                if name in _STRING_ARGS:
+                    stack.append(arg)
+                elif name == "NONE":
+                    stack.append(None)
+                elif name in ("GLOBAL", "INST"):
+                    module, _, attr = str(arg).partition(" ")
+                    # Python 2 names (protocol 2 pickles say __builtin__.set), mapped as both unpicklers do
+                    module, attr = _compat_pickle.NAME_MAPPING.get(
+                        (module, attr), (_compat_pickle.IMPORT_MAPPING.get(module, module), attr))
+                    g = record(f"{module}.{attr}")
+                    if name == "GLOBAL":
+                        stack.append(g)
+                    else:
+                        _pop_mark(stack)
+                        stack.append(_UNKNOWN)
+                elif name == "STACK_GLOBAL":
+                    attr, module = stack.pop(), stack.pop()
+                    if isinstance(module, str) and isinstance(attr, str):
+                        stack.append(record(f"{module}.{attr}"))
+                    else:
+                        stack.append(record("<unresolved STACK_GLOBAL>"))
+                elif name in ("EXT1", "EXT2", "EXT4"):
+                    stack.append(record(f"<extension {arg}>"))
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = stack[-1]
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = stack[-1]
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    stack.append(memo.get(arg, _UNKNOWN))
+                elif name == "TUPLE":
+                    stack.append(tuple(_pop_mark(stack)))
+                elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                    n = int(name[-1])
+                    items = tuple(stack[-n:])
+                    del stack[-n:]
+                    stack.append(items)
+                elif name == "EMPTY_TUPLE":
+                    stack.append(())
+                elif name == "DUP":
+                    stack.append(stack[-1])
+                elif name == "BINPERSID":
+                    pid = stack.pop()
+                    result.persistent_ids.append(pid if isinstance(pid, tuple) else (pid,))
+                    stack.append(_UNKNOWN)
+                elif name == "PERSID":
+                    result.persistent_ids.append((arg,))
+                    stack.append(_UNKNOWN)
+                elif name == "STOP":
+                    done = True
+                else:  # every other opcode: its documented stack effect, values unknown
+                    before = op.stack_before
+                    if pickletools.markobject in before:
+                        _pop_mark(stack)
+                        below = before.index(pickletools.markobject)
+                    else:
+                        below = len(before)
+                    if below:
+                        if len(stack) < below:
+                            raise ValueError(f"{name} needs {below} stack items")
+                        del stack[-below:]
+                    for kind in op.stack_after:
+                        stack.append(_MARK if kind is pickletools.markobject else _UNKNOWN)
+        except Exception as e:  # damaged or hostile bytes: report how far we got
+            result.error = f"{type(e).__name__}: {_one_line(e)}"
+            break
+        if not done:
+            break
+        result.pickles += 1
+    result.globals = list(seen)
+    return result
+
+
+def _pop_mark(stack: list) -> list:
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is _MARK:
+            items = stack[i + 1:]
+            del stack[i:]
+            return items
+    raise ValueError("no MARK on the stack")
+
+
+def _at_eof(f) -> bool:
+    pos = f.tell()
+    if not f.read(1):
+        return True
+    f.seek(pos)
+    return False
+
+
+@dataclass
+class GlobalsListing:
+    path: str
+    format: str
+    members: dict[str, PickleScan]  # pickle name -> what it imports
+    carries_code: bool  # TorchScript / .pt2: code travels beside the pickles
+
+    @property
+    def globals(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for scan in self.members.values():
+            for g in scan.globals:
+                seen.setdefault(g, None)
+        return list(seen)
+
+    @property
+    def needs_allowing(self) -> list[str]:
+        return [g for g in self.globals if not torch_allows(g)]
+
+    def describe(self) -> str:
+        """What ``deadscan inspect --list-globals FILE`` prints."""
+        if self.format == "safetensors":
+            return f"{self.path}: safetensors: no pickle, nothing to import; it loads without any flag"
+        lines = [f"{self.path}: {self.format}; names read from the pickle opcodes (nothing was imported or run)"]
+        width = max([len(g) for g in self.globals] + [10])
+        for member, scan in self.members.items():
+            lines.append(f"{member}: {len(scan.globals)} global(s)"
+                         + (f"; reading stopped early ({scan.error})" if scan.error else ""))
+            for g in scan.globals:
+                if torch_allows(g):
+                    verdict = "allowed by torch.load(weights_only=True)"
+                elif is_dangerous_global(g):
+                    verdict = "DANGEROUS: can run arbitrary code (files, processes, imports); do not allow it"
+                else:
+                    verdict = f"not allowed: needs {ALLOW_FLAG} (or {TRUST_FLAG})"
+                lines.append(f"  {g.ljust(width)}  {verdict}")
+        needed = self.needs_allowing
+        dangerous = [g for g in needed if is_dangerous_global(g)]
+        if self.carries_code:
+            lines.append(f"it also carries code ({self.format}): only {TRUST_FLAG} loads it, and that runs the code")
+        elif dangerous:
+            lines.append(f"it imports {_few(dangerous)}, which can run arbitrary code: do not load it unless you "
+                         "made it yourself")
+        elif needed:
+            flags = " ".join(f"{ALLOW_FLAG} {g}" for g in needed)
+            lines.append(f"to load it without {TRUST_FLAG}: {flags} (imports each named class or function; "
+                         "its code runs as the pickle builds objects with it)")
+        else:
+            lines.append("it loads without any flag")
+        return "\n".join(lines)
+
+
+def list_globals(path: str | os.PathLike) -> GlobalsListing:
+    """What the pickles in ``path`` would import (classes, functions), without importing or running anything."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "safetensors":
+        return GlobalsListing(str(path), fmt, {}, False)
+    members = {}
+    if fmt == "torch-legacy":  # a bare pickle, or five in a row (legacy torch.save); streamed, not read whole
+        with open(path, "rb") as f:
+            members[path.name] = scan_pickle(f, max_pickles=5)
+    else:
+        try:
+            with zipfile.ZipFile(path) as z:
+                for info in z.infolist():
+                    if info.filename.endswith(".pkl"):
+                        with z.open(info) as f:
+                            members[info.filename] = scan_pickle(f)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{path}: damaged zip archive ({_one_line(e) or type(e).__name__})") from None
+    return GlobalsListing(str(path), fmt, members, fmt in ("torchscript", "pt2"))
+
+
+# Modules whose functions a pickle can use to run code (files, processes, imports, attribute tricks).
+DANGEROUS_MODULES = ("builtins", "os", "posix", "nt", "posixpath", "ntpath", "subprocess", "sys", "pathlib", "shutil",
+                     "importlib", "pickle", "_pickle", "copyreg", "runpy", "socket", "ctypes", "code", "codeop", "pty",
+                     "webbrowser", "io", "_io", "tempfile", "operator", "functools", "types", "marshal", "zipimport",
+                     "multiprocessing", "asyncio", "signal", "urllib", "http", "ftplib", "smtplib", "telnetlib",
+                     "inspect", "pdb", "timeit", "trace", "cProfile", "profile", "linecache", "glob", "fileinput",
+                     "torch.hub", "torch.jit", "torch.ops", "torch._ops", "torch.classes", "torch.load",
+                     "torch.serialization", "torch.utils.cpp_extension", "numpy.load", "numpy.f2py", "numpy.testing")
+
+
+def is_dangerous_global(name: str) -> bool:
+    """A name torch does not allow whose module is one a pickle can run code with (``builtins.eval``,
+    ``os.system``, ``pathlib.Path.write_text``, ``operator.attrgetter``...) or an extension code."""
+    if name.startswith("<"):  # <extension N>, <unresolved STACK_GLOBAL>
+        return True
+    if torch_allows(name):
+        return False
+    return any(name == m or name.startswith(m + ".") for m in DANGEROUS_MODULES)
+
+
+def torch_allows(name: str) -> bool:
+    """Whether ``torch.load(weights_only=True)`` accepts global ``name`` without being told (by name only)."""
+    try:
+        from torch import _weights_only_unpickler as w
+
+        return name in w._get_allowed_globals() or name in w._get_user_allowed_globals()
+    except Exception:  # a private API: if it moves, say "not allowed" (the safe answer)
+        return False
+
+
+def _check_legacy_sizes(path: Path) -> None:
+    """A legacy torch.save file declares each storage's element count in its pickle, and torch allocates
+    that much before reading the bytes: refuse counts the file cannot hold."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        scan = scan_pickle(f, max_pickles=4)  # magic number, protocol, sys info, the object
+    declared: dict = {}
+    for pid in scan.persistent_ids:
+        if len(pid) >= 5 and pid[0] == "storage":
+            key, numel = pid[2], pid[4]
+            if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+                raise CheckpointError(f"{path}: damaged torch.save file (storage {key!r} declares {numel!r} "
+                                      "elements)")
+            declared[str(key)] = numel
+    total = sum(declared.values())
+    if total > size:
+        raise CheckpointError(f"{path}: damaged torch.save file (its storages declare {total} elements but the "
+                              f"file holds {size} bytes); nothing was allocated")
 
 
 def _pickle_globals_hint(msg: str) -> str:
@@ -199,7 +655,8 @@ def _load_code_archive(path: Path, fmt: str) -> nn.Module:
 def _find_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     """Accept a flat state dict, or one nested under a common key (Lightning, training scripts)."""
     for _ in range(3):
-        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in obj.items()):
             return dict(obj)
         if isinstance(obj, dict):
             nested = next((obj[k] for k in NESTED_KEYS if isinstance(obj.get(k), dict)), None)
@@ -219,7 +676,18 @@ def _choose_spec(path: Path, arch: str | None, metadata: dict[str, str]) -> Arch
     if arch is not None:
         return parse_spec(arch)
     if ARCH_KEY in metadata:
-        return parse_spec(metadata[ARCH_KEY])
+        text = metadata[ARCH_KEY]
+        if len(text) > MAX_METADATA_CHARS:
+            raise CheckpointError(f"{path}: its {ARCH_KEY} metadata is {len(text)} characters long; damaged or "
+                                  "crafted: pass --arch yourself")
+        try:
+            return parse_spec(text)
+        except ArchError as e:
+            raise CheckpointError(f"{path}: its {ARCH_KEY} metadata is not an architecture ({e}); "
+                                  "pass --arch") from None
+        except (RecursionError, MemoryError, ValueError, SyntaxError):  # absurdly nested literals
+            raise CheckpointError(f"{path}: its {ARCH_KEY} metadata cannot be parsed; damaged or crafted: "
+                                  "pass --arch yourself") from None
     raise CheckpointError(
         f"{path}: holds only weights; pass --arch (e.g. --arch 'mlp(depth=2, width=256, in_features=64)' "
         "or --arch torchvision:resnet18)"
@@ -261,7 +729,11 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str | os.
         raise CheckpointError(
             f"{where}: tensor shapes do not fit the architecture (file vs model): {_few(bad)}; check --arch sizes"
         )
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except Exception as e:  # tensors torch cannot copy into parameters (meta, sparse, odd dtypes)
+        raise CheckpointError(f"{where}: cannot copy its tensors into the model ({type(e).__name__}: "
+                              f"{_one_line(e)})") from None
 
 
 def _few(items: list[str], n: int = 5) -> str:
@@ -280,27 +752,61 @@ def _one_line(e: BaseException) -> str:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temp path beside ``path``; rename it over ``path`` only if the block succeeds."""
+    """Yield a temp path for ``path``; rename it over ``path`` only if the block succeeds.
+
+    The temp path lies in a private folder ``.NAME.XXXX.tmp/`` beside ``path`` (same file system, so the
+    rename is atomic): a process killed at any moment leaves the old file or the new one, never a torn
+    one, and whatever it leaves behind is hidden and ends in ``.tmp`` -- including temp files the writer
+    makes next to its own target (the safetensors library does)."""
+    import shutil
+
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as e:
         raise OutputError(f"cannot write {path} ({e.strerror}); choose another --out") from None
-    os.close(fd)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield folder / path.name
+        os.replace(folder / path.name, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def check_out_dir(out: str | os.PathLike, outputs, *, overwrite: bool = False, inputs=(),
+                  replaceable=()) -> Path:
+    """Before any work: ``out`` must be (or become) a writable folder, none of ``outputs`` written there may
+    be an input file, and outputs already there are refused unless ``overwrite`` (a run never silently
+    replaces an earlier one). ``replaceable``: names that may be replaced anyway (e.g. a strip reusing its
+    own inspect folder). Creates nothing."""
+    out = Path(out)
+    for name in outputs:
+        target = out / name
+        for src in inputs:
+            if src is not None and _same_file(target, Path(src)):
+                raise OutputError(f"--out {out} would overwrite the input {src} (as {name}); choose another --out")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == out else f"cannot be created: {existing} is a file"
+        raise OutputError(f"--out {out} {where}, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {out}: {existing} is not writable; choose another --out")
+    if overwrite:
+        return out
+    found = [name for name in outputs if (out / name).exists() and name not in replaceable]
+    if found:
+        raise OutputError(f"--out {out} already holds {', '.join(found)} from an earlier run; pass --overwrite to "
+                          "replace them, or choose another --out")
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -328,5 +834,6 @@ def read_json(path: str | os.PathLike) -> dict:
 
 __all__ = [
     "Checkpoint", "CheckpointInfo", "detect_format", "load_checkpoint", "load_into", "save_safetensors",
-    "strip_prefixes", "atomic_path", "write_text_atomic", "sha256_of",
+    "strip_prefixes", "atomic_path", "write_text_atomic", "sha256_of", "list_globals", "scan_pickle",
+    "check_out_dir", "nonfinite_layers",
 ]

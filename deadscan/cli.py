@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import warnings
+from pathlib import Path
 
 import click
 
 from . import __version__, pipeline
 from .data import SPLITS, resource_path
 from .defaults import DEFAULTS
-from .errors import DeadscanError
+from .errors import DeadscanError, DeadscanWarning
 from .finetune import Interrupted, TrainConfig
 from .strip import CRITERIA, METHODS
 
@@ -20,6 +22,39 @@ SAMPLE_MODEL = "mlp_digits.safetensors"
 
 def _command_line() -> str:
     return "deadscan " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _resume_command() -> str:
+    return _command_line() + ("" if "--resume" in sys.argv[1:] else " --resume")
+
+
+def _warnings_as_lines(ctx: click.Context) -> None:
+    """deadscan's own warnings (NaN weights, out-of-memory retries) print as one ``Warning:`` line on stderr."""
+    ctx.with_resource(warnings.catch_warnings())
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DeadscanWarning):
+            click.echo(f"Warning: {message}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+    warnings.showwarning = show
+
+
+def _list_globals(ctx: click.Context, _param, value) -> None:
+    if value is None or ctx.resilient_parsing:
+        return
+    from .checkpoint import list_globals
+
+    click.echo(_run(list_globals, value).describe())
+    ctx.exit(0)
+
+
+_allow_global_option = click.option(
+    "--allow-global", "allow_global", multiple=True, metavar="NAME",
+    help="let the pickle import this class or function (repeatable; names from --list-globals): imports it, "
+         "and its code runs as the pickle builds objects with it")
+_overwrite_option = click.option("--overwrite", is_flag=True, help="replace outputs an earlier run left in --out")
 
 
 def _run(fn, *args, **kwargs):
@@ -57,6 +92,7 @@ def main():
 
     A neuron is dead when its output is exactly zero on every element of the scanned data.
     """
+    _warnings_as_lines(click.get_current_context())
 
 
 def _scan_options(f):
@@ -81,6 +117,8 @@ def _scan_options(f):
         click.option("--out", default=DEFAULTS.out_dir, show_default=True, help="output folder"),
         click.option("--json", "as_json", is_flag=True, help="print summary.json to stdout instead of the table"),
         click.option("--trust-pickle", is_flag=True, help="allow pickled modules and TorchScript: RUNS CODE from the file"),
+        _allow_global_option,
+        _overwrite_option,
     ]
     for option in reversed(options):
         f = option(f)
@@ -96,8 +134,11 @@ _plotlyjs_option = click.option(
 @click.argument("checkpoint")
 @_scan_options
 @_plotlyjs_option
+@click.option("--list-globals", metavar="FILE", is_eager=True, expose_value=False, callback=_list_globals,
+              help="list the classes and functions the pickle in FILE would import (read from its opcodes: "
+                   "nothing is imported or run), then exit")
 def inspect(checkpoint, data, arch, split, limit, batch_size, device, tau, data_root, download, seed, out,
-            as_json, trust_pickle, plotlyjs, **data_options):
+            as_json, trust_pickle, plotlyjs, allow_global, overwrite, **data_options):
     """Scan CHECKPOINT on a dataset: dead neurons per ReLU site and %A.
 
     Prints a per-site table and totals, and writes summary.json, stats.h5 and report.html to --out.
@@ -109,14 +150,16 @@ def inspect(checkpoint, data, arch, split, limit, batch_size, device, tau, data_
     result = _run(pipeline.inspect, checkpoint, data, out=out, arch=arch, trust_pickle=trust_pickle,
                   split=split, limit=limit, batch_size=batch_size, device=device, tau=tau,
                   data_root=data_root, download=download, seed=seed, command=_command_line(),
-                  progress=not as_json, plotlyjs=plotlyjs, **data_options)
+                  progress=not as_json, plotlyjs=plotlyjs, overwrite=overwrite, allow_globals=allow_global,
+                  **data_options)
     _print_inspection(result, as_json)
 
 
 @main.command()
 @click.option("--out", default=DEFAULTS.out_dir, show_default=True, help="output folder")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-def demo(out, device):
+@_overwrite_option
+def demo(out, device, overwrite):
     """Inspect the bundled sample MLP on the bundled digits data (no download).
 
     Example:
@@ -125,7 +168,11 @@ def demo(out, device):
     """
     model = resource_path("sample_models", SAMPLE_MODEL)
     click.echo(f"deadscan demo: the paper's MLP trained on sklearn's digits ({model.name})\n")
-    result = _run(pipeline.inspect, model, "digits", out=out, device=device, command=_command_line(), progress=True)
+    previous = pipeline.summary_in(Path(out))  # a demo may redo its own folder (the same model and data)
+    own = ((previous.get("checkpoint") or {}).get("path") == str(model)
+           and (previous.get("data") or {}).get("name") == "digits")
+    result = _run(pipeline.inspect, model, "digits", out=out, device=device, command=_command_line(), progress=True,
+                  overwrite=overwrite or own)
     _print_inspection(result, as_json=False)
     click.echo(f"outputs in {result.summary_path.parent}/")
 
@@ -165,10 +212,13 @@ def demo(out, device):
 @click.option("--download", is_flag=True, help="download a torchvision dataset if missing")
 @click.option("--out", default=DEFAULTS.out_dir, show_default=True, help="output folder")
 @click.option("--trust-pickle", is_flag=True, help="allow pickled modules and TorchScript: RUNS CODE from the file")
+@_allow_global_option
+@_overwrite_option
 @_plotlyjs_option
 def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, method, optimizer, lr, weight_decay, warmup,
           schedule, final_lr, batch_size, seed, baseline, resume, compact, augment, val_fraction, mean, std, resize,
-          channels, test_corrupted, corruption, severity, device, data_root, download, out, trust_pickle, plotlyjs):
+          channels, test_corrupted, corruption, severity, device, data_root, download, out, trust_pickle, plotlyjs,
+          allow_global, overwrite):
     """Revive dead neurons with Synaptic Stripping while fine-tuning.
 
     After each epoch: scan the validation split, prune the most negative remaining incoming
@@ -196,11 +246,15 @@ def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, meth
                                         data_root=data_root, download=download, command=_command_line(),
                                         compact=compact, on_epoch=on_epoch, plotlyjs=plotlyjs,
                                         data_options=data_options, corrupted=test_corrupted,
-                                        corrupted_options={"corruption": corruption, "severity": severity})
+                                        corrupted_options={"corruption": corruption, "severity": severity},
+                                        overwrite=overwrite, allow_globals=allow_global)
     except Interrupted as e:
-        raise click.ClickException(f"{e}; resume with: {_command_line()} --resume") from None
+        raise click.ClickException(f"{e}; resume with: {_resume_command()}") from None
     except DeadscanError as e:
         raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:  # outside the training loop (loading, the final scan, writing)
+        raise click.ClickException(f"interrupted; completed epochs are kept in {out}; resume with: "
+                                   f"{_resume_command()}") from None
     s = run.summary
     t = s["totals"]
     click.echo(f"\nafter stripping: dead {t['dead']} of {t['neurons']}  %A {t['active_percent']:.2f}  "

@@ -26,3 +26,7 @@ class DataError(DeadscanError):
 
 class OutputError(DeadscanError):
     """An output cannot be written."""
+
+
+class DeadscanWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints one ``Warning:`` line)."""

@@ -10,14 +10,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .capacity import Capacity, capacity
-from .checkpoint import Checkpoint, load_checkpoint, save_safetensors
+from .checkpoint import Checkpoint, check_out_dir, load_checkpoint, save_safetensors
 from .data import Dataset, check_fits, load_data
 from .defaults import DEFAULTS
-from .errors import DataError, OutputError
+from .errors import DataError, OutputError, TraceError
 from .finetune import STATE_FILE, TrainConfig, evaluate, finetune
 from .report import build_summary, write_outputs, write_summary
 from .reportdata import capture_weights, collect
-from .scan import ScanResult, resolve_device, scan
+from .scan import ScanResult, nothing_to_strip, resolve_device, scan
 from .trace import find_sites
 
 
@@ -38,10 +38,12 @@ def inspect(checkpoint: str | Path, data: str, *, out: str | Path = DEFAULTS.out
             data_root: str | None = None, download: bool = False, seed: int = DEFAULTS.seed,
             command: str = "", progress: bool = False, val_fraction: float = DEFAULTS.val_fraction,
             mean=None, std=None, resize: int | None = None, channels: int | None = None,
-            corruption: str | None = None, severity=None, plotlyjs: str = "inline") -> Inspection:
+            corruption: str | None = None, severity=None, plotlyjs: str = "inline", overwrite: bool = False,
+            allow_globals: tuple[str, ...] = ()) -> Inspection:
     start = time.perf_counter()
+    check_out_dir(out, INSPECT_OUTPUTS, overwrite=overwrite, inputs=(checkpoint, data))  # before any work
     dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
+    ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, allow_globals=allow_globals)
     ds = load_data(data, split, root=data_root, download=download, limit=limit, seed=seed,
                    val_fraction=val_fraction, mean=mean, std=std, resize=resize, channels=channels,
                    corruption=corruption, severity=severity)
@@ -56,6 +58,11 @@ def inspect(checkpoint: str | Path, data: str, *, out: str | Path = DEFAULTS.out
     path = write_summary(summary, out)
     files = write_outputs(collect(summary, result, model), out, plotlyjs=plotlyjs)  # stats.h5, report.html
     return Inspection(ckpt, ds, result, cap, summary, path, files)
+
+
+# What each command writes to --out: an existing one is refused unless --overwrite (strip --resume reuses its own).
+INSPECT_OUTPUTS = ("summary.json", "stats.h5", "report.html")
+STRIP_OUTPUTS = INSPECT_OUTPUTS + ("stripped.safetensors", "masks.safetensors", "compact.safetensors", STATE_FILE)
 
 
 @dataclass
@@ -91,11 +98,13 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
                      resume: bool = False, device: str | None = None, data_root: str | None = None,
                      download: bool = False, data_seed: int = DEFAULTS.seed, command: str = "",
                      compact: bool = False, on_epoch=None, plotlyjs: str = "inline", data_options: dict | None = None,
-                     corrupted: str | None = None, corrupted_options: dict | None = None) -> StripRun:
+                     corrupted: str | None = None, corrupted_options: dict | None = None, overwrite: bool = False,
+                     allow_globals: tuple[str, ...] = ()) -> StripRun:
     """Fine-tune with stripping and write the outputs. ``data_options``: load_data keywords (val_fraction,
     mean, std, resize, channels); ``corrupted``: a test set (e.g. cifar10-c) also evaluated at the end."""
     start = time.perf_counter()
     data_options = {"seed": data_seed, **(data_options or {})}
+    reusing = checkpoint is None  # the documented flow: strip into the folder of the inspect it reuses
     if checkpoint is None:
         last = last_inspection(from_dir)
         checkpoint, arch = last["checkpoint"], arch or (last["arch"] if last["format"] != "safetensors" else None)
@@ -104,11 +113,14 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
     if data is None:
         raise DataError("--data is required with a checkpoint")
     out = Path(out)
+    if not (resume or overwrite) and (out / STATE_FILE).exists():
+        raise OutputError(f"--out {out} holds {STATE_FILE} from an earlier strip run; pass --resume to continue it, "
+                          "--overwrite to start over, or choose another --out")
+    own_inspect = reusing and out.resolve() == Path(from_dir).resolve() and "history" not in summary_in(out)
+    check_out_dir(out, STRIP_OUTPUTS, overwrite=overwrite or resume, inputs=(checkpoint, data),
+                  replaceable=INSPECT_OUTPUTS if own_inspect else ())
     dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
-    for name in ("stripped.safetensors", "masks.safetensors", "compact.safetensors", STATE_FILE):
-        if (out / name).resolve() == Path(checkpoint).resolve():
-            raise OutputError(f"--out {out} would overwrite the input checkpoint {checkpoint}; choose another --out")
+    ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, allow_globals=allow_globals)
     options = {k: v for k, v in data_options.items() if v is not None}
     splits = {s: load_data(data, s, root=data_root, download=download, **options) for s in ("train", "val", "test")}
     shifted = None
@@ -118,10 +130,13 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
                                if k not in ("val_fraction",)})
     model = ckpt.model.to(dev)
     check_fits(model, splits["val"], dev)
+    nothing = nothing_to_strip(find_sites(model), checkpoint)
+    if nothing:
+        raise TraceError(nothing)
 
     base_hist = base_test = None
     if baseline:
-        base_model = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle).model
+        base_model = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, allow_globals=allow_globals).model
         base = finetune(base_model, splits["train"], splits["val"], replace(cfg, strip=False), device=dev,
                         test=splits["test"])
         base_hist, base_test = base.history, base.test
@@ -160,6 +175,14 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
     del before
     files.update(write_outputs(report_data, out, plotlyjs=plotlyjs))  # stats.h5, report.html
     return StripRun(summary, out, files)
+
+
+def summary_in(folder: Path) -> dict:
+    """The summary.json an earlier run left in ``folder`` ({} if none or unreadable)."""
+    try:
+        return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def save_masks(masks: dict, path: Path) -> None:

@@ -94,6 +94,7 @@ def build_summary(scan: ScanResult, cap: Capacity, *, command: str, checkpoint: 
         "command": command,
         "checkpoint": None if checkpoint is None else {
             "path": checkpoint.path, "sha256": checkpoint.sha256, "format": checkpoint.format, "arch": checkpoint.arch,
+            "nonfinite": list(getattr(checkpoint, "nonfinite", ())),  # layers with NaN/Inf weights (warned about)
         },
         "data": data,
         "device": scan.device,

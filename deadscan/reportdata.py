@@ -10,6 +10,7 @@ without the model or the data. :mod:`deadscan.stats_h5` writes and reads this ob
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,10 +142,13 @@ def _signed_rows(model: nn.Module, r) -> torch.Tensor | None:
 
 def _range(*tensors: torch.Tensor) -> tuple[float, float] | None:
     vals = [t for t in tensors if t.numel()]
-    if not vals:
+    # NaN/Inf weights (a damaged checkpoint, warned about at load) are left out of the range and the bins
+    lows = [float(torch.where(torch.isfinite(t), t, torch.inf).min()) for t in vals]
+    highs = [float(torch.where(torch.isfinite(t), t, -torch.inf).max()) for t in vals]
+    lows, highs = [v for v in lows if math.isfinite(v)], [v for v in highs if math.isfinite(v)]
+    if not lows:
         return None
-    lo = min(float(t.min()) for t in vals)
-    hi = max(float(t.max()) for t in vals)
+    lo, hi = min(lows), max(highs)
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     return lo, hi
@@ -153,7 +157,8 @@ def _range(*tensors: torch.Tensor) -> tuple[float, float] | None:
 def _histc(t: torch.Tensor, lo: float, hi: float, bins: int) -> np.ndarray:
     if t.numel() == 0:
         return np.zeros(bins, dtype=np.int64)
-    return torch.histc(t.float(), bins=bins, min=lo, max=hi).round().to(torch.int64).cpu().numpy()
+    t = torch.where(torch.isfinite(t), t.float(), -torch.inf)  # NaN/Inf moved out of the range: histc skips them
+    return torch.histc(t, bins=bins, min=lo, max=hi).round().to(torch.int64).cpu().numpy()
 
 
 def _hist(parts: dict[str, torch.Tensor], bins: int, rng: tuple[float, float] | None = None,

@@ -8,6 +8,7 @@ never waits on the host. They are sums, counts and maxima, so shards scanned apa
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .defaults import DEFAULTS
-from .errors import DataError, DeadscanError, TraceError
+from .errors import DataError, DeadscanError, DeadscanWarning, TraceError
 from .trace import Site, SiteMap, copy_graph, effective_affine, find_sites
 
 
@@ -174,7 +175,14 @@ def _instrumented_graph_module(root: nn.Module, graph: fx.Graph, probes: dict[st
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
     gm.recompile()
+    # fx's wrapper prints a traceback to stderr when the generated forward raises, then drops the traceback;
+    # a plain call keeps the frames, from which _where names the module the failing op came from.
+    gm._wrapped_call = _plain_call
     return gm
+
+
+def _plain_call(module: nn.Module, *args, **kwargs):
+    return nn.Module.__call__(module, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +244,7 @@ class ScanResult:
     samples: int
     device: str
     tau: float
+    batch_size: int | None = None  # the batch size the scan ended with (halved after running out of memory)
 
     def __getitem__(self, name: str) -> SiteResult:
         for r in self.sites:
@@ -292,6 +301,13 @@ def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: 
     batches (or ``(x, y, ...)`` tuples, e.g. a DataLoader). The model runs in eval mode under
     ``torch.inference_mode``; its training flag is restored afterwards. ``input_means=True`` also
     records each feeding layer's mean input (for the contribution criterion).
+
+    Out of memory on a batch (CUDA, or any device raising ``torch.OutOfMemoryError``): the statistics
+    are discarded and the scan starts over with batches half as large (a :class:`DeadscanWarning`
+    says so), down to one sample; ``ScanResult.batch_size`` is the size it ended with. Nothing is
+    snapshotted per batch, so the normal path pays nothing for this; an out-of-memory error comes
+    on the first batches in practice, so starting over costs little. A one-pass iterator (a
+    generator) cannot be started over: its out-of-memory error is one clear line instead.
     """
     dev = resolve_device(device)
     if sitemap is None:
@@ -299,24 +315,27 @@ def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: 
     model.to(dev)
     was_training = model.training
     model.eval()
-    samples = forwards = 0
-    inputs = {s.feeding.layer: InputStats(-1 if s.feeding.kind == "linear" else 1)
-              for s in sitemap.sites if input_means and s.feeding is not None}
+    chunk = None  # after running out of memory: the most samples run through the model at once
     try:
-        batches, total = _input_batches(data, batch_size, dev)
-        with instrument(model, sitemap, inputs) as (runner, stats), torch.inference_mode():
-            bar = _progress(total, progress)
-            for xb in batches:
-                try:
-                    runner(xb)
-                except DeadscanError:
-                    raise
-                except Exception as e:  # the user's model failed: say where, not a traceback
-                    raise TraceError(f"the model raised during the scan: {_where(e)}") from None
-                samples += len(xb)
-                forwards += 1
-                bar.update(len(xb))
-            bar.close()
+        while True:
+            inputs = {s.feeding.layer: InputStats(-1 if s.feeding.kind == "linear" else 1)
+                      for s in sitemap.sites if input_means and s.feeding is not None}
+            try:
+                stats, samples, forwards = _scan_pass(model, data, sitemap, inputs, batch_size, chunk, dev, progress)
+                break
+            except _OutOfMemory as oom:
+                if oom.batch <= 1:
+                    raise TraceError(f"out of memory on {dev} with a batch of 1 sample during the scan; "
+                                     "use a smaller model or input size, or --device cpu") from None
+                if not _restartable(data):
+                    raise TraceError(f"out of memory on {dev} with a batch of {oom.batch} during the scan; the "
+                                     "data is a one-pass iterator, so it cannot be scanned again: use smaller "
+                                     "batches") from None
+                chunk = oom.batch // 2
+                _free_cached(dev)
+                warnings.warn(DeadscanWarning(
+                    f"out of memory on {dev} with a batch of {oom.batch}; scanning again from the start with "
+                    f"batches of {chunk}"), stacklevel=2)
     finally:
         model.train(was_training)
     if samples == 0:
@@ -325,16 +344,131 @@ def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: 
     for r in results:
         if r.site.feeding is not None and r.site.feeding.layer in inputs:
             r.mean_input = inputs[r.site.feeding.layer].mean()
-    return ScanResult(results, sitemap, samples, str(dev), tau)
+    return ScanResult(results, sitemap, samples, str(dev), tau, batch_size if chunk is None else chunk)
 
 
-def _where(e: BaseException) -> str:
-    """The exception and the innermost module frame of the user's code it came from."""
+class _OutOfMemory(Exception):
+    def __init__(self, batch: int):
+        super().__init__(batch)
+        self.batch = batch
+
+
+_OOM_TYPES = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, _OOM_TYPES) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def _restartable(data) -> bool:
+    if hasattr(data, "batches") or isinstance(data, torch.Tensor):
+        return True
+    try:
+        return iter(data) is not data  # a list or a DataLoader starts over; a generator does not
+    except TypeError:
+        return False
+
+
+def _free_cached(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _scan_pass(model: nn.Module, data, sitemap: SiteMap, inputs: dict, batch_size: int, chunk: int | None,
+               dev: torch.device, progress: bool) -> tuple[list[SiteStats], int, int]:
+    """One pass over the data with fresh statistics; ``chunk``: split batches larger than this."""
+    samples = forwards = 0
+    request = batch_size if chunk is None else min(batch_size, chunk)
+    batches, total = _input_batches(data, request, dev)
+    with instrument(model, sitemap, inputs) as (runner, stats), torch.inference_mode():
+        bar = _progress(total, progress)
+        try:
+            for xb in batches:
+                parts = (xb,) if chunk is None or len(xb) <= chunk else xb.split(chunk)
+                for part in parts:
+                    failed = None
+                    try:
+                        runner(part)
+                    except DeadscanError:
+                        raise
+                    except Exception as e:  # the user's model failed: say where, not a traceback
+                        if not _is_oom(e):
+                            raise TraceError(f"the model raised during the scan{_where(e, model, runner)}") from None
+                        failed = len(part)  # handled below, once the exception (and its activations) is freed
+                    if failed is not None:
+                        raise _OutOfMemory(failed)
+                    samples += len(part)
+                    forwards += 1
+                    bar.update(len(part))
+        finally:
+            bar.close()
+    return stats, samples, forwards
+
+
+def nothing_to_strip(sitemap: SiteMap, what: str | object = "the model") -> str | None:
+    """Why Synaptic Stripping can do nothing for this model (one line), or None if some site is strippable."""
+    if any(s.strippable for s in sitemap.sites):
+        return None
+    if not sitemap.sites:
+        return (f"{what}: nothing to strip: the model has no ReLU sites, so no neuron can die the ReLU way "
+                "(deadscan inspect reports it)")
+    notes = sorted({s.note.split(":")[0] for s in sitemap.sites if s.note})
+    why = f" ({'; '.join(notes[:3])})" if notes else ""
+    return (f"{what}: nothing to strip: none of its {len(sitemap.sites)} ReLU sites is fed by a Linear or Conv "
+            f"through per-feature ops only{why}; deadscan inspect still scans and reports them")
+
+
+def _where(e: BaseException, model: nn.Module | None = None, runner: nn.Module | None = None) -> str:
+    """`` in module NAME (Type): Error: message (at file:line)`` for a scan error (see :func:`raised_in`),
+    then the innermost frame outside torch and deadscan."""
     import traceback
 
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if "torch/" not in f.filename.replace("\\", "/")]
-    at = f" (in {frames[-1].name}, {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}{at}"
+    where = raised_in(e, model, runner) if model is not None else ""
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if "torch/" not in f.filename.replace("\\", "/") and not f.filename.startswith("<eval_with_key")
+              and not f.filename.replace("\\", "/").endswith("deadscan/scan.py")]
+    at = f" (at {frames[-1].filename}:{frames[-1].lineno}, in {frames[-1].name})" if frames else ""
+    return f"{where}: {type(e).__name__}: {' '.join(str(e).split())[:200]}{at}"
+
+
+def raised_in(e: BaseException, model: nn.Module, runner: nn.Module | None = None) -> str:
+    """`` in module NAME (Type)``: the innermost of ``model``'s modules whose forward was running when ``e``
+    was raised, found after the fact by walking the traceback for frames whose ``self`` is one of them
+    (so a forward pays nothing for it); ``""`` if none. In a traced part's generated forward, the
+    failing line's node names the module its op came from (fx's ``nn_module_stack``). ``runner``: a
+    GraphModule standing in for the whole model."""
+    names = {id(m): name for name, m in model.named_modules()}
+    if runner is not None and runner is not model:
+        names.setdefault(id(runner), "")
+    found = None
+    tb = e.__traceback__
+    while tb is not None:  # outermost first: the last match is the innermost module
+        frame = tb.tb_frame
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, nn.Module) and id(obj) in names:
+            found = (names[id(obj)], type(obj).__name__)
+            if isinstance(obj, fx.GraphModule):
+                found = _traced_origin(obj, names[id(obj)], frame, tb.tb_lineno) or (found[0], "traced")
+        tb = tb.tb_next
+    if found is None:
+        return ""
+    return f" in module {found[0]} ({found[1]})" if found[0] else f" in the model's own forward ({found[1]})"
+
+
+def _traced_origin(gm: fx.GraphModule, path: str, frame, lineno: int) -> tuple[str, str] | None:
+    """The module a line of ``gm``'s generated forward came from: the line assigns one node (``name = op(...)``)."""
+    import linecache
+
+    if not frame.f_code.co_filename.startswith("<eval_with_key"):
+        return None
+    target = linecache.getline(frame.f_code.co_filename, lineno).split("=", 1)[0].strip()
+    node = next((n for n in gm.graph.nodes if n.name == target), None)
+    stack = (node.meta.get("nn_module_stack") or {}) if node is not None else {}
+    if not stack:
+        return None
+    inner, kind = list(stack.values())[-1]
+    name = inner if not path else f"{path}.{inner}"
+    return name, kind.__name__ if isinstance(kind, type) else str(kind).rsplit(".", 1)[-1]
 
 
 def _progress(total: int | None, enabled: bool):

@@ -60,9 +60,11 @@ def check_fits(model: nn.Module, ds: Dataset, device: torch.device) -> None:
         else:
             wants = f"the model's first layer {expect[1] or '(root)'} takes {expect[2]} input features, " \
                     f"the data has {math.prod(shape)} per sample"
+        from ..scan import raised_in  # names the module whose forward raised (a model bug, or the shape)
+
         raise DataError(
             f"the model cannot take --data {ds.name} inputs of shape {shape} ({shown}; {wants}; "
-            f"{type(e).__name__}: {' '.join(str(e).split())[:160]}); {_fix_hint(expect, shape)}"
+            f"{type(e).__name__}{raised_in(e, model)}: {' '.join(str(e).split())[:160]}); {_fix_hint(expect, shape)}"
         ) from None
     finally:
         model.train(was_training)
