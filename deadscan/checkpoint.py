@@ -18,17 +18,15 @@ what a pickle would import by reading its opcodes, without importing or running 
 
 from __future__ import annotations
 
-import _compat_pickle
 import hashlib
 import json
 import os
-import pickletools
 import struct
 import tempfile
 import warnings
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +34,7 @@ from torch import nn
 
 from .defaults import DEFAULTS
 from .errors import ArchError, CheckpointError, DeadscanWarning, OutputError
+from .pickles import PickleScan, is_dangerous_global, scan_pickle, torch_allows
 from .zoo import SHAPES_KEY, ArchSpec, apply_shapes, build, parse_spec
 
 ARCH_KEY = "deadscan_arch"  # safetensors metadata key holding the arch spec
@@ -373,140 +372,7 @@ def _resolve_global(name: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading a pickle without running it: its opcodes, through pickletools (nothing is imported)
-
-
-@dataclass
-class PickleScan:
-    """What a pickle would import and which storages it declares, read from its opcodes alone."""
-
-    globals: list[str] = field(default_factory=list)  # module.name, in first-seen order
-    persistent_ids: list[tuple] = field(default_factory=list)  # torch: ('storage', type, key, location, numel...)
-    pickles: int = 0  # complete pickles read (a legacy torch.save file holds five in a row)
-    error: str | None = None  # why reading stopped early (damaged or unsupported bytes)
-
-
-class _Global(str):
-    """A name a GLOBAL / STACK_GLOBAL opcode would import (a value on the simulated stack)."""
-
-
-_MARK = object()
-_UNKNOWN = object()
-_STRING_ARGS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
-                "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "INT", "BININT", "BININT1",
-                "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT"}
-
-
-def scan_pickle(f, *, max_pickles: int = 1) -> PickleScan:
-    """Walk the opcodes of up to ``max_pickles`` consecutive pickles in the binary file ``f``.
-
-    A small stack machine follows what reaches GLOBAL (``module name``), STACK_GLOBAL (the two strings
-    below it, pushed directly or fetched from the memo by GET/BINGET after PUT/BINPUT/MEMOIZE), and the
-    tuples handed to (BIN)PERSID. EXT1/2/4 (the copyreg registry) are listed as ``<extension N>``.
-    Nothing is imported, constructed or called."""
-    result = PickleScan()
-    seen: dict[str, None] = {}
-
-    def record(name: str) -> _Global:
-        seen.setdefault(name, None)
-        return _Global(name)
-
-    for i in range(max_pickles):
-        if i and _at_eof(f):
-            break
-        stack: list = []
-        memo: dict = {}
-        done = False
-        try:
-            for op, arg, _pos in pickletools.genops(f):
-                name = op.name
-                if name in _STRING_ARGS:
-                    stack.append(arg)
-                elif name == "NONE":
-                    stack.append(None)
-                elif name in ("GLOBAL", "INST"):
-                    module, _, attr = str(arg).partition(" ")
-                    # Python 2 names (protocol 2 pickles say __builtin__.set), mapped as both unpicklers do
-                    module, attr = _compat_pickle.NAME_MAPPING.get(
-                        (module, attr), (_compat_pickle.IMPORT_MAPPING.get(module, module), attr))
-                    g = record(f"{module}.{attr}")
-                    if name == "GLOBAL":
-                        stack.append(g)
-                    else:
-                        _pop_mark(stack)
-                        stack.append(_UNKNOWN)
-                elif name == "STACK_GLOBAL":
-                    attr, module = stack.pop(), stack.pop()
-                    if isinstance(module, str) and isinstance(attr, str):
-                        stack.append(record(f"{module}.{attr}"))
-                    else:
-                        stack.append(record("<unresolved STACK_GLOBAL>"))
-                elif name in ("EXT1", "EXT2", "EXT4"):
-                    stack.append(record(f"<extension {arg}>"))
-                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                    memo[arg] = stack[-1]
-                elif name == "MEMOIZE":
-                    memo[len(memo)] = stack[-1]
-                elif name in ("GET", "BINGET", "LONG_BINGET"):
-                    stack.append(memo.get(arg, _UNKNOWN))
-                elif name == "TUPLE":
-                    stack.append(tuple(_pop_mark(stack)))
-                elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-                    n = int(name[-1])
-                    items = tuple(stack[-n:])
-                    del stack[-n:]
-                    stack.append(items)
-                elif name == "EMPTY_TUPLE":
-                    stack.append(())
-                elif name == "DUP":
-                    stack.append(stack[-1])
-                elif name == "BINPERSID":
-                    pid = stack.pop()
-                    result.persistent_ids.append(pid if isinstance(pid, tuple) else (pid,))
-                    stack.append(_UNKNOWN)
-                elif name == "PERSID":
-                    result.persistent_ids.append((arg,))
-                    stack.append(_UNKNOWN)
-                elif name == "STOP":
-                    done = True
-                else:  # every other opcode: its documented stack effect, values unknown
-                    before = op.stack_before
-                    if pickletools.markobject in before:
-                        _pop_mark(stack)
-                        below = before.index(pickletools.markobject)
-                    else:
-                        below = len(before)
-                    if below:
-                        if len(stack) < below:
-                            raise ValueError(f"{name} needs {below} stack items")
-                        del stack[-below:]
-                    for kind in op.stack_after:
-                        stack.append(_MARK if kind is pickletools.markobject else _UNKNOWN)
-        except Exception as e:  # damaged or hostile bytes: report how far we got
-            result.error = f"{type(e).__name__}: {_one_line(e)}"
-            break
-        if not done:
-            break
-        result.pickles += 1
-    result.globals = list(seen)
-    return result
-
-
-def _pop_mark(stack: list) -> list:
-    for i in range(len(stack) - 1, -1, -1):
-        if stack[i] is _MARK:
-            items = stack[i + 1:]
-            del stack[i:]
-            return items
-    raise ValueError("no MARK on the stack")
-
-
-def _at_eof(f) -> bool:
-    pos = f.tell()
-    if not f.read(1):
-        return True
-    f.seek(pos)
-    return False
+# What a pickle would import (its opcodes are read by deadscan.pickles; nothing is imported)
 
 
 @dataclass
@@ -583,36 +449,6 @@ def list_globals(path: str | os.PathLike) -> GlobalsListing:
         except Exception as e:
             raise CheckpointError(f"{path}: damaged zip archive ({_one_line(e) or type(e).__name__})") from None
     return GlobalsListing(str(path), fmt, members, fmt in ("torchscript", "pt2"))
-
-
-# Modules whose functions a pickle can use to run code (files, processes, imports, attribute tricks).
-DANGEROUS_MODULES = ("builtins", "os", "posix", "nt", "posixpath", "ntpath", "subprocess", "sys", "pathlib", "shutil",
-                     "importlib", "pickle", "_pickle", "copyreg", "runpy", "socket", "ctypes", "code", "codeop", "pty",
-                     "webbrowser", "io", "_io", "tempfile", "operator", "functools", "types", "marshal", "zipimport",
-                     "multiprocessing", "asyncio", "signal", "urllib", "http", "ftplib", "smtplib", "telnetlib",
-                     "inspect", "pdb", "timeit", "trace", "cProfile", "profile", "linecache", "glob", "fileinput",
-                     "torch.hub", "torch.jit", "torch.ops", "torch._ops", "torch.classes", "torch.load",
-                     "torch.serialization", "torch.utils.cpp_extension", "numpy.load", "numpy.f2py", "numpy.testing")
-
-
-def is_dangerous_global(name: str) -> bool:
-    """A name torch does not allow whose module is one a pickle can run code with (``builtins.eval``,
-    ``os.system``, ``pathlib.Path.write_text``, ``operator.attrgetter``...) or an extension code."""
-    if name.startswith("<"):  # <extension N>, <unresolved STACK_GLOBAL>
-        return True
-    if torch_allows(name):
-        return False
-    return any(name == m or name.startswith(m + ".") for m in DANGEROUS_MODULES)
-
-
-def torch_allows(name: str) -> bool:
-    """Whether ``torch.load(weights_only=True)`` accepts global ``name`` without being told (by name only)."""
-    try:
-        from torch import _weights_only_unpickler as w
-
-        return name in w._get_allowed_globals() or name in w._get_user_allowed_globals()
-    except Exception:  # a private API: if it moves, say "not allowed" (the safe answer)
-        return False
 
 
 def _check_legacy_sizes(path: Path) -> None:
