@@ -661,15 +661,23 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, arch: str, metad
         save_file(state, str(tmp), metadata=meta)
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
+def save_masks(masks: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Pruning masks (True = pruned), one bool tensor per layer name, beside a stripped model."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().to("cpu", torch.bool).contiguous() for k, v in masks.items()}, str(tmp),
+                  metadata={"deadscan": "pruning masks, True = pruned"})
+
+
+def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Masks written by :func:`save_masks`; ``Masks.load_state_dict`` applies them to a model."""
+    state, _ = _load_safetensors(Path(path))
+    return {k: v.to(torch.bool) for k, v in state.items()}
 
 
 __all__ = [
     "Checkpoint", "CheckpointInfo", "detect_format", "load_checkpoint", "load_into", "save_safetensors",
     "strip_prefixes", "atomic_path", "write_text_atomic", "sha256_of", "list_globals", "scan_pickle",
-    "check_out_dir", "nonfinite_layers",
+    "check_out_dir", "nonfinite_layers", "save_masks", "load_masks",
 ]

@@ -152,14 +152,16 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def max_output_diff(a: nn.Module, b: nn.Module, batches) -> float:
-    """Largest absolute difference of the two models' outputs over ``batches``; one sync at the end."""
+def max_output_diff(a: nn.Module, b: nn.Module | None, batches) -> float:
+    """Largest absolute difference of the two models' outputs over ``batches`` (``b=None``: the
+    largest absolute output of ``a``); one sync at the end."""
     worst = None
     a.eval()
-    b.eval()
+    if b is not None:
+        b.eval()
     with torch.inference_mode():
         for xb in batches:
-            d = (a(xb).float() - b(xb).float()).abs().max()
+            d = (a(xb).float() - (b(xb).float() if b is not None else 0)).abs().max()
             worst = d if worst is None else torch.maximum(worst, d)
     return float(worst) if worst is not None else 0.0
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import time
-
-import torch
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .capacity import Capacity, capacity
-from .checkpoint import Checkpoint, check_out_dir, load_checkpoint, save_safetensors
+from .checkpoint import Checkpoint, check_out_dir, load_checkpoint, save_masks, save_safetensors
 from .data import Dataset, check_fits, load_data
 from .defaults import DEFAULTS
 from .errors import DataError, OutputError, TraceError
@@ -130,7 +128,8 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
                                if k not in ("val_fraction",)})
     model = ckpt.model.to(dev)
     check_fits(model, splits["val"], dev)
-    nothing = nothing_to_strip(find_sites(model), checkpoint)
+    sitemap = find_sites(model)
+    nothing = nothing_to_strip(sitemap, checkpoint)
     if nothing:
         raise TraceError(nothing)
 
@@ -144,7 +143,7 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
             base_test = {**base_test, "corrupted": evaluate(base_model, shifted, dev, cfg.eval_batch_size)}
         del base_model
 
-    before = capture_weights(model, find_sites(model))  # for the revived neurons' weight histograms
+    before = capture_weights(model, sitemap)  # for the revived neurons' weight histograms
     res = finetune(model, splits["train"], splits["val"], cfg, device=dev, test=splits["test"],
                    state_path=out / STATE_FILE, resume=resume, on_epoch=on_epoch, source=ckpt.info.sha256)
     stripper = res.stripper
@@ -185,15 +184,6 @@ def summary_in(folder: Path) -> dict:
         return {}
 
 
-def save_masks(masks: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    from .checkpoint import atomic_path
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp), metadata={"deadscan": "pruning masks, True = pruned"})
-
-
 def _compact(model, final: ScanResult, val: Dataset, cfg: TrainConfig, out: Path, arch: str) -> dict:
     """Remove still-dead neurons; write compact.safetensors only if outputs match on the scanned data."""
     from .compact import compact, cpu_latency_ms, max_output_diff
@@ -201,7 +191,7 @@ def _compact(model, final: ScanResult, val: Dataset, cfg: TrainConfig, out: Path
     dev = next(model.parameters()).device
     c = compact(model, final)
     diff = max_output_diff(model, c.model, val.batches(cfg.eval_batch_size, dev))
-    scale = max_output_diff(model, _Zero(), val.batches(cfg.eval_batch_size, dev))  # max |output|
+    scale = max_output_diff(model, None, val.batches(cfg.eval_batch_size, dev))  # max |output|
     tolerance = 1e-4 * max(1.0, scale)
     if diff > tolerance:
         raise OutputError(f"compacted model's outputs differ by {diff:.3g} (> {tolerance:.3g}) on the scanned "
@@ -213,8 +203,3 @@ def _compact(model, final: ScanResult, val: Dataset, cfg: TrainConfig, out: Path
             "params_after": c.params_after, "max_abs_diff": diff,
             "cpu_latency_ms_before": round(cpu_latency_ms(model, example), 4),
             "cpu_latency_ms_after": round(cpu_latency_ms(c.model, example), 4), "latency_batch": len(example)}
-
-
-class _Zero(torch.nn.Module):
-    def forward(self, x):
-        return torch.zeros((), device=x.device)

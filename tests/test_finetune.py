@@ -425,3 +425,12 @@ def test_history_counts_dead_neurons_held_by_their_bias_alone():
         m.fc1.bias[1:3] = -100.0  # ... holds rows 1 and 2 down
     res = finetune(m, train, val, _cfg(epochs=0), device=CPU, test=test)
     assert res.history[0]["held_by_bias"] == 2
+
+
+def test_masks_file_round_trip(tmp_path):
+    from deadscan.checkpoint import load_masks, save_masks
+
+    masks = {"fc1": torch.tensor([[True, False], [False, True]]), "blocks.0.fc": torch.zeros(3, 2, 2, dtype=torch.bool)}
+    save_masks(masks, tmp_path / "masks.safetensors")
+    back = load_masks(tmp_path / "masks.safetensors")
+    assert back.keys() == masks.keys() and all(torch.equal(back[k], masks[k]) for k in masks)
