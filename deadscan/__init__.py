@@ -4,10 +4,11 @@ revive them with Synaptic Stripping."""
 __version__ = "0.1.0"
 
 from .capacity import Capacity, capacity  # noqa: E402
-from .checkpoint import load_checkpoint, save_safetensors  # noqa: E402
+from .checkpoint import load_checkpoint, load_masks, save_masks, save_safetensors  # noqa: E402
 from .data import Dataset, load_data  # noqa: E402
 from .errors import ArchError, CheckpointError, DataError, DeadscanError, OutputError, TraceError  # noqa: E402
 from .scan import ScanResult, SiteResult, merge, scan  # noqa: E402
+from .strip import Masks, StepReport, Stripper, strip  # noqa: E402
 from .trace import Site, SiteMap, find_sites  # noqa: E402
 from .zoo import build  # noqa: E402
 
@@ -21,5 +22,6 @@ def load(path, arch=None, *, trust_pickle=False, allow_globals=()):
 __all__ = [
     "__version__", "load", "load_checkpoint", "save_safetensors", "build", "find_sites", "scan", "merge",
     "capacity", "load_data", "Dataset", "Site", "SiteMap", "ScanResult", "SiteResult", "Capacity",
+    "Stripper", "StepReport", "Masks", "strip", "save_masks", "load_masks",
     "DeadscanError", "CheckpointError", "ArchError", "TraceError", "DataError", "OutputError",
 ]

@@ -120,11 +120,15 @@ def capacity(model: nn.Module, scan: ScanResult, masks: dict[str, torch.Tensor] 
 
 
 def _pruned_outside(mask: torch.Tensor | None, rows: np.ndarray, cols: np.ndarray | None) -> int:
-    """Pruned weights not already counted as a dead row or column."""
+    """Pruned weights not already counted as a dead row or column (inclusion-exclusion, on the
+    mask's device; no copy of the mask)."""
     if mask is None:
         return 0
-    m = mask.detach().to("cpu", torch.bool).flatten(2) if mask.ndim > 2 else mask.detach().to("cpu", torch.bool)[..., None]
-    keep = ~torch.from_numpy(rows)[:, None, None]
+    m = mask.detach()
+    m = m.flatten(2) if m.ndim > 2 else m[..., None]  # (out, in, kernel)
+    r = torch.from_numpy(rows).to(m.device)
+    outside = m.sum() - m[r].sum()
     if cols is not None:
-        keep = keep & ~torch.from_numpy(cols)[None, :, None]
-    return int((m & keep).sum())
+        c = torch.from_numpy(cols).to(m.device)
+        outside = outside - m[:, c].sum() + m[r][:, c].sum()
+    return int(outside)
