@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import deadscan
 from deadscan.scan import scan
 from deadscan.strip import Masks, Stripper, strip, strip_layer
 
@@ -584,3 +585,60 @@ def test_stripper_without_optimizer_warns():
         warnings.simplefilter("error")
         Stripper(m, opt, rate=0.25, device="cpu").step(x)  # an optimizer: no warning
         Stripper(_stripper_model()[0], enabled=False, device="cpu").step(x)  # detection only: none either
+
+
+# ---------------------------------------------------------------------------------------------
+# ReDo, the comparison baseline
+
+
+def _redo_model():
+    """Linear(4, 5) -> ReLU -> Linear(5, 3): rows 1 and 3 dead on inputs in [0, 1] by construction."""
+    torch.manual_seed(0)
+    m = nn.Sequential(OrderedDict(fc1=nn.Linear(4, 5), relu=nn.ReLU(), fc2=nn.Linear(5, 3)))
+    with torch.no_grad():
+        m.fc1.weight.copy_(torch.full((5, 4), 0.5))
+        m.fc1.bias.fill_(0.1)
+        m.fc1.weight[[1, 3]] = -1.0
+        m.fc1.bias[[1, 3]] = -0.5
+        m.fc2.weight.fill_(0.3)
+    return m.eval()
+
+
+def test_redo_reinitialises_dead_rows_zeroes_their_outgoing_weights_and_optimizer_state():
+    from deadscan.strip import redo
+
+    m = _redo_model()
+    x = torch.rand(32, 4)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    m.train()
+    nn.functional.mse_loss(m(x), torch.zeros(32, 3)).backward()
+    opt.step()  # optimizer state exists everywhere
+    m.eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    result = deadscan.scan(m, x, device="cpu")
+    assert result["relu"].dead_indices == [1, 3]
+    stats = redo(m, result, optimizer=opt, generator=torch.Generator().manual_seed(0))
+    assert stats.dead_targeted == 2 and stats.total == 0  # nothing pruned: ReDo re-initialises
+    alive = [0, 2, 4]
+    assert torch.equal(m.fc1.weight[alive], before["fc1.weight"][alive])  # live rows untouched
+    bound = 1 / 4 ** 0.5  # nn.Linear's default init range for fan_in 4
+    new_rows = m.fc1.weight[[1, 3]]
+    assert not torch.equal(new_rows, before["fc1.weight"][[1, 3]])
+    assert bool((new_rows.abs() <= bound).all())
+    assert torch.equal(m.fc1.bias[[1, 3]], torch.zeros(2))
+    assert torch.equal(m.fc2.weight[:, [1, 3]], torch.zeros(3, 2))  # outgoing weights zeroed
+    assert torch.equal(m.fc2.weight[:, alive], before["fc2.weight"][:, alive])
+    state = opt.state[m.fc1.weight]
+    assert torch.equal(state["exp_avg"][[1, 3]], torch.zeros(2, 4))
+    assert torch.equal(state["exp_avg_sq"][[1, 3]], torch.zeros(2, 4))
+    assert torch.equal(opt.state[m.fc2.weight]["exp_avg"][:, [1, 3]], torch.zeros(3, 2))
+
+
+def test_stripper_with_redo_method_prunes_nothing():
+    m = _redo_model()
+    x = torch.rand(32, 4)
+    stripper = Stripper(m, torch.optim.Adam(m.parameters()), method="redo")
+    report = stripper.step(x)
+    assert report.dead == 2 and report.pruned_weights == 0 and stripper.masks.pruned() == 0
+    with pytest.raises(ValueError, match="method must be one of"):
+        Stripper(m, method="bogus")
