@@ -281,6 +281,9 @@ def _input_batches(data, batch_size: int, device: torch.device) -> tuple[Iterabl
     """Batches of model inputs from a deadscan Dataset, a tensor, or an iterable of batches."""
     if hasattr(data, "batches"):
         return data.batches(batch_size, device), len(data)
+    if (isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+            and data[1].ndim == 1 and not data[1].is_floating_point() and len(data[0]) == len(data[1])):
+        data = data[0]  # a whole (inputs, labels) pair, not two batches
     if isinstance(data, torch.Tensor):
         x = data.to(device)
         return (x[i:i + batch_size] for i in range(0, len(x), batch_size)), len(x)

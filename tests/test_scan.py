@@ -682,3 +682,12 @@ def test_resnet18_instrumented_outputs_are_identical():
     assert_restored(model, snap, training=False)
     with torch.inference_mode():
         assert torch.equal(model(x), expected)
+
+
+def test_an_inputs_labels_pair_is_one_dataset_not_two_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    x = torch.rand(10, 3)
+    y = torch.randint(0, 2, (10,))
+    assert deadscan.scan(model, (x, y)).samples == 10
+    assert deadscan.scan(model, x).sites[0].active.tolist() == deadscan.scan(model, (x, y)).sites[0].active.tolist()
