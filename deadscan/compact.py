@@ -24,7 +24,8 @@ from .scan import ScanResult
 from .zoo import SHAPES_KEY, resized, set_submodule, widths
 
 
-def prune_linear_out(layer: nn.Linear, keep: torch.Tensor) -> nn.Linear:
+def prune_out(layer: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """A Linear or Conv keeping only output rows/channels ``keep`` (weight and bias)."""
     new = resized(layer, out_features=len(keep))
     with torch.no_grad():
         new.weight.copy_(layer.weight.index_select(0, keep))
@@ -33,25 +34,8 @@ def prune_linear_out(layer: nn.Linear, keep: torch.Tensor) -> nn.Linear:
     return new
 
 
-def prune_linear_in(layer: nn.Linear, cols: torch.Tensor) -> nn.Linear:
-    new = resized(layer, in_features=len(cols))
-    with torch.no_grad():
-        new.weight.copy_(layer.weight.index_select(1, cols))
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias)
-    return new
-
-
-def prune_conv_out(layer: nn.Module, keep: torch.Tensor) -> nn.Module:
-    new = resized(layer, out_features=len(keep))
-    with torch.no_grad():
-        new.weight.copy_(layer.weight.index_select(0, keep))
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias.index_select(0, keep))
-    return new
-
-
-def prune_conv_in(layer: nn.Module, keep: torch.Tensor) -> nn.Module:
+def prune_in(layer: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """A Linear or Conv keeping only input columns/channels ``keep`` (the bias is unchanged)."""
     new = resized(layer, in_features=len(keep))
     with torch.no_grad():
         new.weight.copy_(layer.weight.index_select(1, keep))
@@ -129,18 +113,12 @@ def compact(model: nn.Module, scan: ScanResult) -> Compacted:
         f, c = r.site.feeding, r.site.consumer
         layer = new.get_submodule(f.layer)
         keep = torch.from_numpy(np.flatnonzero(~r.dead)).to(layer.weight.device)
-        prune_out = prune_linear_out if f.kind == "linear" else prune_conv_out
         set_submodule(new, f.layer, prune_out(layer, keep))
         for op, name in f.chain:
             if op == "bn":
                 set_submodule(new, name, prune_bn(new.get_submodule(name), keep))
                 out.shapes[name] = widths(new.get_submodule(name))
-        cons = new.get_submodule(c.layer)
-        if c.kind == "linear":
-            cols = (keep[:, None] * c.group + torch.arange(c.group, device=keep.device)[None, :]).flatten()
-            set_submodule(new, c.layer, prune_linear_in(cons, cols))
-        else:
-            set_submodule(new, c.layer, prune_conv_in(cons, keep))
+        set_submodule(new, c.layer, prune_in(new.get_submodule(c.layer), c.columns(keep)))
         out.shapes[f.layer] = widths(new.get_submodule(f.layer))
         out.shapes[c.layer] = widths(new.get_submodule(c.layer))
         out.removed[r.site.name] = int(r.dead.sum())

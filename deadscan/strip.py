@@ -192,7 +192,7 @@ def redo(model: nn.Module, scan: ScanResult, *, optimizer: torch.optim.Optimizer
             if c is not None:
                 cons = model.get_submodule(c.layer)
                 if cons.weight.shape[1] == r.neurons * c.group:
-                    cols = (rows[:, None] * c.group + torch.arange(c.group, device=w.device)[None, :]).flatten()
+                    cols = c.columns(rows)
                     cons.weight[:, cols] = 0
                     _clear_state(optimizer, cons.weight, cols, dim=1)
         stats.pruned[f.layer] = 0

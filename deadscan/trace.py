@@ -67,6 +67,11 @@ class Consumer:
     group: int = 1  # input columns per neuron (a flatten after an adaptive pool to h x w: h*w)
     keeps_zero: bool = True  # a dead neuron reaches the layer as 0 (False: a BatchNorm shifts it)
 
+    def columns(self, neurons: torch.Tensor) -> torch.Tensor:
+        """The consumer's input columns (dim 1 of its weight) that read these neurons."""
+        offsets = torch.arange(self.group, device=neurons.device)
+        return (neurons[:, None] * self.group + offsets[None, :]).flatten()
+
 
 @dataclass(frozen=True)
 class Site:
