@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .scan import ScanResult
+from .scan import PerNeuron, ScanResult
 from .trace import SiteMap, effective_affine
 
 WEIGHT_BINS = 60
@@ -44,7 +44,7 @@ class Hist:
 
 
 @dataclass
-class SiteData:
+class SiteData(PerNeuron):
     """One site: its summary row and its per-neuron statistics (numpy)."""
 
     info: dict  # the site's row in summary["sites"]
@@ -64,21 +64,8 @@ class SiteData:
         return self.info["name"]
 
     @property
-    def neurons(self) -> int:
-        return int(self.active.shape[0])
-
-    @property
-    def dead(self) -> np.ndarray:
-        return self.active == 0
-
-    @property
-    def frequency(self) -> np.ndarray:
-        return self.active / max(self.elements, 1)
-
-    @property
-    def out_max(self) -> np.ndarray:
-        top = 6.0 if self.info.get("kind") == "relu6" else np.inf
-        return np.clip(self.pre_max, 0.0, top)
+    def activation(self) -> str:
+        return self.info.get("kind", "relu")
 
 
 @dataclass

@@ -189,22 +189,13 @@ def _plain_call(module: nn.Module, *args, **kwargs):
 # Results
 
 
-@dataclass
-class SiteResult:
-    """Per-neuron statistics of one site over the scanned data (numpy, on the host)."""
-
-    site: Site
-    out_sum: np.ndarray  # float64, sum of outputs
-    active: np.ndarray  # int64, elements with output > 0
-    elements: int  # elements per neuron scanned (samples x positions)
-    pre_max: np.ndarray  # float32, max pre-activation (how far a dead neuron is from waking)
-    provably_dead: np.ndarray  # bool, from the weights alone
-    tau: float
-    mean_input: np.ndarray | None = None  # feeding layer's mean input per input feature (if asked)
+class PerNeuron:
+    """What follows from the per-neuron counts alone; shared by scan results and stats.h5 readers.
+    Needs ``active``, ``elements``, ``pre_max`` and an ``activation`` (relu | relu6)."""
 
     @property
     def neurons(self) -> int:
-        return int(self.out_sum.shape[0])
+        return int(self.active.shape[0])
 
     @property
     def dead(self) -> np.ndarray:
@@ -218,8 +209,26 @@ class SiteResult:
 
     @property
     def out_max(self) -> np.ndarray:
-        top = 6.0 if self.site.activation == "relu6" else np.inf
+        top = 6.0 if self.activation == "relu6" else np.inf
         return np.clip(self.pre_max, 0.0, top)
+
+
+@dataclass
+class SiteResult(PerNeuron):
+    """Per-neuron statistics of one site over the scanned data (numpy, on the host)."""
+
+    site: Site
+    out_sum: np.ndarray  # float64, sum of outputs
+    active: np.ndarray  # int64, elements with output > 0
+    elements: int  # elements per neuron scanned (samples x positions)
+    pre_max: np.ndarray  # float32, max pre-activation (how far a dead neuron is from waking)
+    provably_dead: np.ndarray  # bool, from the weights alone
+    tau: float
+    mean_input: np.ndarray | None = None  # feeding layer's mean input per input feature (if asked)
+
+    @property
+    def activation(self) -> str:
+        return self.site.activation
 
     @property
     def score(self) -> np.ndarray:
