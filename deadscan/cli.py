@@ -244,7 +244,7 @@ def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, meth
         run = pipeline.strip_checkpoint(checkpoint, data, cfg=cfg, out=out, from_dir=from_dir, arch=arch,
                                         trust_pickle=trust_pickle, baseline=baseline, resume=resume, device=device,
                                         data_root=data_root, download=download, command=_command_line(),
-                                        compact=compact, on_epoch=on_epoch, plotlyjs=plotlyjs,
+                                        compact=compact, on_epoch=on_epoch, progress=True, plotlyjs=plotlyjs,
                                         data_options=data_options, corrupted=test_corrupted,
                                         corrupted_options={"corruption": corruption, "severity": severity},
                                         overwrite=overwrite, allow_globals=allow_global)

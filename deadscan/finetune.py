@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from torch import nn
 
 from .checkpoint import atomic_path
@@ -154,9 +155,10 @@ def load_state(path: Path) -> dict:
 
 def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *, device: torch.device,
              test: Dataset | None = None, state_path: Path | None = None, resume: bool = False,
-             on_epoch=None, source: str = "") -> FinetuneResult:
+             on_epoch=None, source: str = "", progress: bool = False) -> FinetuneResult:
     """Train ``cfg.epochs`` epochs with detection (+ stripping) after each. ``epochs=0``: one strip
-    step and a re-scan, no training. ``on_epoch(row)`` is called after each history row.
+    step and a re-scan, no training. ``on_epoch(row)`` is called after each history row; ``progress``
+    shows a bar per epoch on stderr.
     ``source`` (e.g. the input checkpoint's sha256) is saved with the state; ``resume`` refuses a
     state saved from another source or with another configuration."""
     torch.manual_seed(cfg.seed)
@@ -205,7 +207,10 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
                 t0 = time.perf_counter()
                 model.train()
                 total = torch.zeros((), device=device, dtype=torch.float64)
-                for i, (xb, yb) in enumerate(train.train_batches(cfg.batch_size, device, gen, augment=cfg.augment)):
+                batches = train.train_batches(cfg.batch_size, device, gen, augment=cfg.augment)
+                bar = tqdm(batches, total=steps_per_epoch, disable=not progress, desc=f"epoch {epoch + 1}",
+                           unit="batch", leave=False, dynamic_ncols=True)
+                for i, (xb, yb) in enumerate(bar):
                     for group in opt.param_groups:
                         group["lr"] = _lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
                     loss = F.cross_entropy(model(xb), yb)

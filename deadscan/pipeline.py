@@ -95,7 +95,8 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
                      arch: str | None = None, trust_pickle: bool = False, baseline: bool = False,
                      resume: bool = False, device: str | None = None, data_root: str | None = None,
                      download: bool = False, data_seed: int = DEFAULTS.seed, command: str = "",
-                     compact: bool = False, on_epoch=None, plotlyjs: str = "inline", data_options: dict | None = None,
+                     compact: bool = False, on_epoch=None, progress: bool = False, plotlyjs: str = "inline",
+                     data_options: dict | None = None,
                      corrupted: str | None = None, corrupted_options: dict | None = None, overwrite: bool = False,
                      allow_globals: tuple[str, ...] = ()) -> StripRun:
     """Fine-tune with stripping and write the outputs. ``data_options``: load_data keywords (val_fraction,
@@ -145,7 +146,8 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
 
     before = capture_weights(model, sitemap)  # for the revived neurons' weight histograms
     res = finetune(model, splits["train"], splits["val"], cfg, device=dev, test=splits["test"],
-                   state_path=out / STATE_FILE, resume=resume, on_epoch=on_epoch, source=ckpt.info.sha256)
+                   state_path=out / STATE_FILE, resume=resume, on_epoch=on_epoch, source=ckpt.info.sha256,
+                   progress=progress)
     stripper = res.stripper
     final = scan(model, splits["val"], sitemap=stripper.sitemap, batch_size=cfg.eval_batch_size, device=dev,
                  input_means=True)
