@@ -208,8 +208,9 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
                 model.train()
                 total = torch.zeros((), device=device, dtype=torch.float64)
                 batches = train.train_batches(cfg.batch_size, device, gen, augment=cfg.augment)
-                bar = tqdm(batches, total=steps_per_epoch, disable=not progress, desc=f"epoch {epoch + 1}",
-                           unit="batch", leave=False, dynamic_ncols=True)
+                # disable=None: no bar when stderr is not a terminal (logs, CI)
+                bar = tqdm(batches, total=steps_per_epoch, disable=None if progress else True,
+                           desc=f"epoch {epoch + 1}", unit="batch", leave=False, dynamic_ncols=True)
                 for i, (xb, yb) in enumerate(bar):
                     for group in opt.param_groups:
                         group["lr"] = _lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
