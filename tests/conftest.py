@@ -59,3 +59,16 @@ def npz_data(tmp_path):
     path = tmp_path / "data.npz"
     np.savez(path, x=rng.random((100, 4)).astype(np.float32), y=(np.arange(100) % 3).astype(np.int64))
     return path
+
+
+@pytest.fixture
+def gelu_case(tmp_path):
+    """A tiny GELU ViT (no ReLU sites) saved as safetensors, and 8x8 one-channel images for it."""
+    spec = "vit-gelu(img_size=8, patch_size=4, in_chans=1, classes=3, depth=1, heads=2, dim=8, mlp_dim=16)"
+    torch.manual_seed(0)
+    ckpt = tmp_path / "gelu.safetensors"
+    deadscan.save_safetensors(build(spec), ckpt, spec)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "img.npz"
+    np.savez(data, x=rng.integers(0, 256, (40, 1, 8, 8)).astype(np.uint8), y=(np.arange(40) % 3).astype(np.int64))
+    return ckpt, data

@@ -14,7 +14,6 @@ import deadscan
 from deadscan.cli import SAMPLE_MODEL, main
 from deadscan.data import resource_path
 from deadscan.defaults import DEFAULTS
-from deadscan.zoo import build
 
 from conftest import MLP_SPEC
 
@@ -232,14 +231,8 @@ def test_version(runner):
 # Models with nothing to scan
 
 
-def test_gelu_model_reports_no_relu_sites(runner, tmp_path):
-    spec = "vit-gelu(img_size=8, patch_size=4, in_chans=1, classes=3, depth=1, heads=2, dim=8, mlp_dim=16)"
-    torch.manual_seed(0)
-    p = tmp_path / "gelu.safetensors"
-    deadscan.save_safetensors(build(spec), p, spec)
-    rng = np.random.default_rng(0)
-    d = _npz(tmp_path / "img.npz", x=rng.integers(0, 256, (40, 1, 8, 8)).astype(np.uint8),
-             y=(np.arange(40) % 3).astype(np.int64))
+def test_gelu_model_reports_no_relu_sites(runner, tmp_path, gelu_case):
+    p, d = gelu_case
     out = tmp_path / "out"
     res = _inspect(runner, p, "--data", d, "--out", out)
     assert res.exit_code == 0, res.output

@@ -706,14 +706,8 @@ def test_op_failing_inside_a_traced_module_names_it():
                                    "mat1 and mat2 shapes cannot be multiplied")
 
 
-def test_no_relu_sites_inspect_exits_0_and_strip_says_nothing_to_strip(runner, tmp_path):
-    spec = "vit-gelu(img_size=8, patch_size=4, in_chans=1, classes=3, depth=1, heads=2, dim=8, mlp_dim=16)"
-    torch.manual_seed(0)
-    p = tmp_path / "gelu.safetensors"
-    deadscan.save_safetensors(build(spec), p, spec)
-    rng = np.random.default_rng(0)
-    d = _npz(tmp_path / "img.npz", x=rng.integers(0, 256, (40, 1, 8, 8)).astype(np.uint8),
-             y=(np.arange(40) % 3).astype(np.int64))
+def test_no_relu_sites_inspect_exits_0_and_strip_says_nothing_to_strip(runner, tmp_path, gelu_case):
+    p, d = gelu_case
     out = tmp_path / "out"
     line = _one_error_line(runner.invoke(main, ["strip", str(p), "--data", str(d), "--finetune", "1",
                                                 "--out", str(out)]))
