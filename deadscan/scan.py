@@ -92,8 +92,9 @@ class InputStats:
     def update(self, x: torch.Tensor) -> None:
         axis = self.axis % x.ndim
         dims = [d for d in range(x.ndim) if d != axis]
-        s = x.sum(dims, dtype=torch.float64)
-        self.sum = s if self.sum is None else self.sum + s
+        if self.sum is None:
+            self.sum = torch.zeros(x.shape[axis], dtype=torch.float64, device=x.device)
+        self.sum += x.sum(dims, dtype=torch.float32)  # float32 per batch, as SiteStats: no float64 copy
         self.elements += x.numel() // x.shape[axis]
 
     def mean(self) -> np.ndarray | None:
@@ -147,8 +148,12 @@ def instrument(model: nn.Module, sitemap: SiteMap, inputs: dict[str, InputStats]
                 setattr(parent, attr, gm)
         for st in stats:
             if st.site.hooked:
-                handles.append(model.get_submodule(st.site.name).register_forward_pre_hook(
-                    lambda _m, args, st=st: st.update(args[0])))
+                module = model.get_submodule(st.site.name)
+                if st.site.inplace:  # the module overwrites its input: record it before
+                    hook = module.register_forward_pre_hook(lambda _m, args, st=st: st.update(args[0]))
+                else:  # reuse the module's own output rather than computing the activation again
+                    hook = module.register_forward_hook(lambda _m, args, out, st=st: st.update(args[0], out))
+                handles.append(hook)
         for layer, rec in (inputs or {}).items():
             handles.append(model.get_submodule(layer).register_forward_pre_hook(
                 lambda _m, args, rec=rec: rec.update(args[0])))

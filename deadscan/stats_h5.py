@@ -44,7 +44,8 @@ SCHEMA_VERSION = 1
 HISTORY_FIELDS = (  # (name, dtype); None in a row is stored as NaN (floats) or -1 (ints)
     ("epoch", "i8"), ("dead", "i8"), ("revived", "i8"), ("died", "i8"), ("pruned_weights", "i8"),
     ("pruned_this_epoch", "i8"), ("active_percent", "f8"), ("active_percent_feeding_weights", "f8"),
-    ("train_loss", "f8"), ("val_loss", "f8"), ("val_acc", "f8"), ("test_acc", "f8"), ("seconds", "f8"),
+    ("train_loss", "f8"), ("val_loss", "f8"), ("val_acc", "f8"), ("test_acc", "f8"), ("held_by_bias", "i8"),
+    ("seconds", "f8"),
 )
 SITE_ATTRS = ("name", "feeding_layer", "consumer_layer", "kind", "call", "layer_kind", "neurons", "dead",
               "provably_dead", "dormant", "strippable", "hidden_params", "inactive_params", "active_percent", "note")
@@ -180,7 +181,7 @@ def _read(f, path: Path, masks: bool) -> ReportData:
     summary = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     rows = {s["name"]: s for s in summary.get("sites", [])}
     sites = []
-    for key in sorted(f["sites"]):
+    for key in sorted(f["sites"], key=int):  # groups are numbered in model order
         g = f["sites"][key]
         name = _str(g.attrs["name"])
         info = rows.get(name) or {k: _str(g.attrs[k]) for k in SITE_ATTRS if k in g.attrs}
@@ -191,7 +192,7 @@ def _read(f, path: Path, masks: bool) -> ReportData:
             weights=_read_hist(g, "weight_hist"), revived=_read_hist(g, "revived_hist")))
     loaded_masks = {}
     if masks and "masks" in f:
-        for key in sorted(f["masks"]):
+        for key in sorted(f["masks"], key=int):
             d = f["masks"][key]
             loaded_masks[_str(d.attrs["layer"])] = d[()]
     return ReportData(summary, sites, _read_hist(f, "weight_hist"), _read_hist(f, "revived_hist"),
