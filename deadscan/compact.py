@@ -130,18 +130,22 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def max_output_diff(a: nn.Module, b: nn.Module | None, batches) -> float:
-    """Largest absolute difference of the two models' outputs over ``batches`` (``b=None``: the
-    largest absolute output of ``a``); one sync at the end."""
-    worst = None
+def compare_outputs(a: nn.Module, b: nn.Module, batches) -> tuple[float, float]:
+    """(largest |a(x) - b(x)|, largest |a(x)|) over ``batches``, in one pass; one sync at the end."""
+    diff = scale = torch.zeros(())
     a.eval()
-    if b is not None:
-        b.eval()
+    b.eval()
     with torch.inference_mode():
         for xb in batches:
-            d = (a(xb).float() - (b(xb).float() if b is not None else 0)).abs().max()
-            worst = d if worst is None else torch.maximum(worst, d)
-    return float(worst) if worst is not None else 0.0
+            ya, yb = a(xb).float(), b(xb).float()
+            diff = torch.maximum(diff.to(ya.device), (ya - yb).abs().max())
+            scale = torch.maximum(scale.to(ya.device), ya.abs().max())
+    return float(diff), float(scale)
+
+
+def max_output_diff(a: nn.Module, b: nn.Module, batches) -> float:
+    """Largest absolute difference of the two models' outputs over ``batches``."""
+    return compare_outputs(a, b, batches)[0]
 
 
 def cpu_latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 20) -> float:

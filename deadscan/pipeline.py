@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -136,7 +137,7 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
 
     base_hist = base_test = None
     if baseline:
-        base_model = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, allow_globals=allow_globals).model
+        base_model = copy.deepcopy(model)  # still untrained: the stripped run starts below
         base = finetune(base_model, splits["train"], splits["val"], replace(cfg, strip=False), device=dev,
                         test=splits["test"])
         base_hist, base_test = base.history, base.test
@@ -148,6 +149,7 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
     res = finetune(model, splits["train"], splits["val"], cfg, device=dev, test=splits["test"],
                    state_path=out / STATE_FILE, resume=resume, on_epoch=on_epoch, source=ckpt.info.sha256,
                    progress=progress)
+    splits["train"].release()  # its device copy is not needed after training
     stripper = res.stripper
     final = scan(model, splits["val"], sitemap=stripper.sitemap, batch_size=cfg.eval_batch_size, device=dev,
                  input_means=True)
@@ -188,12 +190,11 @@ def summary_in(folder: Path) -> dict:
 
 def _compact(model, final: ScanResult, val: Dataset, cfg: TrainConfig, out: Path, arch: str) -> dict:
     """Remove still-dead neurons; write compact.safetensors only if outputs match on the scanned data."""
-    from .compact import compact, cpu_latency_ms, max_output_diff
+    from .compact import compact, compare_outputs, cpu_latency_ms
 
     dev = next(model.parameters()).device
     c = compact(model, final)
-    diff = max_output_diff(model, c.model, val.batches(cfg.eval_batch_size, dev))
-    scale = max_output_diff(model, None, val.batches(cfg.eval_batch_size, dev))  # max |output|
+    diff, scale = compare_outputs(model, c.model, val.batches(cfg.eval_batch_size, dev))
     tolerance = 1e-4 * max(1.0, scale)
     if diff > tolerance:
         raise OutputError(f"compacted model's outputs differ by {diff:.3g} (> {tolerance:.3g}) on the scanned "

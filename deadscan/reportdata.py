@@ -81,12 +81,6 @@ class ReportData:
     def is_strip(self) -> bool:
         return bool(self.summary.get("history"))
 
-    def site(self, name: str) -> SiteData:
-        for s in self.sites:
-            if s.name == name:
-                return s
-        raise KeyError(name)
-
 
 # ---------------------------------------------------------------------------------------------
 # Building from a live run

@@ -151,8 +151,8 @@ def _write_history(parent, name: str, rows: list[dict]) -> None:
 # Reading
 
 
-def read_stats(path: str | Path, *, masks: bool = False) -> ReportData:
-    """Read a stats.h5 written by :func:`write_stats` (``masks=True`` also loads the masks)."""
+def read_stats(path: str | Path) -> ReportData:
+    """Read a stats.h5 written by :func:`write_stats` (masks stay in the file: read them with h5py)."""
     import h5py
 
     path = Path(path)
@@ -164,12 +164,12 @@ def read_stats(path: str | Path, *, masks: bool = False) -> ReportData:
         raise DataError(f"{path}: not an HDF5 file; pass a stats.h5 written by deadscan inspect or strip") from None
     try:
         with f:
-            return _read(f, path, masks)
+            return _read(f, path)
     except (KeyError, ValueError, TypeError) as e:
         raise DataError(f"{path}: damaged or incomplete stats.h5 ({type(e).__name__}: {e})") from None
 
 
-def _read(f, path: Path, masks: bool) -> ReportData:
+def _read(f, path: Path) -> ReportData:
     if "summary" not in f or "sites" not in f or "schema_version" not in f.attrs:
         raise DataError(f"{path}: not a deadscan stats.h5 (no /summary or /sites); "
                         "pass a stats.h5 written by deadscan inspect or strip")
@@ -190,13 +190,8 @@ def _read(f, path: Path, masks: bool) -> ReportData:
             pre_max=g["pre_max"][()], provably_dead=g["provably_dead"][()], dormant=g["dormant"][()],
             score=g["score"][()], mean_input=g["mean_input"][()] if "mean_input" in g else None,
             weights=_read_hist(g, "weight_hist"), revived=_read_hist(g, "revived_hist")))
-    loaded_masks = {}
-    if masks and "masks" in f:
-        for key in sorted(f["masks"], key=int):
-            d = f["masks"][key]
-            loaded_masks[_str(d.attrs["layer"])] = d[()]
     return ReportData(summary, sites, _read_hist(f, "weight_hist"), _read_hist(f, "revived_hist"),
-                      loaded_masks, source=str(path))
+                      source=str(path))
 
 
 def _str(v):
