@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .defaults import DEFAULTS
-from .errors import ArchError, CheckpointError, DeadscanWarning, OutputError
+from .errors import ArchError, CheckpointError, DeadscanWarning, OutputError, one_line
 from .pickles import PickleScan, is_dangerous_global, scan_pickle, torch_allows
 from .zoo import SHAPES_KEY, ArchSpec, apply_shapes, build, parse_spec
 
@@ -106,7 +106,7 @@ def _zip_kind(path: Path, size: int | None = None) -> str:
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
     except Exception as e:  # zipfile raises BadZipFile, OSError, ValueError, struct.error... on crafted bytes
-        raise CheckpointError(f"{path}: damaged zip archive ({_one_line(e) or type(e).__name__})") from None
+        raise CheckpointError(f"{path}: damaged zip archive ({one_line(e) or type(e).__name__})") from None
     size = path.stat().st_size if size is None else size
     for info in infos:  # torch's reader allocates what a member declares: check it against the file first
         limit = size if info.compress_type == zipfile.ZIP_STORED else ZIP_MAX_RATIO * max(info.compress_size, 1)
@@ -204,7 +204,7 @@ def _load(path: Path, fmt: str, arch: str | None, trust_pickle: bool, allow_glob
         raise CheckpointError(f"{path}: {e}") from None
     except Exception as e:  # the builder rejected its arguments (negative widths, wrong types...)
         what = "its metadata names architecture" if from_file else "--arch"
-        raise CheckpointError(f"{path}: cannot build {what} {spec} ({type(e).__name__}: {_one_line(e)})") from None
+        raise CheckpointError(f"{path}: cannot build {what} {spec} ({type(e).__name__}: {one_line(e)})") from None
     load_into(model, state, path)
     return Checkpoint(model.eval(), CheckpointInfo(str(path), sha256_of(path), fmt, str(spec)))
 
@@ -305,7 +305,7 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             for key in f.keys():
                 state[key] = f.get_tensor(key)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"{path}: damaged safetensors file ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: damaged safetensors file ({one_line(e)})") from None
     return state, metadata
 
 
@@ -319,10 +319,10 @@ def _torch_load(path: Path, trust_pickle: bool, allow_globals: tuple[str, ...] =
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # noise before a refusal
             return torch.load(f, map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:  # torch raises many kinds for bad or unsafe pickles
-        msg = _one_line(e)
+        msg = one_line(e)
         if not trust_pickle and ("weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg):
-            full = " ".join(str(e).split())
-            found = _pickle_globals_hint(full)  # untruncated: torch names the global late
+            full = one_line(e, limit=10**6)
+            found = _pickle_globals_hint(full)  # untruncated: torch names the global late  # untruncated: torch names the global late
             if found == "non-tensor objects":  # torch did not say which (an opcode it does not take): read them
                 needed = [g for g in _needed_globals(path) if g not in allow_globals]
                 if needed:
@@ -361,7 +361,7 @@ def _resolve_global(name: str):
             continue
         except Exception as e:  # the module the user named failed while importing
             raise CheckpointError(f"{ALLOW_FLAG} {name}: importing {'.'.join(parts[:i])} failed "
-                                  f"({type(e).__name__}: {_one_line(e)})") from None
+                                  f"({type(e).__name__}: {one_line(e)})") from None
         try:
             for attr in parts[i:]:
                 obj = getattr(obj, attr)
@@ -447,7 +447,7 @@ def list_globals(path: str | os.PathLike) -> GlobalsListing:
         except CheckpointError:
             raise
         except Exception as e:
-            raise CheckpointError(f"{path}: damaged zip archive ({_one_line(e) or type(e).__name__})") from None
+            raise CheckpointError(f"{path}: damaged zip archive ({one_line(e) or type(e).__name__})") from None
     return GlobalsListing(str(path), fmt, members, fmt in ("torchscript", "pt2"))
 
 
@@ -485,7 +485,7 @@ def _load_code_archive(path: Path, fmt: str) -> nn.Module:
             return torch.jit.load(str(path), map_location="cpu")
         return torch.export.load(str(path)).module()
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot load {fmt} archive ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: cannot load {fmt} archive ({one_line(e)})") from None
 
 
 def _find_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
@@ -569,17 +569,12 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str | os.
         model.load_state_dict(state, strict=True)
     except Exception as e:  # tensors torch cannot copy into parameters (meta, sparse, odd dtypes)
         raise CheckpointError(f"{where}: cannot copy its tensors into the model ({type(e).__name__}: "
-                              f"{_one_line(e)})") from None
+                              f"{one_line(e)})") from None
 
 
 def _few(items: list[str], n: int = 5) -> str:
     shown = ", ".join(items[:n])
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 # ---------------------------------------------------------------------------------------------

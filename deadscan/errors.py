@@ -30,3 +30,9 @@ class OutputError(DeadscanError):
 
 class DeadscanWarning(UserWarning):
     """Something the user should know that does not stop the run (the CLI prints one ``Warning:`` line)."""
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message folded onto one line and cut to ``limit`` characters (its type if empty)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."

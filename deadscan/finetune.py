@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ from torch import nn
 
 from .checkpoint import atomic_path
 from .data import Dataset
-from .errors import DeadscanError
+from .errors import DeadscanError, one_line
 from .strip import StepReport, Stripper
 
 STATE_FILE = "train-state.pt"
@@ -184,9 +185,8 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
         except DeadscanError:
             raise
         except Exception as e:  # another model's state, or a damaged file: one line, not a traceback
-            text = " ".join(str(e).split())[:200]
             raise DeadscanError(f"{state_path}: cannot resume: the saved state does not fit this run "
-                                f"({type(e).__name__}: {text}); drop --resume or choose another --out") from None
+                                f"({type(e).__name__}: {one_line(e, 200)}); drop --resume or choose another --out") from None
 
     if cfg.epochs == 0:  # one strip step, then a re-scan to see what it did
         stripper.every = 1  # the one step strips whatever --every says (epoch 1 % every may be non-zero)
@@ -201,6 +201,9 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
         return result
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    # Only on a terminal (not in logs or CI); and no bar object at all otherwise: a signal arriving
+    # while tqdm builds even a disabled bar makes it print an error from its destructor.
+    show_bar = progress and sys.stderr.isatty()
     with _sigterm_as_interrupt():
         try:
             for epoch in range(start, cfg.epochs):
@@ -208,10 +211,10 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
                 model.train()
                 total = torch.zeros((), device=device, dtype=torch.float64)
                 batches = train.train_batches(cfg.batch_size, device, gen, augment=cfg.augment)
-                # disable=None: no bar when stderr is not a terminal (logs, CI)
-                bar = tqdm(batches, total=steps_per_epoch, disable=None if progress else True,
-                           desc=f"epoch {epoch + 1}", unit="batch", leave=False, dynamic_ncols=True)
-                for i, (xb, yb) in enumerate(bar):
+                if show_bar:
+                    batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}", unit="batch",
+                                   leave=False, dynamic_ncols=True)
+                for i, (xb, yb) in enumerate(batches):
                     for group in opt.param_groups:
                         group["lr"] = _lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
                     loss = F.cross_entropy(model(xb), yb)

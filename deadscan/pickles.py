@@ -10,6 +10,8 @@ import _compat_pickle
 import pickletools
 from dataclasses import dataclass, field
 
+from .errors import one_line
+
 
 _MARK = object()
 _UNKNOWN = object()
@@ -118,7 +120,7 @@ def scan_pickle(f, *, max_pickles: int = 1) -> PickleScan:
                     for kind in op.stack_after:
                         stack.append(_MARK if kind is pickletools.markobject else _UNKNOWN)
         except Exception as e:  # damaged or hostile bytes: report how far we got
-            result.error = f"{type(e).__name__}: {_short(e)}"
+            result.error = f"{type(e).__name__}: {one_line(e)}"
             break
         if not done:
             break
@@ -172,8 +174,3 @@ def torch_allows(name: str) -> bool:
         return name in w._get_allowed_globals() or name in w._get_user_allowed_globals()
     except Exception:  # a private API: if it moves, say "not allowed" (the safe answer)
         return False
-
-
-def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] + ("..." if len(text) > 300 else "")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .defaults import DEFAULTS
-from .errors import DataError, DeadscanError, DeadscanWarning, TraceError
+from .errors import DataError, DeadscanError, DeadscanWarning, TraceError, one_line
 from .trace import Site, SiteMap, copy_graph, effective_affine, find_sites
 
 
@@ -445,7 +445,7 @@ def _where(e: BaseException, model: nn.Module | None = None, runner: nn.Module |
               if "torch/" not in f.filename.replace("\\", "/") and not f.filename.startswith("<eval_with_key")
               and not f.filename.replace("\\", "/").endswith("deadscan/scan.py")]
     at = f" (at {frames[-1].filename}:{frames[-1].lineno}, in {frames[-1].name})" if frames else ""
-    return f"{where}: {type(e).__name__}: {' '.join(str(e).split())[:200]}{at}"
+    return f"{where}: {type(e).__name__}: {one_line(e, 200)}{at}"
 
 
 def raised_in(e: BaseException, model: nn.Module, runner: nn.Module | None = None) -> str:

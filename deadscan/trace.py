@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .errors import TraceError
+from .errors import TraceError, one_line
 
 ACT_MODULES = (nn.ReLU, nn.ReLU6)
 # call_function targets -> (activation, how it was written, in-place)
@@ -161,8 +161,7 @@ def is_leaf(m: nn.Module) -> bool:
 
 
 def _reason(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return f"{type(e).__name__}: {text[:200]}"
+    return f"{type(e).__name__}: {one_line(e, 200)}"
 
 
 def _join(path: str, name: str) -> str:

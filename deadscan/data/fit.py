@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..errors import DataError
+from ..errors import DataError, one_line
 from typing import TYPE_CHECKING
 
 
@@ -64,7 +64,7 @@ def check_fits(model: nn.Module, ds: Dataset, device: torch.device) -> None:
 
         raise DataError(
             f"the model cannot take --data {ds.name} inputs of shape {shape} ({shown}; {wants}; "
-            f"{type(e).__name__}{raised_in(e, model)}: {' '.join(str(e).split())[:160]}); {_fix_hint(expect, shape)}"
+            f"{type(e).__name__}{raised_in(e, model)}: {one_line(e, 160)}); {_fix_hint(expect, shape)}"
         ) from None
     finally:
         model.train(was_training)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, one_line
 from .presets import HOST_BYTES_LIMIT, IMAGE_SUFFIXES, TINY_IMAGENET_URL
-from .sources import _Adapt, _Pool, _Source, _fetch_archive, _missing, _short
+from .sources import _Adapt, _Pool, _Source, _fetch_archive, _missing
 
 
 
@@ -81,7 +81,7 @@ def _probe(path: Path, adapt: _Adapt) -> tuple[tuple[int, int, int], str]:
             grey = im.mode in ("1", "L", "LA", "I", "I;16", "F")
             w, h = im.size
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read image ({_short(e)})") from None
+        raise DataError(f"{path}: cannot read image ({one_line(e, 200)})") from None
     c = adapt.channels or (1 if grey else 3)
     if adapt.resize:
         h = w = adapt.resize
@@ -98,7 +98,7 @@ def _decode_one(path, mode: str, resize: int | None, shape: tuple) -> np.ndarray
                 im = im.resize((resize, resize), Image.Resampling.BILINEAR)
             a = np.asarray(im)
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read image ({_short(e)})") from None
+        raise DataError(f"{path}: cannot read image ({one_line(e, 200)})") from None
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     if a.shape != tuple(shape):
         raise DataError(f"{path}: image is {a.shape[2]}x{a.shape[1]} but the first one is {shape[2]}x{shape[1]}; "

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, one_line
 from .presets import CORRUPTED, LUMA, NUM_CLASSES
 
 
@@ -157,7 +157,7 @@ def _download(name: str, root: Path) -> None:
                 for train in (True, False):
                     cls(str(root), train=train, download=True)
     except Exception as e:  # network errors come in many types
-        raise DataError(f"cannot download {name} into {root} ({_short(e)}); copy the files there by hand "
+        raise DataError(f"cannot download {name} into {root} ({one_line(e, 200)}); copy the files there by hand "
                         "and drop --download") from None
 
 
@@ -168,7 +168,7 @@ def _fetch_archive(name: str, url: str, root: Path) -> None:
         with contextlib.redirect_stdout(sys.stderr):
             download_and_extract_archive(url, str(root))
     except Exception as e:  # network and archive errors come in many types
-        raise DataError(f"cannot download {name} from {url} into {root} ({_short(e)}); download and extract "
+        raise DataError(f"cannot download {name} from {url} into {root} ({one_line(e, 200)}); download and extract "
                         "it there by hand and drop --download") from None
 
 
@@ -261,7 +261,7 @@ def _svhn(root: Path, download: bool, adapt: _Adapt) -> _Source:
             x = np.ascontiguousarray(np.transpose(mat["X"], (3, 2, 0, 1)), dtype=np.uint8)  # HWCN -> NCHW
             y = mat["y"].astype(np.int64).reshape(-1)
         except (KeyError, ValueError, TypeError, NotImplementedError, OSError) as e:
-            raise DataError(f"{path}: not an SVHN .mat file ({_short(e)})") from None
+            raise DataError(f"{path}: not an SVHN .mat file ({one_line(e, 200)})") from None
         y[y == 10] = 0
         if len(x) != len(y):
             raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
@@ -308,7 +308,7 @@ def read_idx(path: Path) -> np.ndarray:
         if arr.size != math.prod(dims):
             raise ValueError(f"header says {dims}, file holds {arr.size} values")
     except (OSError, ValueError, struct.error, EOFError) as e:
-        raise DataError(f"{path}: cannot read idx file ({_short(e)})") from None
+        raise DataError(f"{path}: cannot read idx file ({one_line(e, 200)})") from None
     return arr.reshape(dims)
 
 
@@ -337,7 +337,7 @@ def _corrupted(kind: str, root: Path, download: bool, adapt: _Adapt, corruption,
         labels = np.load(base / "labels.npy", allow_pickle=False)
         arrays = {c: np.load(base / f"{c}.npy", mmap_mode="r", allow_pickle=False) for c in names}
     except (OSError, ValueError) as e:
-        raise DataError(f"{base}: cannot read the corrupted set ({_short(e)})") from None
+        raise DataError(f"{base}: cannot read the corrupted set ({one_line(e, 200)})") from None
     total = len(labels)
     if labels.ndim != 1 or total % 5:
         raise DataError(f"{base / 'labels.npy'}: expected 5 severities of labels stacked, got shape {labels.shape}")
@@ -404,6 +404,3 @@ def _fake(arg: str | None, adapt: _Adapt) -> _Source:
         y[i] = int(label)
     name = f"fake:{'x'.join(map(str, shape))}:{classes}:{n}"
     return _Source(name, "fake", lambda: _array_pool(x, y, adapt, name), None, "torchvision FakeData", classes)
-
-def _short(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200] or type(e).__name__
