@@ -155,21 +155,13 @@ PLOTLYJS_FILE = "plotly.min.js"
 
 def templates_dir() -> Path:
     """The folder holding the templates: inside an installed wheel, or the source checkout."""
-    here = Path(__file__).resolve().parent
-    candidates = [here / "templates"]
-    try:
-        from importlib import resources
-
-        candidates.append(Path(str(resources.files("deadscan.templates"))))
-    except (ModuleNotFoundError, TypeError, ValueError):
-        pass
-    candidates.append(here.parent / "templates")
-    for c in candidates:
-        if (c / "report.html.j2").is_file():
-            return c
+    from .data import resource_path
     from .errors import DeadscanError
 
-    raise DeadscanError("deadscan's report templates are missing from this installation; reinstall deadscan")
+    template = resource_path("templates", "report.html.j2")
+    if not template.is_file():
+        raise DeadscanError("deadscan's report templates are missing from this installation; reinstall deadscan")
+    return template.parent
 
 
 def _env():
