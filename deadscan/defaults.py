@@ -1,6 +1,9 @@
 """Every default deadscan uses, in one visible place, with units."""
 
+import os
 from dataclasses import dataclass
+
+MAX_BYTES_ENV = "DEADSCAN_MAX_BYTES"  # raises (or lowers) max_decoded_bytes for one run
 
 
 @dataclass(frozen=True)
@@ -13,6 +16,19 @@ class Defaults:
     seed: int = 0  # seed of the train/val/test split permutation
     out_dir: str = "deadscan-out"  # where outputs go
     max_header_bytes: int = 100 * 2**20  # largest safetensors JSON header read (bytes)
+    # Untrusted files: what one file may make deadscan allocate or decompress, checked against what the
+    # file declares before anything is allocated. Raise with the DEADSCAN_MAX_BYTES environment variable.
+    max_decoded_bytes: int = 64 * 2**30  # bytes one input file may decode to (arrays, images, members)
+    max_expand_ratio: int = 1100  # decompressed / compressed bytes (deflate never exceeds ~1032)
+    max_json_bytes: int = 64 * 2**20  # largest summary.json read (bytes)
+    max_json_depth: int = 64  # nesting of summary.json (lists and objects)
 
 
-DEFAULTS = Defaults()
+def _from_environment() -> Defaults:
+    text = os.environ.get(MAX_BYTES_ENV, "").strip()
+    if text.isdigit() and int(text) > 0:
+        return Defaults(max_decoded_bytes=int(text))
+    return Defaults()
+
+
+DEFAULTS = _from_environment()
