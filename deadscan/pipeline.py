@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from .errors import DataError, OutputError, TraceError
 from .finetune import STATE_FILE, TrainConfig, evaluate, finetune
 from .report import build_summary, write_outputs, write_summary
 from .reportdata import capture_weights, collect
+from .runfolder import previous_run, summary_or_empty
 from .scan import ScanResult, nothing_to_strip, resolve_device, scan
 from .trace import find_sites
 
@@ -71,26 +71,6 @@ class StripRun:
     files: dict[str, Path]
 
 
-# Data settings an inspect records and a later strip reuses (keyword arguments of load_data).
-DATA_OPTIONS = ("seed", "val_fraction", "mean", "std", "resize", "channels")
-
-
-def last_inspection(from_dir: str | Path) -> dict:
-    """The checkpoint and data a previous ``inspect`` used (its summary.json)."""
-    path = Path(from_dir) / "summary.json"
-    if not path.exists():
-        raise DataError(f"no checkpoint given and no previous inspect in {from_dir}/ (no summary.json); "
-                        "pass CKPT and --data, or run deadscan inspect first")
-    try:
-        s = json.loads(path.read_text(encoding="utf-8"))
-        d = s["data"]
-        options = {k: d[k] for k in DATA_OPTIONS if d.get(k) is not None}
-        return {"checkpoint": s["checkpoint"]["path"], "arch": s["checkpoint"]["arch"], "data": d["name"],
-                "data_root": d.get("root"), "format": s["checkpoint"]["format"], "data_options": options}
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: not a deadscan summary ({e}); pass CKPT and --data") from None
-
-
 def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: TrainConfig,
                      out: str | Path = DEFAULTS.out_dir, from_dir: str | Path = DEFAULTS.out_dir,
                      arch: str | None = None, trust_pickle: bool = False, baseline: bool = False,
@@ -105,22 +85,29 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
     start = time.perf_counter()
     data_options = {"seed": data_seed, **(data_options or {})}
     reusing = checkpoint is None  # the documented flow: strip into the folder of the inspect it reuses
+    arch_source = expected_sha = None
     if checkpoint is None:
-        last = last_inspection(from_dir)
-        checkpoint, arch = last["checkpoint"], arch or (last["arch"] if last["format"] != "safetensors" else None)
-        data, data_root = data or last["data"], data_root or last["data_root"]
-        data_options = {**last["data_options"], **{k: v for k, v in data_options.items() if v is not None}}
+        last = previous_run(from_dir)
+        checkpoint, expected_sha = last.checkpoint, last.sha256
+        if arch is None and last.arch is not None:  # a spec that names no code (checked when read)
+            arch, arch_source = last.arch, str(last.summary_path)
+        data, data_root = data or last.data, data_root or last.data_root
+        data_options = {**last.data_options, **{k: v for k, v in data_options.items() if v is not None}}
     if data is None:
         raise DataError("--data is required with a checkpoint")
     out = Path(out)
     if not (resume or overwrite) and (out / STATE_FILE).exists():
         raise OutputError(f"--out {out} holds {STATE_FILE} from an earlier strip run; pass --resume to continue it, "
                           "--overwrite to start over, or choose another --out")
-    own_inspect = reusing and out.resolve() == Path(from_dir).resolve() and "history" not in summary_in(out)
+    own_inspect = reusing and out.resolve() == Path(from_dir).resolve() and not last.is_strip
     check_out_dir(out, STRIP_OUTPUTS, overwrite=overwrite or resume, inputs=(checkpoint, data),
                   replaceable=INSPECT_OUTPUTS if own_inspect else ())
     dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, allow_globals=allow_globals)
+    ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, allow_globals=allow_globals,
+                           arch_source=arch_source)
+    if expected_sha is not None and ckpt.info.sha256 != expected_sha:
+        raise DataError(f"{checkpoint}: changed since the run in {from_dir} scanned it (sha256 differs); "
+                        "pass the checkpoint and --data yourself")
     options = {k: v for k, v in data_options.items() if v is not None}
     splits = {s: load_data(data, s, root=data_root, download=download, **options) for s in ("train", "val", "test")}
     shifted = None
@@ -181,11 +168,8 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
 
 
 def summary_in(folder: Path) -> dict:
-    """The summary.json an earlier run left in ``folder`` ({} if none or unreadable)."""
-    try:
-        return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    """The checked summary.json an earlier run left in ``folder`` ({} if none or unreadable)."""
+    return summary_or_empty(folder)
 
 
 def _compact(model, final: ScanResult, val: Dataset, cfg: TrainConfig, out: Path, arch: str) -> dict:

@@ -318,8 +318,25 @@ def rerender(stats_path: str | Path, out_dir: str | Path | None = None, *, plotl
     """``deadscan report``: report.html from a stats.h5 alone (no model, no data)."""
     from .stats_h5 import read_stats
 
+    stats_path = _stats_file(stats_path)
+    out_dir = stats_path.parent if out_dir is None else Path(out_dir)
+    _check_not_inputs(out_dir, ["report.html"], plotlyjs, [stats_path])
     data = read_stats(stats_path)
-    return write_report(data, Path(stats_path).parent if out_dir is None else out_dir, plotlyjs=plotlyjs)
+    return write_report(data, out_dir, plotlyjs=plotlyjs)
+
+
+def _stats_file(path: str | Path) -> Path:
+    """A stats.h5, or the run folder holding one."""
+    path = Path(path)
+    return path / "stats.h5" if path.is_dir() else path
+
+
+def _check_not_inputs(out_dir: Path, names: list[str], plotlyjs: str, inputs: list[Path]) -> None:
+    """Before reading anything: no output may replace one of the command's own inputs."""
+    from .checkpoint import check_out_dir
+
+    outputs = names + ([PLOTLYJS_FILE] if plotlyjs == "directory" else [])
+    check_out_dir(out_dir, outputs, overwrite=True, inputs=inputs)  # a report replaces its own earlier render
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,5 +402,7 @@ def compare(stats_a: str | Path, stats_b: str | Path, out_dir: str | Path, *, pl
     """``deadscan compare``: a side-by-side report of two stats.h5 files."""
     from .stats_h5 import read_stats
 
+    stats_a, stats_b = _stats_file(stats_a), _stats_file(stats_b)
+    _check_not_inputs(Path(out_dir), [name], plotlyjs, [stats_a, stats_b])
     a, b = read_stats(stats_a), read_stats(stats_b)
     return _write_html(render_compare(a, b, plotlyjs=plotlyjs), Path(out_dir) / name, plotlyjs)

@@ -37,8 +37,10 @@ import numpy as np
 
 from . import __version__
 from .checkpoint import atomic_path
-from .errors import DataError
+from .defaults import DEFAULTS, MAX_BYTES_ENV
+from .errors import DataError, one_line
 from .reportdata import Hist, ReportData, SiteData
+from .runfolder import parse_summary, regular_file
 
 SCHEMA_VERSION = 1
 HISTORY_FIELDS = (  # (name, dtype); None in a row is stored as NaN (floats) or -1 (ints)
@@ -152,43 +154,116 @@ def _write_history(parent, name: str, rows: list[dict]) -> None:
 
 
 def read_stats(path: str | Path) -> ReportData:
-    """Read a stats.h5 written by :func:`write_stats` (masks stay in the file: read them with h5py)."""
+    """Read a stats.h5 written by :func:`write_stats` (masks stay in the file: read them with h5py).
+
+    The file is untrusted: only hard links inside it are followed (an external link could name a pipe
+    or another file), every array's type and shape is checked against the summary before it is read,
+    and an array may not decode to far more than the file stores (a chunk bomb)."""
     import h5py
 
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
+    if path.is_dir():  # a run folder
+        path = path / "stats.h5"
+    st = regular_file(path, "a stats.h5 written by deadscan inspect or strip")
+    if st.st_size > DEFAULTS.max_decoded_bytes:
+        raise DataError(f"{path}: {st.st_size} bytes, more than deadscan reads ({DEFAULTS.max_decoded_bytes}; "
+                        f"raise it with {MAX_BYTES_ENV})")
     try:
         f = h5py.File(path, "r")
-    except OSError:
+    except Exception:  # h5py raises OSError, and others on damaged bytes
         raise DataError(f"{path}: not an HDF5 file; pass a stats.h5 written by deadscan inspect or strip") from None
     try:
         with f:
             return _read(f, path)
-    except (KeyError, ValueError, TypeError) as e:
-        raise DataError(f"{path}: damaged or incomplete stats.h5 ({type(e).__name__}: {e})") from None
+    except DataError:
+        raise
+    except _Damaged as e:
+        raise DataError(f"{path}: damaged stats.h5 ({e}); re-run the command that wrote it") from None
+    except Exception as e:  # damaged bytes surface as many h5py and numpy error types: one line for all
+        raise DataError(f"{path}: damaged or incomplete stats.h5 ({type(e).__name__}: {one_line(e, 200)})") from None
+
+
+class _Damaged(Exception):
+    pass
+
+
+def _has(parent, name: str) -> bool:
+    """``name in parent`` without resolving the link (``in`` would open an external link's file)."""
+    return parent.get(name, getlink=True) is not None
+
+
+def _member(parent, name: str, kind):
+    """``parent[name]`` if it is a hard link to a ``kind`` (h5py.Group or h5py.Dataset); never follows soft or
+    external links, virtual datasets or external storage."""
+    import h5py
+
+    link = parent.get(name, getlink=True)
+    if link is None:
+        raise _Damaged(f"{parent.name.rstrip('/')}/{name} is missing")
+    if not isinstance(link, h5py.HardLink):
+        raise _Damaged(f"{parent.name.rstrip('/')}/{name} is a {type(link).__name__}, which deadscan never follows")
+    obj = parent[name]
+    if not isinstance(obj, kind):
+        raise _Damaged(f"{obj.name} is not a {kind.__name__.lower()}")
+    if isinstance(obj, h5py.Dataset) and (obj.is_virtual or obj.external):
+        raise _Damaged(f"{obj.name} keeps its data outside the file, which deadscan never reads")
+    return obj
+
+
+def _array(parent, name: str, kinds: str, length: int | None = None) -> np.ndarray:
+    """A 1-D numeric dataset of one of the numpy ``kinds`` ('f', 'i', 'u', 'b'), checked before it is read."""
+    import h5py
+
+    d = _member(parent, name, h5py.Dataset)
+    if d.dtype.kind not in kinds or d.dtype.fields is not None or d.ndim != 1:
+        raise _Damaged(f"{d.name} is {d.dtype} {d.shape}, expected a 1-D array of kind {kinds}")
+    if length is not None and d.shape[0] != length:
+        raise _Damaged(f"{d.name} holds {d.shape[0]} values, expected {length}")
+    nbytes = d.shape[0] * d.dtype.itemsize
+    stored = d.id.get_storage_size()
+    if nbytes > DEFAULTS.max_expand_ratio * stored + 4096:
+        raise _Damaged(f"{d.name} declares {nbytes} bytes but stores {stored}")
+    return d[()]
 
 
 def _read(f, path: Path) -> ReportData:
-    if "summary" not in f or "sites" not in f or "schema_version" not in f.attrs:
+    import h5py
+
+    if not _has(f, "summary") or not _has(f, "sites") or "schema_version" not in f.attrs:
         raise DataError(f"{path}: not a deadscan stats.h5 (no /summary or /sites); "
                         "pass a stats.h5 written by deadscan inspect or strip")
-    version = int(f.attrs["schema_version"])
-    if version > SCHEMA_VERSION:
-        raise DataError(f"{path}: stats.h5 schema {version} is newer than this deadscan reads "
+    version = f.attrs["schema_version"]
+    if not isinstance(version, (int, np.integer)):
+        raise _Damaged(f"schema_version is {type(version).__name__}")
+    if int(version) > SCHEMA_VERSION:
+        raise DataError(f"{path}: stats.h5 schema {int(version)} is newer than this deadscan reads "
                         f"({SCHEMA_VERSION}); upgrade deadscan")
-    raw = f["summary"][()]
-    summary = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-    rows = {s["name"]: s for s in summary.get("sites", [])}
+    d = _member(f, "summary", h5py.Dataset)
+    if d.shape != () or d.dtype.kind not in "OS":
+        raise _Damaged(f"/summary is {d.dtype} {d.shape}, expected a JSON string")
+    raw = d[()]
+    summary = parse_summary(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw), f"{path}:/summary")
+    rows = {s["name"]: s for s in summary["sites"]}
+    groups = _member(f, "sites", h5py.Group)
+    keys = list(groups)
+    if not all(k.isdigit() for k in keys) or len(keys) != len(rows):
+        raise _Damaged(f"/sites holds {len(keys)} groups for the summary's {len(rows)} sites")
     sites = []
-    for key in sorted(f["sites"], key=int):  # groups are numbered in model order
-        g = f["sites"][key]
-        name = _str(g.attrs["name"])
-        info = rows.get(name) or {k: _str(g.attrs[k]) for k in SITE_ATTRS if k in g.attrs}
+    for key in sorted(keys, key=int):  # groups are numbered in model order
+        g = _member(groups, key, h5py.Group)
+        name = _str(g.attrs.get("name"))
+        if name not in rows:
+            raise _Damaged(f"{g.name} is site {name!r}, which the summary does not list")
+        info = rows[name]
+        n = info["neurons"]
+        elements = g.attrs.get("elements")
+        if not isinstance(elements, (int, np.integer)) or elements < 0:
+            raise _Damaged(f"{g.name} has no element count")
         sites.append(SiteData(
-            info=info, out_sum=g["sum"][()], active=g["active"][()], elements=int(g.attrs["elements"]),
-            pre_max=g["pre_max"][()], provably_dead=g["provably_dead"][()], dormant=g["dormant"][()],
-            score=g["score"][()], mean_input=g["mean_input"][()] if "mean_input" in g else None,
+            info=info, out_sum=_array(g, "sum", "f", n), active=_array(g, "active", "iu", n),
+            elements=int(elements), pre_max=_array(g, "pre_max", "f", n),
+            provably_dead=_array(g, "provably_dead", "b", n), dormant=_array(g, "dormant", "b", n),
+            score=_array(g, "score", "f", n), mean_input=_array(g, "mean_input", "f") if _has(g, "mean_input") else None,
             weights=_read_hist(g, "weight_hist"), revived=_read_hist(g, "revived_hist")))
     return ReportData(summary, sites, _read_hist(f, "weight_hist"), _read_hist(f, "revived_hist"),
                       source=str(path))
@@ -199,9 +274,16 @@ def _str(v):
 
 
 def _read_hist(parent, name: str) -> Hist | None:
-    if name not in parent:
+    import h5py
+
+    if not _has(parent, name):
         return None
-    g = parent[name]
+    g = _member(parent, name, h5py.Group)
     series = json.loads(_str(g.attrs["series"]))
+    if not isinstance(series, list) or not all(isinstance(k, str) for k in series):
+        raise _Damaged(f"{g.name} lists no series")
+    edges = _array(g, "edges", "f")
+    if len(edges) < 2:
+        raise _Damaged(f"{g.name}/edges holds {len(edges)} values")
     attrs = {k: (v.item() if hasattr(v, "item") else _str(v)) for k, v in g.attrs.items() if k != "series"}
-    return Hist(g["edges"][()], {k: g[k][()] for k in series}, attrs)
+    return Hist(edges, {k: _array(g, k, "iu", len(edges) - 1) for k in series}, attrs)

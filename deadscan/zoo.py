@@ -40,7 +40,39 @@ class ArchSpec:
     @property
     def runs_user_code(self) -> bool:
         """True for ``pkg.module:factory`` specs: building them imports and calls user code."""
-        return ":" in self.name and self.name.split(":", 1)[0] not in ("torchvision", "timm")
+        return ":" in self.name and self.name.split(":", 1)[0] not in REGISTRIES
+
+
+REGISTRIES = ("torchvision", "timm")  # model registries: a name in them picks a builder, never imports by name
+# Keyword arguments a registry builder turns into a file read or a download: never taken from a file.
+FILE_KWARGS = ("weights", "pretrained", "checkpoint", "path", "file", "dir", "cfg", "url", "hub")
+
+
+def check_file_spec(spec: ArchSpec, where: str) -> None:
+    """A spec read from a file (a run folder's summary.json, a checkpoint's metadata) may name no code:
+    the built-ins, and a registry's model names checked against the registry before anything is built.
+    Anything else the user must pass again with ``--arch`` (their own choice, as ``python -c`` is)."""
+    again = f"pass --arch {shlex.quote(str(spec))} yourself if you trust it"
+    prefix, _, fn = spec.name.partition(":")
+    if spec.name not in BUILTINS and prefix not in REGISTRIES:
+        raise ArchError(f"{where} names architecture {spec}, which would import code named by a file; deadscan "
+                        f"never does that: {again}")
+    risky = [k for k in spec.kwargs if any(w in k.lower() for w in FILE_KWARGS)]
+    if risky:
+        raise ArchError(f"{where} names architecture {spec}, whose argument {risky[0]}= would make the builder "
+                        f"read a file or download; {again}")
+    if prefix == "torchvision":
+        import torchvision
+
+        if fn not in torchvision.models.list_models():
+            raise ArchError(f"{where} names architecture {spec}, not a torchvision model; {again}")
+    elif prefix == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ArchError(f"{where} names architecture {spec}, which needs timm: pip install timm") from None
+        if fn not in timm.list_models():
+            raise ArchError(f"{where} names architecture {spec}, not a timm model; {again}")
 
 
 def parse_spec(text: str) -> ArchSpec:
