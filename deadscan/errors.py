@@ -3,6 +3,8 @@
 The CLI turns every one of these into a single ``Error:`` line and exit 1.
 """
 
+import re
+
 
 class DeadscanError(Exception):
     """Base class for every error deadscan reports to a user."""
@@ -32,7 +34,18 @@ class DeadscanWarning(UserWarning):
     """Something the user should know that does not stop the run (the CLI prints one ``Warning:`` line)."""
 
 
+# C0/C1 controls, DEL, line/paragraph separators and bidi overrides: bytes from a file that could move
+# the cursor, recolour or reorder what a terminal shows.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(s: str, limit: int | None = None) -> str:
+    """``s`` with control characters escaped (``\\x1b``, ``\\u202e``), cut to ``limit`` characters if given:
+    text read from a file (key names, metadata, pickle globals) reaches the terminal only this way."""
+    text = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 256 else f"\\u{ord(m[0]):04x}", str(s))
+    return text if limit is None or len(text) <= limit else text[:limit] + "..."
+
+
 def one_line(e: BaseException, limit: int = 300) -> str:
-    """An exception's message folded onto one line and cut to ``limit`` characters (its type if empty)."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
+    """An exception's message folded onto one line, escaped and cut to ``limit`` characters (its type if empty)."""
+    return printable(" ".join(str(e).split()) or type(e).__name__, limit)

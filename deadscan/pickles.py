@@ -13,6 +13,13 @@ from dataclasses import dataclass, field
 from .errors import one_line
 
 
+# What one pickle may cost to read. torch.save keeps tensor bytes outside its pickles (~30 opcodes and
+# ~100 bytes per tensor), so real checkpoints stay far below both: 5M opcodes is ~160k tensors and a few
+# seconds of reading; 256 MiB bounds the memory one opcode argument (BINBYTES8...) can take. A deflate
+# bomb stops here instead of running for minutes and gigabytes.
+MAX_PICKLE_OPS = 5_000_000
+MAX_PICKLE_BYTES = 256 * 2**20
+
 _MARK = object()
 _UNKNOWN = object()
 _STRING_ARGS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
@@ -30,12 +37,51 @@ class PickleScan:
     error: str | None = None  # why reading stopped early (damaged or unsupported bytes)
 
 
+class _Limit(Exception):
+    """Reading stopped at one of the limits above (the message says which)."""
+
+
+class _Capped:
+    """A binary file read through ``read``/``readline`` that refuses to go ``limit`` bytes past where it
+    started: a declared length (BINBYTES8 n) is checked before it is read, and a line never runs on."""
+
+    def __init__(self, f, limit: int):
+        self.f, self.limit, self.start = f, limit, f.tell()
+
+    def _room(self) -> int:
+        return self.start + self.limit - self.f.tell()
+
+    def _stop(self):
+        raise _Limit(f"larger than the {self.limit} bytes deadscan reads from one pickle")
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self._room():
+            self._stop()
+        return self.f.read(n)
+
+    def readline(self, n: int = -1) -> bytes:
+        room = self._room()
+        line = self.f.readline(room + 1 if n is None or n < 0 else min(n, room + 1))
+        if len(line) > room:
+            self._stop()
+        return line
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.f.seek(pos, whence)
+
+
 class _Global(str):
     """A name a GLOBAL / STACK_GLOBAL opcode would import (a value on the simulated stack)."""
 
 
-def scan_pickle(f, *, max_pickles: int = 1) -> PickleScan:
-    """Walk the opcodes of up to ``max_pickles`` consecutive pickles in the binary file ``f``.
+def scan_pickle(f, *, max_pickles: int = 1, max_ops: int = MAX_PICKLE_OPS,
+                max_bytes: int = MAX_PICKLE_BYTES) -> PickleScan:
+    """Walk the opcodes of up to ``max_pickles`` consecutive pickles in the binary file ``f`` (which must
+    tell its position), reading at most ``max_ops`` opcodes and ``max_bytes`` bytes in all; past either,
+    ``error`` says so (a caller that must see every storage then refuses the file).
 
     A small stack machine follows what reaches GLOBAL (``module name``), STACK_GLOBAL (the two strings
     below it, pushed directly or fetched from the memo by GET/BINGET after PUT/BINPUT/MEMOIZE), and the
@@ -43,6 +89,8 @@ def scan_pickle(f, *, max_pickles: int = 1) -> PickleScan:
     Nothing is imported, constructed or called."""
     result = PickleScan()
     seen: dict[str, None] = {}
+    f = _Capped(f, max_bytes)
+    ops = 0
 
     def record(name: str) -> _Global:
         seen.setdefault(name, None)
@@ -56,6 +104,9 @@ def scan_pickle(f, *, max_pickles: int = 1) -> PickleScan:
         done = False
         try:
             for op, arg, _pos in pickletools.genops(f):
+                ops += 1
+                if ops > max_ops:
+                    raise _Limit(f"more than the {max_ops} opcodes deadscan reads from one pickle")
                 name = op.name
                 if name in _STRING_ARGS:
                     stack.append(arg)
@@ -119,6 +170,9 @@ def scan_pickle(f, *, max_pickles: int = 1) -> PickleScan:
                         del stack[-below:]
                     for kind in op.stack_after:
                         stack.append(_MARK if kind is pickletools.markobject else _UNKNOWN)
+        except _Limit as e:
+            result.error = str(e)
+            break
         except Exception as e:  # damaged or hostile bytes: report how far we got
             result.error = f"{type(e).__name__}: {one_line(e)}"
             break

@@ -10,7 +10,9 @@ be seen; the report says so.
 from __future__ import annotations
 
 import copy
+import keyword
 import operator
+import unicodedata
 from dataclasses import dataclass, field
 from numbers import Number
 
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .errors import TraceError, one_line
+from .errors import TraceError, one_line, printable
 
 ACT_MODULES = (nn.ReLU, nn.ReLU6)
 # call_function targets -> (activation, how it was written, in-place)
@@ -164,6 +166,23 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {one_line(e, 200)}"
 
 
+def _unwritable_name(graph: fx.Graph) -> str | None:
+    """A submodule or attribute name fx's code generator gets wrong, if any: it writes ``self.NAME`` for an
+    identifier (a keyword is a syntax error; Python NFKC-normalises identifiers, so ``\ufb01`` reads ``fi``)
+    and ``getattr(self, "NAME")`` otherwise, unescaped (a quote, backslash or line break breaks it)."""
+    for node in graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        for atom in str(node.target).split("."):
+            if atom.isidentifier():
+                ok = not keyword.iskeyword(atom) and unicodedata.normalize("NFKC", atom) == atom
+            else:
+                ok = atom.isprintable() and '"' not in atom and "\\" not in atom
+            if not ok:
+                return atom
+    return None
+
+
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path and name else path or name
 
@@ -194,6 +213,12 @@ class _Finder:
             graph = tracer.trace(module)
         except Exception as e:
             self.opaque.append(Opaque(path or "(root)", _reason(e) + "; functional relu calls in its forward are not seen"))
+            self.discover_inside_opaque(module, path)
+            return
+        bad = _unwritable_name(graph)
+        if bad is not None:  # the graph traced, but its generated code would fail or read another attribute
+            self.opaque.append(Opaque(path or "(root)", f"fx cannot write the name {printable(repr(bad))} in its "
+                                      "generated code; functional relu calls in its forward are not seen"))
             self.discover_inside_opaque(module, path)
             return
         part = len(self.parts)
