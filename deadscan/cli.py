@@ -13,11 +13,35 @@ import click
 from . import __version__, pipeline
 from .data import SPLITS, resource_path
 from .defaults import DEFAULTS
-from .errors import DeadscanError, DeadscanWarning
+from .errors import DeadscanError, DeadscanWarning, printable
 from .finetune import Interrupted, TrainConfig
 from .strip import CRITERIA, METHODS
 
 SAMPLE_MODEL = "mlp_digits.safetensors"
+
+
+class _Finite(click.FloatRange):
+    """A float range that also refuses nan and inf (a range check alone lets nan through)."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return value
+
+
+def _echo(text: str = "", err: bool = False) -> None:
+    """click.echo with control characters escaped: names and paths may come from files (terminal escapes)."""
+    click.echo("\n".join(printable(line) for line in str(text).split("\n")), err=err)
+
+
+class _Error(click.ClickException):
+    """One ``Error:`` line, escaped like everything else printed."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(printable(message).split()))
 
 
 def _command_line() -> str:
@@ -35,7 +59,7 @@ def _warnings_as_lines(ctx: click.Context) -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, DeadscanWarning):
-            click.echo(f"Warning: {message}", err=True)
+            _echo(f"Warning: {message}", err=True)
         else:
             shown(message, category, filename, lineno, file, line)
     warnings.showwarning = show
@@ -46,7 +70,7 @@ def _list_globals(ctx: click.Context, _param, value) -> None:
         return
     from .checkpoint import list_globals
 
-    click.echo(_run(list_globals, value).describe())
+    _echo(_run(list_globals, value).describe())
     ctx.exit(0)
 
 
@@ -62,27 +86,27 @@ def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except DeadscanError as e:
-        raise click.ClickException(str(e)) from None
+        raise _Error(str(e)) from None
     except KeyboardInterrupt:
-        raise click.ClickException("interrupted; nothing was written") from None
+        raise _Error("interrupted; nothing was written") from None
 
 
 def _print_inspection(result: pipeline.Inspection, as_json: bool) -> None:
     from .report import format_table
 
     if as_json:
-        click.echo(json.dumps(result.summary, indent=2))
+        _echo(json.dumps(result.summary, indent=2))
         return
     s = result.summary
     ck = s["checkpoint"]
-    click.echo(f"checkpoint {ck['path']} ({ck['format']}, arch {ck['arch'] or 'pickled module'})")
-    click.echo(f"data {s['data']['name']} split {s['data']['split']}: {s['data']['samples']} samples on {s['device']}")
-    click.echo("")
-    click.echo(format_table(s))
-    click.echo("")
+    _echo(f"checkpoint {ck['path']} ({ck['format']}, arch {ck['arch'] or 'pickled module'})")
+    _echo(f"data {s['data']['name']} split {s['data']['split']}: {s['data']['samples']} samples on {s['device']}")
+    _echo("")
+    _echo(format_table(s))
+    _echo("")
     for path in (result.files or {}).values():  # stats.h5, report.html
-        click.echo(f"wrote {path}")
-    click.echo(f"wrote {result.summary_path}")
+        _echo(f"wrote {path}")
+    _echo(f"wrote {result.summary_path}")
 
 
 @click.group()
@@ -167,14 +191,14 @@ def demo(out, device, overwrite):
         deadscan demo --out demo-out
     """
     model = resource_path("sample_models", SAMPLE_MODEL)
-    click.echo(f"deadscan demo: the paper's MLP trained on sklearn's digits ({model.name})\n")
+    _echo(f"deadscan demo: the paper's MLP trained on sklearn's digits ({model.name})\n")
     previous = pipeline.summary_in(Path(out))  # a demo may redo its own folder (the same model and data)
     own = ((previous.get("checkpoint") or {}).get("path") == str(model)
            and (previous.get("data") or {}).get("name") == "digits")
     result = _run(pipeline.inspect, model, "digits", out=out, device=device, command=_command_line(), progress=True,
                   overwrite=overwrite or own)
     _print_inspection(result, as_json=False)
-    click.echo(f"outputs in {result.summary_path.parent}/")
+    _echo(f"outputs in {result.summary_path.parent}/")
 
 
 @main.command()
@@ -188,11 +212,11 @@ def demo(out, device, overwrite):
 @click.option("--criterion", type=click.Choice(CRITERIA), default=TrainConfig.criterion, show_default=True, help="rank by weight (paper) or by w * E[x]")
 @click.option("--method", type=click.Choice(METHODS), default=TrainConfig.method, show_default=True, help="strip (Synaptic Stripping) or redo (re-initialise dead neurons, a baseline)")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default=TrainConfig.optimizer, show_default=True)
-@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True)
-@click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, show_default=True)
+@click.option("--lr", type=_Finite(0, min_open=True), default=TrainConfig.lr, show_default=True, help="peak learning rate")
+@click.option("--weight-decay", type=_Finite(0), default=TrainConfig.weight_decay, show_default=True, help="optimizer weight decay")
 @click.option("--warmup", type=click.IntRange(min=0), default=TrainConfig.warmup, show_default=True, help="epochs of linear warm-up")
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=TrainConfig.schedule, show_default=True)
-@click.option("--final-lr", type=float, default=TrainConfig.final_lr, show_default=True)
+@click.option("--final-lr", type=_Finite(0), default=TrainConfig.final_lr, show_default=True, help="learning rate at the end of the cosine schedule")
 @click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, show_default=True)
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
 @click.option("--baseline", is_flag=True, help="also run the same fine-tuning without stripping, for a side-by-side")
@@ -236,7 +260,7 @@ def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, meth
     data_options = {"val_fraction": val_fraction, "mean": mean, "std": std, "resize": resize, "channels": channels}
 
     def on_epoch(row):
-        click.echo(f"epoch {row['epoch']:>3}  dead {row['dead']:>5}  revived {row['revived']:>4}  "
+        _echo(f"epoch {row['epoch']:>3}  dead {row['dead']:>5}  revived {row['revived']:>4}  "
                    f"pruned {row['pruned_weights']:>7}  %A {row['active_percent']:6.2f}  "
                    f"train loss {row['train_loss']:.4f}  val acc {row['val_acc']:.2f}")
 
@@ -249,30 +273,30 @@ def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, meth
                                         corrupted_options={"corruption": corruption, "severity": severity},
                                         overwrite=overwrite, allow_globals=allow_global)
     except Interrupted as e:
-        raise click.ClickException(f"{e}; resume with: {_resume_command()}") from None
+        raise _Error(f"{e}; resume with: {_resume_command()}") from None
     except DeadscanError as e:
-        raise click.ClickException(str(e)) from None
+        raise _Error(str(e)) from None
     except KeyboardInterrupt:  # outside the training loop (loading, the final scan, writing)
-        raise click.ClickException(f"interrupted; completed epochs are kept in {out}; resume with: "
+        raise _Error(f"interrupted; completed epochs are kept in {out}; resume with: "
                                    f"{_resume_command()}") from None
     s = run.summary
     t = s["totals"]
-    click.echo(f"\nafter stripping: dead {t['dead']} of {t['neurons']}  %A {t['active_percent']:.2f}  "
+    _echo(f"\nafter stripping: dead {t['dead']} of {t['neurons']}  %A {t['active_percent']:.2f}  "
                f"pruned weights {t['pruned_weights']}  test acc {_fmt(s['test'].get('acc'))}")
     if "test_corrupted" in s:
-        click.echo(f"corrupted test ({s['test_corrupted']['name']}): acc {_fmt(s['test_corrupted']['acc'])}  "
+        _echo(f"corrupted test ({s['test_corrupted']['name']}): acc {_fmt(s['test_corrupted']['acc'])}  "
                    f"NLL {_fmt(s['test_corrupted']['loss'])}")
     if "baseline" in s:
         b = s["baseline"]["history"][-1] if s["baseline"]["history"] else {}
-        click.echo(f"baseline (no stripping): dead {b.get('dead')}  %A {_fmt(b.get('active_percent'))}  "
+        _echo(f"baseline (no stripping): dead {b.get('dead')}  %A {_fmt(b.get('active_percent'))}  "
                    f"test acc {_fmt(s['baseline']['test'].get('acc'))}")
     if "compact" in s:
         c = s["compact"]
-        click.echo(f"compact: removed {sum(c['removed'].values())} dead neurons, params {c['params_before']} -> "
+        _echo(f"compact: removed {sum(c['removed'].values())} dead neurons, params {c['params_before']} -> "
                    f"{c['params_after']}, max abs output diff {c['max_abs_diff']:.3g}, CPU latency "
                    f"{c['cpu_latency_ms_before']:.3f} -> {c['cpu_latency_ms_after']:.3f} ms")
     for name, path in run.files.items():
-        click.echo(f"wrote {path}")
+        _echo(f"wrote {path}")
 
 
 @main.command()
@@ -288,7 +312,7 @@ def report(stats, out, plotlyjs):
     """
     from .report import rerender
 
-    click.echo(f"wrote {_run(rerender, stats, out, plotlyjs=plotlyjs)}")
+    _echo(f"wrote {_run(rerender, stats, out, plotlyjs=plotlyjs)}")
 
 
 @main.command()
@@ -307,7 +331,7 @@ def compare(a, b, out, plotlyjs):
     """
     from .report import compare as compare_runs
 
-    click.echo(f"wrote {_run(compare_runs, a, b, out, plotlyjs=plotlyjs)}")
+    _echo(f"wrote {_run(compare_runs, a, b, out, plotlyjs=plotlyjs)}")
 
 
 def _fmt(x) -> str:

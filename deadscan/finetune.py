@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from torch import nn
 
-from .checkpoint import atomic_path
+from .checkpoint import atomic_path, load_torch_file
 from .data import Dataset
-from .errors import DeadscanError, one_line
+from .errors import DataError, DeadscanError, one_line
+from .runfolder import ANY, COUNT, HISTORY_ROW, STR, MapOf, check
 from .strip import StepReport, Stripper
 
 STATE_FILE = "train-state.pt"
@@ -150,8 +151,27 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def load_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+# What train-state.pt holds (checked before any of it is used: the file is data, like a checkpoint).
+STATE_SCHEMA = {"epoch": COUNT, "config": MapOf(ANY), "source": STR, "model": MapOf(ANY), "optimizer": MapOf(ANY),
+                "stripper": {"epoch": COUNT, "masks": MapOf(ANY), "previous": MapOf(ANY)}, "history": [HISTORY_ROW],
+                "generator": ANY, "torch_rng": ANY}
+
+
+def load_state(path: Path, cfg: TrainConfig | None = None) -> dict:
+    """A resumable state saved by :func:`finetune`: torch.load(weights_only=True) after the size checks a
+    checkpoint gets, then every field checked (types, epoch within the run, one history row per epoch)."""
+    state = load_torch_file(path, what="resumable state")
+    check(state, STATE_SCHEMA, str(path), "a deadscan train-state.pt")
+    epochs = cfg.epochs if cfg is not None else state["epoch"]
+    if state["epoch"] > epochs or len(state["history"]) != state["epoch"] \
+            or [row["epoch"] for row in state["history"]] != list(range(1, state["epoch"] + 1)):
+        raise DataError(f"{path}: not a deadscan train-state.pt (epoch {state['epoch']} with "
+                        f"{len(state['history'])} history rows, in a run of {epochs} epochs)")
+    tensors = [state["generator"], state["torch_rng"], *state["model"].values(), *state["stripper"]["masks"].values(),
+               *state["stripper"]["previous"].values()]
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise DataError(f"{path}: not a deadscan train-state.pt (its model, masks or random states are not tensors)")
+    return state
 
 
 def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *, device: torch.device,
@@ -173,7 +193,10 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
     start = 0
     if resume and state_path is not None and state_path.exists():
         try:
-            state = load_state(state_path)
+            try:
+                state = load_state(state_path, cfg)
+            except DeadscanError as e:
+                raise DeadscanError(f"cannot resume: {e}; drop --resume or choose another --out") from None
             _check_resumable(state, cfg, source, state_path)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])

@@ -8,11 +8,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .capacity import Capacity, capacity
-from .checkpoint import Checkpoint, check_out_dir, load_checkpoint, save_masks, save_safetensors
+from .checkpoint import Checkpoint, load_checkpoint, save_masks, save_safetensors
 from .data import Dataset, check_fits, load_data
 from .defaults import DEFAULTS
 from .errors import DataError, OutputError, TraceError
 from .finetune import STATE_FILE, TrainConfig, evaluate, finetune
+from .outputs import claim_out_dir
 from .report import build_summary, write_outputs, write_summary
 from .reportdata import capture_weights, collect
 from .runfolder import previous_run, summary_or_empty
@@ -40,23 +41,23 @@ def inspect(checkpoint: str | Path, data: str, *, out: str | Path = DEFAULTS.out
             corruption: str | None = None, severity=None, plotlyjs: str = "inline", overwrite: bool = False,
             allow_globals: tuple[str, ...] = ()) -> Inspection:
     start = time.perf_counter()
-    check_out_dir(out, INSPECT_OUTPUTS, overwrite=overwrite, inputs=(checkpoint, data))  # before any work
-    dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, allow_globals=allow_globals)
-    ds = load_data(data, split, root=data_root, download=download, limit=limit, seed=seed,
-                   val_fraction=val_fraction, mean=mean, std=std, resize=resize, channels=channels,
-                   corruption=corruption, severity=severity)
-    model = ckpt.model.to(dev)
-    check_fits(model, ds, dev)
-    sitemap = find_sites(model)
-    result = scan(model, ds, sitemap=sitemap, batch_size=batch_size, device=dev, tau=tau, progress=progress,
-                  input_means=True)
-    cap = capacity(model, result)
-    summary = build_summary(result, cap, command=command, checkpoint=ckpt.info, data={**ds.describe(), "root": data_root},
-                            elapsed=time.perf_counter() - start)
-    path = write_summary(summary, out)
-    files = write_outputs(collect(summary, result, model), out, plotlyjs=plotlyjs)  # stats.h5, report.html
-    return Inspection(ckpt, ds, result, cap, summary, path, files)
+    with claim_out_dir(out, INSPECT_OUTPUTS, overwrite=overwrite, inputs=(checkpoint, data)):  # before any work
+        dev = resolve_device(device)
+        ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, allow_globals=allow_globals)
+        ds = load_data(data, split, root=data_root, download=download, limit=limit, seed=seed,
+                       val_fraction=val_fraction, mean=mean, std=std, resize=resize, channels=channels,
+                       corruption=corruption, severity=severity)
+        model = ckpt.model.to(dev)
+        check_fits(model, ds, dev)
+        sitemap = find_sites(model)
+        result = scan(model, ds, sitemap=sitemap, batch_size=batch_size, device=dev, tau=tau, progress=progress,
+                      input_means=True)
+        cap = capacity(model, result)
+        summary = build_summary(result, cap, command=command, checkpoint=ckpt.info, data={**ds.describe(), "root": data_root},
+                                elapsed=time.perf_counter() - start)
+        path = write_summary(summary, out)
+        files = write_outputs(collect(summary, result, model), out, plotlyjs=plotlyjs)  # stats.h5, report.html
+        return Inspection(ckpt, ds, result, cap, summary, path, files)
 
 
 # What each command writes to --out: an existing one is refused unless --overwrite (strip --resume reuses its own).
@@ -100,71 +101,71 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
         raise OutputError(f"--out {out} holds {STATE_FILE} from an earlier strip run; pass --resume to continue it, "
                           "--overwrite to start over, or choose another --out")
     own_inspect = reusing and out.resolve() == Path(from_dir).resolve() and not last.is_strip
-    check_out_dir(out, STRIP_OUTPUTS, overwrite=overwrite or resume, inputs=(checkpoint, data),
-                  replaceable=INSPECT_OUTPUTS if own_inspect else ())
-    dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, allow_globals=allow_globals,
-                           arch_source=arch_source)
-    if expected_sha is not None and ckpt.info.sha256 != expected_sha:
-        raise DataError(f"{checkpoint}: changed since the run in {from_dir} scanned it (sha256 differs); "
-                        "pass the checkpoint and --data yourself")
-    options = {k: v for k, v in data_options.items() if v is not None}
-    splits = {s: load_data(data, s, root=data_root, download=download, **options) for s in ("train", "val", "test")}
-    shifted = None
-    if corrupted is not None:
-        shifted = load_data(corrupted, "test", root=data_root, download=download,
-                            **{k: v for k, v in {**options, **(corrupted_options or {})}.items()
-                               if k not in ("val_fraction",)})
-    model = ckpt.model.to(dev)
-    check_fits(model, splits["val"], dev)
-    sitemap = find_sites(model)
-    nothing = nothing_to_strip(sitemap, checkpoint)
-    if nothing:
-        raise TraceError(nothing)
+    with claim_out_dir(out, STRIP_OUTPUTS, overwrite=overwrite or resume, inputs=(checkpoint, data),
+                       replaceable=INSPECT_OUTPUTS if own_inspect else ()):
+        dev = resolve_device(device)
+        ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, allow_globals=allow_globals,
+                               arch_source=arch_source)
+        if expected_sha is not None and ckpt.info.sha256 != expected_sha:
+            raise DataError(f"{checkpoint}: changed since the run in {from_dir} scanned it (sha256 differs); "
+                            "pass the checkpoint and --data yourself")
+        options = {k: v for k, v in data_options.items() if v is not None}
+        splits = {s: load_data(data, s, root=data_root, download=download, **options) for s in ("train", "val", "test")}
+        shifted = None
+        if corrupted is not None:
+            shifted = load_data(corrupted, "test", root=data_root, download=download,
+                                **{k: v for k, v in {**options, **(corrupted_options or {})}.items()
+                                   if k not in ("val_fraction",)})
+        model = ckpt.model.to(dev)
+        check_fits(model, splits["val"], dev)
+        sitemap = find_sites(model)
+        nothing = nothing_to_strip(sitemap, checkpoint)
+        if nothing:
+            raise TraceError(nothing)
 
-    base_hist = base_test = None
-    if baseline:
-        base_model = copy.deepcopy(model)  # still untrained: the stripped run starts below
-        base = finetune(base_model, splits["train"], splits["val"], replace(cfg, strip=False), device=dev,
-                        test=splits["test"])
-        base_hist, base_test = base.history, base.test
+        base_hist = base_test = None
+        if baseline:
+            base_model = copy.deepcopy(model)  # still untrained: the stripped run starts below
+            base = finetune(base_model, splits["train"], splits["val"], replace(cfg, strip=False), device=dev,
+                            test=splits["test"])
+            base_hist, base_test = base.history, base.test
+            if shifted is not None:
+                base_test = {**base_test, "corrupted": evaluate(base_model, shifted, dev, cfg.eval_batch_size)}
+            del base_model
+
+        before = capture_weights(model, sitemap)  # for the revived neurons' weight histograms
+        res = finetune(model, splits["train"], splits["val"], cfg, device=dev, test=splits["test"],
+                       state_path=out / STATE_FILE, resume=resume, on_epoch=on_epoch, source=ckpt.info.sha256,
+                       progress=progress)
+        splits["train"].release()  # its device copy is not needed after training
+        stripper = res.stripper
+        final = scan(model, splits["val"], sitemap=stripper.sitemap, batch_size=cfg.eval_batch_size, device=dev,
+                     input_means=True)
+        cap = capacity(model, final, stripper.masks.masks)
+        files = {"stripped": out / "stripped.safetensors", "masks": out / "masks.safetensors"}
+        save_safetensors(model, files["stripped"], ckpt.info.arch or "", {"deadscan_source_sha256": ckpt.info.sha256})
+        save_masks(stripper.masks.state_dict(), files["masks"])
+        if compact:
+            summary_compact = _compact(model, final, splits["val"], cfg, out, ckpt.info.arch or "")
+            files["compact"] = Path(summary_compact["path"])
+        data_info = {**splits["val"].describe(), "root": data_root}
+        summary = build_summary(final, cap, command=command, checkpoint=ckpt.info, data=data_info,
+                                elapsed=time.perf_counter() - start)
+        summary["config"] = asdict(cfg)
+        summary["history"] = res.history
+        summary["test"] = res.test
         if shifted is not None:
-            base_test = {**base_test, "corrupted": evaluate(base_model, shifted, dev, cfg.eval_batch_size)}
-        del base_model
-
-    before = capture_weights(model, sitemap)  # for the revived neurons' weight histograms
-    res = finetune(model, splits["train"], splits["val"], cfg, device=dev, test=splits["test"],
-                   state_path=out / STATE_FILE, resume=resume, on_epoch=on_epoch, source=ckpt.info.sha256,
-                   progress=progress)
-    splits["train"].release()  # its device copy is not needed after training
-    stripper = res.stripper
-    final = scan(model, splits["val"], sitemap=stripper.sitemap, batch_size=cfg.eval_batch_size, device=dev,
-                 input_means=True)
-    cap = capacity(model, final, stripper.masks.masks)
-    files = {"stripped": out / "stripped.safetensors", "masks": out / "masks.safetensors"}
-    save_safetensors(model, files["stripped"], ckpt.info.arch or "", {"deadscan_source_sha256": ckpt.info.sha256})
-    save_masks(stripper.masks.state_dict(), files["masks"])
-    if compact:
-        summary_compact = _compact(model, final, splits["val"], cfg, out, ckpt.info.arch or "")
-        files["compact"] = Path(summary_compact["path"])
-    data_info = {**splits["val"].describe(), "root": data_root}
-    summary = build_summary(final, cap, command=command, checkpoint=ckpt.info, data=data_info,
-                            elapsed=time.perf_counter() - start)
-    summary["config"] = asdict(cfg)
-    summary["history"] = res.history
-    summary["test"] = res.test
-    if shifted is not None:
-        summary["test_corrupted"] = {**evaluate(model, shifted, dev, cfg.eval_batch_size), **shifted.describe()}
-    if baseline:
-        summary["baseline"] = {"history": base_hist, "test": base_test}
-    if compact:
-        summary["compact"] = summary_compact
-    summary["outputs"] = {k: str(v) for k, v in files.items()}
-    files["summary"] = write_summary(summary, out)
-    report_data = collect(summary, final, model, masks=stripper.masks.masks, before=before)
-    del before
-    files.update(write_outputs(report_data, out, plotlyjs=plotlyjs))  # stats.h5, report.html
-    return StripRun(summary, out, files)
+            summary["test_corrupted"] = {**evaluate(model, shifted, dev, cfg.eval_batch_size), **shifted.describe()}
+        if baseline:
+            summary["baseline"] = {"history": base_hist, "test": base_test}
+        if compact:
+            summary["compact"] = summary_compact
+        summary["outputs"] = {k: str(v) for k, v in files.items()}
+        files["summary"] = write_summary(summary, out)
+        report_data = collect(summary, final, model, masks=stripper.masks.masks, before=before)
+        del before
+        files.update(write_outputs(report_data, out, plotlyjs=plotlyjs))  # stats.h5, report.html
+        return StripRun(summary, out, files)
 
 
 def summary_in(folder: Path) -> dict:

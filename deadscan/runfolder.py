@@ -160,6 +160,14 @@ def parse_summary(text: str, where: str) -> dict:
     return obj
 
 
+def check(obj, schema, where: str, what: str) -> None:
+    """``obj`` matches ``schema`` (the language above), or one DataError line naming the first bad field."""
+    try:
+        _check(obj, schema, "")
+    except _Bad as e:
+        raise DataError(f"{where}: not {what} ({e}); damaged, edited or from another program") from None
+
+
 def check_summary(obj, where: str) -> dict:
     try:
         _check(obj, SUMMARY_SCHEMA, "")

@@ -8,6 +8,7 @@ never waits on the host. They are sums, counts and maxima, so shards scanned apa
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
@@ -286,8 +287,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise DataError(f"unknown --device {device!r}: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DataError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DataError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise DataError(f"--device {device}: Apple's MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":  # meta holds no data; xpu, hpu... are not supported
+        raise DataError(f"--device {device}: deadscan runs on cpu, cuda, cuda:N or mps")
     return dev
 
 
@@ -491,7 +501,9 @@ def _traced_origin(gm: fx.GraphModule, path: str, frame, lineno: int) -> tuple[s
 def _progress(total: int | None, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, unit="img", desc="scan", leave=False, dynamic_ncols=True)
+    # Drawn only on a terminal: in logs and pipes a bar leaves carriage-return residue.
+    return tqdm(total=total, disable=not (enabled and sys.stderr.isatty()), unit="img", desc="scan", leave=False,
+                dynamic_ncols=True)
 
 
 def _result(model: nn.Module, st: SiteStats, tau: float, forwards: int) -> SiteResult:

@@ -27,6 +27,7 @@ from deadscan.cli import main
 from deadscan.data import Dataset
 from deadscan.errors import DeadscanWarning, TraceError
 from deadscan.finetune import STATE_FILE, load_state
+from deadscan.outputs import LOCK_FILE
 from deadscan.scan import scan
 from deadscan.zoo import build
 
@@ -63,7 +64,7 @@ def _wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 120) ->
 def _no_stray_files(folder: Path, outputs: set[str]) -> None:
     """Only real outputs, plus (after a kill -9) temp files that cannot be mistaken for one."""
     for p in folder.iterdir():
-        if p.name not in outputs:
+        if p.name not in outputs and p.name != LOCK_FILE:  # a killed run's lock: the next run takes it over
             assert p.name.startswith(".") and p.name.endswith(".tmp"), p.name
             assert not any(p.name == o for o in outputs)
 
@@ -188,6 +189,29 @@ def _strip_cmd(ckpt: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--warmup", "1", "--batch-size", "16", "--device", "cpu", "--out", str(out), *extra]
 
 
+# The CLI in a process that signals itself right after epoch 1's history row: the signal always arrives
+# mid-run, however fast or loaded the machine (waiting for a printed line raced with the run's end).
+SIGNAL_AFTER_EPOCH_1 = """
+import os, sys
+from deadscan import pipeline
+from deadscan.cli import main
+
+sig, train = int(sys.argv.pop(1)), pipeline.finetune  # the rest of argv is the command line, as typed
+
+
+def finetune(*args, on_epoch=None, **kwargs):
+    def signalling(row):
+        on_epoch(row)
+        if row["epoch"] == 1:
+            os.kill(os.getpid(), sig)
+    return train(*args, on_epoch=signalling, **kwargs)
+
+
+pipeline.finetune = finetune
+main(prog_name="deadscan")
+"""
+
+
 def _start(cmd: list[str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
@@ -209,16 +233,16 @@ def _finish_with_resume(ckpt, data, out) -> subprocess.CompletedProcess:
 def test_interrupt_saves_the_completed_epochs_and_resume_finishes(tmp_path, strip_inputs, sig):
     ckpt, data = strip_inputs
     out = tmp_path / "out"
-    proc = _start(_strip_cmd(ckpt, data, out))
-    _wait_for_line(proc, "epoch   1")
-    proc.send_signal(sig)
+    cmd = _strip_cmd(ckpt, data, out)
+    proc = _start([sys.executable, "-c", SIGNAL_AFTER_EPOCH_1, str(int(sig)), *cmd[3:]])
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stdout + stderr
     assert "Traceback" not in stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: interrupted during epoch "), stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: interrupted during epoch 2; 1 epoch(s) saved"), stderr
     saved = load_state(out / STATE_FILE)["epoch"]
-    assert 1 <= saved < EPOCHS
+    assert saved == 1
+    assert not (out / ".deadscan.lock").exists()  # released on the way out
     assert f"{saved} epoch(s) saved in {out / STATE_FILE}" in lines[0]
     resume = lines[0].split("resume with: ", 1)[1]
     assert resume.startswith("deadscan strip ") and resume.endswith(" --resume")
@@ -242,6 +266,7 @@ def test_resume_after_kill_9_restarts_from_the_last_completed_epoch(tmp_path, st
 
     done = _finish_with_resume(ckpt, data, out)
     assert _epochs_printed(done.stdout.splitlines()) == list(range(saved + 1, EPOCHS + 1))
+    assert not (out / LOCK_FILE).exists()
 
 
 # ---------------------------------------------------------------------------------------------

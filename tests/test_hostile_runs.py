@@ -303,3 +303,76 @@ def test_report_accepts_a_run_folder_and_writes_beside_its_stats(base, tmp_path)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# train-state.pt, concurrent runs, terminal escapes
+
+
+def test_a_resume_state_with_wrong_history_types_is_one_line(base, tmp_path):
+    shutil.copy(base / "m.pt", tmp_path / "m.pt")
+    args = ["strip", str(tmp_path / "m.pt"), "--arch", MLP_SPEC, "--data", str(base / "data.npz"), "--warmup", "0",
+            "--batch-size", "16", "--out", str(tmp_path / "o")]
+    run = run_deadscan(args + ["--finetune", "2"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    state_path = tmp_path / "o" / "train-state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["history"][0]["dead"] = "many"
+    torch.save(state, state_path)
+    line = assert_refused(run_deadscan(args + ["--finetune", "3", "--resume"], tmp_path))
+    assert line == (f"Error: cannot resume: {state_path}: not a deadscan train-state.pt (history[0].dead must be a "
+                    "count (an integer >= 0), not a string); damaged, edited or from another program; drop --resume "
+                    "or choose another --out")
+    state["history"][0]["dead"] = 3
+    state["epoch"] = 7  # more epochs done than history rows
+    torch.save(state, state_path)
+    line = assert_refused(run_deadscan(args + ["--finetune", "9", "--resume"], tmp_path))
+    assert "epoch 7 with 2 history rows" in line
+
+
+def test_two_runs_into_one_folder_at_once_never_both_succeed(base, tmp_path):
+    """The second of two simultaneous inspect runs with the same --out fails in one line (the lock, or
+    the outputs the first left), never silently replacing the first's outputs."""
+    import subprocess
+
+    args = [sys.executable, "-m", "deadscan", "inspect", str(base / "m.pt"), "--arch", MLP_SPEC,
+            "--data", str(base / "data.npz"), "--out", str(tmp_path / "o")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in range(3):
+        shutil.rmtree(tmp_path / "o", ignore_errors=True)
+        procs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+        codes = sorted(r[0] for r in results)
+        assert codes == [0, 1], results
+        err = next(r[2] for r in results if r[0] == 1)
+        errors = [ln for ln in err.splitlines() if ln.startswith("Error:")]
+        assert len(errors) == 1 and ("is in use by a running deadscan" in errors[0]
+                                     or "already holds summary.json" in errors[0]), err
+        assert not (tmp_path / "o" / ".deadscan.lock").exists()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(base, tmp_path):
+    import socket
+
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / ".deadscan.lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))
+    run = run_deadscan(["inspect", str(base / "m.pt"), "--arch", MLP_SPEC, "--data", str(base / "data.npz"),
+                        "--out", str(tmp_path / "o")], tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert not (tmp_path / "o" / ".deadscan.lock").exists()
+    (tmp_path / "o" / ".deadscan.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                               "command": "inspect \x1b[2J x"}))
+    line = assert_refused(run_deadscan(["inspect", str(base / "m.pt"), "--arch", MLP_SPEC, "--data",
+                                        str(base / "data.npz"), "--out", str(tmp_path / "o"), "--overwrite"], tmp_path))
+    assert line == (f"Error: --out {tmp_path / 'o'} is in use by a running deadscan (pid {os.getpid()}: deadscan "
+                    f"inspect \\x1b[2J x); wait for it to finish or choose another --out (a stale lock is "
+                    f"{tmp_path / 'o' / '.deadscan.lock'})")
+
+
+def test_names_from_files_reach_the_terminal_escaped(base, tmp_path):
+    """A run folder whose summary names a data path with terminal escapes: printed escaped."""
+    run_dir = _variant(base, tmp_path, lambda s: s["data"].update(name=str(tmp_path / "d\x1b]0;owned\x07.npz")))
+    line = assert_refused(run_deadscan(["strip", "--from", str(run_dir), "--finetune", "0", "--out",
+                                        str(tmp_path / "o")], tmp_path))
+    assert "d\\x1b]0;owned\\x07.npz" in line
