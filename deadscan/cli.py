@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import warnings
@@ -14,6 +13,7 @@ from . import __version__, pipeline
 from .data import SPLITS, resource_path
 from .defaults import DEFAULTS
 from .errors import DeadscanError, DeadscanWarning, printable
+from .runfolder import summary_json
 from .finetune import Interrupted, TrainConfig
 from .strip import CRITERIA, METHODS
 
@@ -95,7 +95,7 @@ def _print_inspection(result: pipeline.Inspection, as_json: bool) -> None:
     from .report import format_table
 
     if as_json:
-        _echo(json.dumps(result.summary, indent=2))
+        _echo(summary_json(result.summary, indent=2))
         return
     s = result.summary
     ck = s["checkpoint"]

@@ -16,6 +16,7 @@ import torch
 from . import __version__
 from .capacity import Capacity
 from .checkpoint import CheckpointInfo, write_text_atomic
+from .runfolder import summary_json
 from .scan import ScanResult
 
 SCHEMA_VERSION = 1
@@ -107,7 +108,7 @@ def build_summary(scan: ScanResult, cap: Capacity, *, command: str, checkpoint: 
 
 def write_summary(summary: dict, out_dir: str | Path) -> Path:
     path = Path(out_dir) / "summary.json"
-    write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(path, summary_json(summary, indent=2) + "\n")
     return path
 
 

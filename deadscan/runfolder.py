@@ -143,6 +143,22 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+def _finite(obj):
+    """A copy with NaN and infinities as None (JSON has no NaN; a diverged loss reads back as null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def summary_json(summary: dict, indent: int | None = None) -> str:
+    """summary.json's text: what :func:`parse_summary` reads back (never NaN)."""
+    return json.dumps(_finite(summary), indent=indent, allow_nan=False)
+
+
 def parse_summary(text: str, where: str) -> dict:
     """summary.json's text to a checked dict (the layout in the README), or one DataError line."""
     if len(text) > DEFAULTS.max_json_bytes:

@@ -40,7 +40,7 @@ from .checkpoint import atomic_path
 from .defaults import DEFAULTS, MAX_BYTES_ENV
 from .errors import DataError, one_line
 from .reportdata import Hist, ReportData, SiteData
-from .runfolder import parse_summary, regular_file
+from .runfolder import parse_summary, regular_file, summary_json
 
 SCHEMA_VERSION = 1
 HISTORY_FIELDS = (  # (name, dtype); None in a row is stored as NaN (floats) or -1 (ints)
@@ -69,7 +69,7 @@ def write_stats(data: ReportData, path: str | Path) -> Path:
         f.attrs["command"] = str(s.get("command") or "")
         f.attrs["config"] = json.dumps(_config(s))
         f.attrs["checkpoint_sha256"] = str((s.get("checkpoint") or {}).get("sha256") or "")
-        f.create_dataset("summary", data=json.dumps(s), dtype=h5py.string_dtype())
+        f.create_dataset("summary", data=summary_json(s), dtype=h5py.string_dtype())
         sites = f.create_group("sites", track_order=True)
         for i, site in enumerate(data.sites):
             g = sites.create_group(f"{i:04d}")
