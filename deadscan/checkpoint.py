@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .defaults import DEFAULTS
-from .errors import ArchError, CheckpointError, DeadscanWarning, OutputError, one_line
+from .errors import ArchError, CheckpointError, DeadscanWarning, OutputError, one_line, printable
 from .pickles import PickleScan, is_dangerous_global, scan_pickle, torch_allows
 from .zoo import SHAPES_KEY, ArchSpec, apply_shapes, build, parse_spec
 
@@ -41,9 +41,15 @@ ARCH_KEY = "deadscan_arch"  # safetensors metadata key holding the arch spec
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
 PREFIXES = ("module.", "model.", "_orig_mod.")
 TRUST_FLAG = "--trust-pickle"
-ZIP_MAX_RATIO = 1100  # deflate never expands data more than ~1032 times
+ZIP_MAX_RATIO = DEFAULTS.max_expand_ratio  # deflate never expands data more than ~1032 times
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # all torch's zip reader (miniz) reads
 ALLOW_FLAG = "--allow-global"
 MAX_METADATA_CHARS = 1 << 20  # longest arch spec / shapes text read from a file's metadata
+
+
+def _error(text: str) -> CheckpointError:
+    """A CheckpointError whose line carries no control characters from the file (key names, metadata, paths)."""
+    return CheckpointError(printable(text))
 
 
 @dataclass(frozen=True)
@@ -69,33 +75,35 @@ def detect_format(path: str | os.PathLike) -> str:
     """Return ``safetensors``, ``torch-zip``, ``torchscript``, ``pt2`` or ``torch-legacy``."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
+        raise _error(f"{path}: no such file")
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+        raise _error(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():  # a FIFO would block the read, a device never ends
-        raise CheckpointError(f"{path}: not a regular file (a pipe, socket or device); give a checkpoint file")
+        raise _error(f"{path}: not a regular file (a pipe, socket or device); give a checkpoint file")
     try:
         with open(path, "rb") as f:
             head = f.read(16)
             size = os.fstat(f.fileno()).st_size
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        raise _error(f"{path}: cannot read ({e.strerror})") from None
     if size == 0:
-        raise CheckpointError(f"{path}: file is empty")
+        raise _error(f"{path}: file is empty")
+    # safetensors first, by its whole header: the length's low byte may be anything (0x80 looks like a
+    # pickle, 384 = 0x180); a zip's or a pickle's first 8 bytes read as a length exceed the file.
+    n = struct.unpack("<Q", head[:8])[0] if len(head) >= 9 else 0
+    if 2 <= n <= min(size - 8, DEFAULTS.max_header_bytes) and head[8:9] == b"{":
+        return "safetensors"
     if head[:4] == b"PK\x03\x04":
         return _zip_kind(path, size)
     if head[:1] == b"\x80":  # pickle protocol >= 2
         return "torch-legacy"
     if len(head) >= 9:
-        (n,) = struct.unpack("<Q", head[:8])
-        if 2 <= n <= min(size - 8, DEFAULTS.max_header_bytes) and head[8:9] == b"{":
-            return "safetensors"
         if head[8:9] == b"{" and n > min(size - 8, DEFAULTS.max_header_bytes):
             limit = (f"the file holds {size - 8}" if n > size - 8
                      else f"deadscan reads at most {DEFAULTS.max_header_bytes}")
-            raise CheckpointError(f"{path}: damaged safetensors file (its header claims {n} bytes; {limit}); "
-                                  "nothing was read from it")
-    raise CheckpointError(
+            raise _error(f"{path}: damaged safetensors file (its header claims {n} bytes; {limit}); "
+                         "nothing was read from it")
+    raise _error(
         f"{path}: not a checkpoint deadscan can read (first bytes {head[:8].hex()}); "
         "expected safetensors or a torch.save file"
     )
@@ -103,25 +111,88 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def _zip_kind(path: Path, size: int | None = None) -> str:
     try:
-        with zipfile.ZipFile(path) as z:
+        with open(path, "rb") as f, zipfile.ZipFile(f) as z:
             infos = z.infolist()
+            mismatch = _zip_directory_mismatch(f, z.start_dir, len(infos))
     except Exception as e:  # zipfile raises BadZipFile, OSError, ValueError, struct.error... on crafted bytes
-        raise CheckpointError(f"{path}: damaged zip archive ({one_line(e) or type(e).__name__})") from None
+        raise _error(f"{path}: damaged zip archive ({one_line(e) or type(e).__name__})") from None
+    if mismatch:  # torch's reader would list other members than zipfile (and these checks) see
+        raise _error(f"{path}: damaged zip archive ({mismatch}); zip readers disagree on its members")
     size = path.stat().st_size if size is None else size
-    for info in infos:  # torch's reader allocates what a member declares: check it against the file first
-        limit = size if info.compress_type == zipfile.ZIP_STORED else ZIP_MAX_RATIO * max(info.compress_size, 1)
-        if info.file_size > limit:
-            raise CheckpointError(f"{path}: damaged zip archive (member {info.filename} declares "
-                                  f"{info.file_size} bytes, more than the {size}-byte file can hold)")
+    _check_zip_members(path, infos, size)
     names = [i.filename for i in infos]
     leaves = {n.split("/", 1)[-1] for n in names}
     if any(n.endswith("serialized_exported_program.json") or n.endswith("archive_format") for n in names):
-        return "pt2"
-    if "constants.pkl" in leaves or any(n.split("/", 1)[-1].startswith("code/") for n in names):
-        return "torchscript"
-    if "data.pkl" in leaves:
-        return "torch-zip"
-    raise CheckpointError(f"{path}: a zip archive but not a torch.save file (no data.pkl inside)")
+        kind = "pt2"
+    elif "constants.pkl" in leaves or any(n.split("/", 1)[-1].startswith("code/") for n in names):
+        kind = "torchscript"
+    elif "data.pkl" in leaves:
+        kind = "torch-zip"
+    else:
+        raise _error(f"{path}: a zip archive but not a torch.save file (no data.pkl inside)")
+    tops = {n.split("/", 1)[0] if "/" in n else "" for n in names}
+    if len(tops) > 1 or "" in tops:  # torch writes every record under one folder and finds records through it
+        shown = ", ".join(sorted(t + "/" if t else "(top level)" for t in tops)[:4])
+        raise _error(f"{path}: damaged or crafted zip archive (members lie in more than one top-level folder: "
+                     f"{shown}); torch.save writes one")
+    return kind
+
+
+def _zip_directory_mismatch(f, start: int, entries: int) -> str | None:
+    """How the end records (zip64 ones where present) disagree with the central directory Python's zipfile
+    read (at ``start``, ``entries`` long), if they do. torch's reader (miniz) follows the declared offsets;
+    zipfile looks just before the end record: data prepended to the archive or an offset pointing elsewhere
+    would show the two readers different members. None also where zipfile's private end reader is gone."""
+    read_end = getattr(zipfile, "_EndRecData", None)
+    end = read_end(f) if read_end is not None else None
+    if end is None:
+        return None
+    location = end[zipfile._ECD_LOCATION]
+    f.seek(max(location - 20, 0))
+    locator = f.read(20)  # zip64: it must point at the record zipfile reads, the 56 bytes before it
+    if locator[:4] == b"PK\x06\x07" and struct.unpack("<Q", locator[8:16])[0] != location - 76:
+        return f"its zip64 locator points at offset {struct.unpack('<Q', locator[8:16])[0]}, not {location - 76}"
+    offset, on_disk, total = (end[zipfile._ECD_OFFSET], end[zipfile._ECD_ENTRIES_THIS_DISK],
+                              end[zipfile._ECD_ENTRIES_TOTAL])
+    if (offset, on_disk, total) != (start, entries, entries):
+        return (f"its end record declares {total} entries ({on_disk} on this disk) at offset {offset}; "
+                f"the central directory holds {entries} at offset {start}")
+    return None
+
+
+def _check_zip_members(path: Path, infos: list[zipfile.ZipInfo], size: int) -> None:
+    """What a zip's central directory declares, checked before any member is read: torch's reader
+    allocates a member's declared size, and picks members by name in its own way."""
+    bad = f"{path}: damaged zip archive"
+    seen: dict[str, str] = {}  # casefolded name -> name
+    for info in infos:
+        name = info.filename
+        if name.casefold() in seen:  # Python's zipfile reads the last of two, torch's reader maybe the first
+            other = seen[name.casefold()]
+            what = (f"member {name} appears twice" if other == name
+                    else f"members {other} and {name} differ only in case")
+            raise _error(f"{bad} ({what}; tools disagree on which one they read); re-save it with torch.save")
+        seen[name.casefold()] = name
+        if info.compress_type not in ZIP_METHODS:
+            raise _error(f"{bad} (member {name} uses compression method {info.compress_type}; torch reads "
+                         "only stored or deflated members)")
+        limit = size if info.compress_type == zipfile.ZIP_STORED else ZIP_MAX_RATIO * max(info.compress_size, 1)
+        if info.file_size > limit:
+            raise _error(f"{bad} (member {name} declares {info.file_size} bytes, more than the {size}-byte file "
+                         "can hold)")
+        if info.header_offset + info.compress_size > size:
+            raise _error(f"{bad} (member {name} claims {info.compress_size} bytes at offset {info.header_offset}, "
+                         f"past the end of the {size}-byte file)")
+    # Members sharing compressed bytes: a small file that decompresses many times over (overlap zip bomb).
+    spans = sorted((i.header_offset, i.header_offset + i.compress_size, i.filename) for i in infos)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if end > start:
+            raise _error(f"{bad} (members {a} and {b} overlap)")
+    total = sum(i.file_size for i in infos)
+    if total > DEFAULTS.max_decoded_bytes:
+        raise _error(f"{path}: its zip members declare {total} bytes in all, more than the "
+                     f"{DEFAULTS.max_decoded_bytes} deadscan decodes from one file (set DEADSCAN_MAX_BYTES to "
+                     "raise it)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,20 +235,19 @@ def _load(path: Path, fmt: str, arch: str | None, trust_pickle: bool, allow_glob
         state, metadata = _load_safetensors(path)
     elif fmt in ("torchscript", "pt2"):
         if not trust_pickle:
-            raise CheckpointError(
+            raise _error(
                 f"{path}: is a {'TorchScript' if fmt == 'torchscript' else 'torch.export (.pt2)'} archive, "
                 f"which carries code; pass {TRUST_FLAG} to run it, or save a state dict / safetensors instead"
             )
         model = _load_code_archive(path, fmt)
         return Checkpoint(model.eval(), CheckpointInfo(str(path), sha256_of(path), fmt, arch))
     else:
-        if fmt == "torch-legacy":
-            _check_legacy_sizes(path)
+        _check_storage_sizes(path, fmt, strict=not trust_pickle)
         obj = _torch_load(path, trust_pickle, allow_globals)
         if isinstance(obj, nn.Module):
             model = obj.eval()
             if arch is not None:
-                raise CheckpointError(f"{path}: holds a whole pickled module; drop --arch")
+                raise _error(f"{path}: holds a whole pickled module; drop --arch")
             return Checkpoint(model, CheckpointInfo(str(path), sha256_of(path), fmt, None))
         state = _find_state_dict(obj, path)
 
@@ -199,12 +269,12 @@ def _load(path: Path, fmt: str, arch: str | None, trust_pickle: bool, allow_glob
             apply_shapes(model, shapes)
     except _TooBig as e:
         what = f"its metadata names architecture {spec}" if from_file else f"its {SHAPES_KEY} metadata resizes {spec}"
-        raise CheckpointError(f"{path}: {what}, {e}; damaged or crafted metadata") from None
+        raise _error(f"{path}: {what}, {e}; damaged or crafted metadata") from None
     except (ArchError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        raise _error(f"{path}: {e}") from None
     except Exception as e:  # the builder rejected its arguments (negative widths, wrong types...)
         what = "its metadata names architecture" if from_file else "--arch"
-        raise CheckpointError(f"{path}: cannot build {what} {spec} ({type(e).__name__}: {one_line(e)})") from None
+        raise _error(f"{path}: cannot build {what} {spec} ({type(e).__name__}: {one_line(e)})") from None
     load_into(model, state, path)
     return Checkpoint(model.eval(), CheckpointInfo(str(path), sha256_of(path), fmt, str(spec)))
 
@@ -305,11 +375,25 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             for key in f.keys():
                 state[key] = f.get_tensor(key)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"{path}: damaged safetensors file ({one_line(e)})") from None
+        raise _error(f"{path}: damaged safetensors file ({one_line(e)})") from None
     return state, metadata
 
 
-def _torch_load(path: Path, trust_pickle: bool, allow_globals: tuple[str, ...] = ()):
+def load_torch_file(path: str | os.PathLike, what: str = "torch.save file") -> object:
+    """``torch.load(weights_only=True)`` of an untrusted torch.save file (a checkpoint, a run folder's
+    train-state.pt) after the checks a checkpoint gets: the format read from the bytes, the zip's members,
+    every storage's declared size against the bytes that hold it. Returns what the pickle holds; any
+    failure is one CheckpointError naming ``what``."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt not in ("torch-zip", "torch-legacy"):
+        raise _error(f"{path}: {what} is a {fmt} file, not a torch.save file")
+    _check_storage_sizes(path, fmt)
+    return _torch_load(path, False, what=what)
+
+
+def _torch_load(path: Path, trust_pickle: bool, allow_globals: tuple[str, ...] = (), what: str | None = None):
+    """``what``: name of a file that is not a checkpoint (then errors carry no flag hints)."""
     allowed = [_resolve_global(name) for name in allow_globals]  # before opening: a bad name is the user's error
     try:
         # weights_only is passed explicitly whatever torch's default is: files are untrusted.
@@ -320,22 +404,24 @@ def _torch_load(path: Path, trust_pickle: bool, allow_globals: tuple[str, ...] =
             return torch.load(f, map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:  # torch raises many kinds for bad or unsafe pickles
         msg = one_line(e)
+        if what is not None:
+            raise _error(f"{path}: cannot load {what} ({msg}); damaged, or not written by deadscan") from None
         if not trust_pickle and ("weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg):
             full = one_line(e, limit=10**6)
-            found = _pickle_globals_hint(full)  # untruncated: torch names the global late  # untruncated: torch names the global late
+            found = _pickle_globals_hint(full)  # untruncated: torch names the global late
             if found == "non-tensor objects":  # torch did not say which (an opcode it does not take): read them
                 needed = [g for g in _needed_globals(path) if g not in allow_globals]
                 if needed:
                     found = f"global {needed[0]}"
                 else:
                     why = full.split("WeightsUnpickler error:", 1)[-1].split(" Check the documentation")[0].strip()
-                    raise CheckpointError(f"{path}: cannot load torch.save file (a damaged or unsupported pickle: "
-                                          f"{why[:200]})") from None
-            raise CheckpointError(
+                    raise _error(f"{path}: cannot load torch.save file (a damaged or unsupported pickle: "
+                                 f"{why[:200]})") from None
+            raise _error(
                 f"{path}: the pickle needs code to load ({found}); it may be a whole pickled module. "
                 f"If you trust the file pass {TRUST_FLAG} (runs code from it), or re-save it as a state dict"
             ) from None
-        raise CheckpointError(f"{path}: cannot load torch.save file ({msg or type(e).__name__})") from None
+        raise _error(f"{path}: cannot load torch.save file ({msg or type(e).__name__})") from None
 
 
 def _needed_globals(path: Path) -> list[str]:
@@ -352,23 +438,23 @@ def _resolve_global(name: str):
 
     parts = name.split(".")
     if len(parts) < 2 or not all(p.isidentifier() for p in parts):
-        raise CheckpointError(f"{ALLOW_FLAG} {name}: expected a dotted name such as "
-                              "torch.nn.modules.linear.Linear (deadscan inspect --list-globals FILE shows them)")
+        raise _error(f"{ALLOW_FLAG} {name}: expected a dotted name such as "
+                     "torch.nn.modules.linear.Linear (deadscan inspect --list-globals FILE shows them)")
     for i in range(len(parts) - 1, 0, -1):
         try:
             obj = importlib.import_module(".".join(parts[:i]))
         except ImportError:
             continue
         except Exception as e:  # the module the user named failed while importing
-            raise CheckpointError(f"{ALLOW_FLAG} {name}: importing {'.'.join(parts[:i])} failed "
-                                  f"({type(e).__name__}: {one_line(e)})") from None
+            raise _error(f"{ALLOW_FLAG} {name}: importing {'.'.join(parts[:i])} failed "
+                         f"({type(e).__name__}: {one_line(e)})") from None
         try:
             for attr in parts[i:]:
                 obj = getattr(obj, attr)
         except AttributeError:
             break
         return (obj, name)
-    raise CheckpointError(f"{ALLOW_FLAG} {name}: no such class or function can be imported here")
+    raise _error(f"{ALLOW_FLAG} {name}: no such class or function can be imported here")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +483,7 @@ class GlobalsListing:
     def describe(self) -> str:
         """What ``deadscan inspect --list-globals FILE`` prints."""
         if self.format == "safetensors":
-            return f"{self.path}: safetensors: no pickle, nothing to import; it loads without any flag"
+            return printable(f"{self.path}: safetensors: no pickle, nothing to import; it loads without any flag")
         lines = [f"{self.path}: {self.format}; names read from the pickle opcodes (nothing was imported or run)"]
         width = max([len(g) for g in self.globals] + [10])
         for member, scan in self.members.items():
@@ -413,18 +499,22 @@ class GlobalsListing:
                 lines.append(f"  {g.ljust(width)}  {verdict}")
         needed = self.needs_allowing
         dangerous = [g for g in needed if is_dangerous_global(g)]
+        stopped = [member for member, scan in self.members.items() if scan.error]
         if self.carries_code:
             lines.append(f"it also carries code ({self.format}): only {TRUST_FLAG} loads it, and that runs the code")
         elif dangerous:
             lines.append(f"it imports {_few(dangerous)}, which can run arbitrary code: do not load it unless you "
                          "made it yourself")
+        elif stopped:
+            lines.append(f"{_few(stopped)} could not be read to the end, so this list may be incomplete; deadscan "
+                         f"does not load a pickle it cannot read through (without {TRUST_FLAG})")
         elif needed:
             flags = " ".join(f"{ALLOW_FLAG} {g}" for g in needed)
             lines.append(f"to load it without {TRUST_FLAG}: {flags} (imports each named class or function; "
                          "its code runs as the pickle builds objects with it)")
         else:
             lines.append("it loads without any flag")
-        return "\n".join(lines)
+        return "\n".join(map(printable, lines))  # names from the file may hold control characters
 
 
 def list_globals(path: str | os.PathLike) -> GlobalsListing:
@@ -440,35 +530,83 @@ def list_globals(path: str | os.PathLike) -> GlobalsListing:
     else:
         try:
             with zipfile.ZipFile(path) as z:
-                for info in z.infolist():
+                for info in z.infolist():  # streamed: scan_pickle stops at its opcode and byte limits
                     if info.filename.endswith(".pkl"):
                         with z.open(info) as f:
                             members[info.filename] = scan_pickle(f)
         except CheckpointError:
             raise
         except Exception as e:
-            raise CheckpointError(f"{path}: damaged zip archive ({one_line(e) or type(e).__name__})") from None
+            raise _error(f"{path}: damaged zip archive ({one_line(e) or type(e).__name__})") from None
     return GlobalsListing(str(path), fmt, members, fmt in ("torchscript", "pt2"))
 
 
-def _check_legacy_sizes(path: Path) -> None:
-    """A legacy torch.save file declares each storage's element count in its pickle, and torch allocates
-    that much before reading the bytes: refuse counts the file cannot hold."""
+def _check_storage_sizes(path: Path, fmt: str, strict: bool = True) -> None:
+    """torch.load allocates each storage at the size its pickle declares (``('storage', type, key,
+    location, numel)``) before reading its bytes: check every declared size against the bytes that hold
+    it first (its ``data/<key>`` member in a zip, the whole file for a legacy one). The pickle is read by
+    opcodes; one too damaged or too long to read to the end cannot be checked, so it is refused when
+    ``strict`` (not for a trusted pickle, which may run code and allocate anything anyway)."""
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        scan = scan_pickle(f, max_pickles=4)  # magic number, protocol, sys info, the object
-    declared: dict = {}
+    members = None
+    try:
+        if fmt == "torch-legacy":
+            with open(path, "rb") as f:
+                scan = scan_pickle(f, max_pickles=4)  # magic number, protocol, sys info, the object
+        else:
+            with zipfile.ZipFile(path) as z:
+                members = {i.filename: i.file_size for i in z.infolist()}
+                pkl = next(n for n in members if n.split("/", 1)[-1] == "data.pkl")  # one folder: checked
+                folder = pkl[: -len("data.pkl")]
+                with z.open(pkl) as f:
+                    scan = scan_pickle(f)
+    except Exception as e:  # zipfile on crafted bytes (CRC, bad deflate stream...)
+        raise _error(f"{path}: damaged torch.save file ({one_line(e)})") from None
+    if scan.error and strict:
+        raise _error(f"{path}: damaged or crafted torch.save file: its pickle cannot be read to the end "
+                     f"({scan.error}), so its storage sizes cannot be checked before loading")
+    legacy: dict[str, tuple[int, int]] = {}  # key -> (elements, bytes); a shared storage is listed each time
     for pid in scan.persistent_ids:
-        if len(pid) >= 5 and pid[0] == "storage":
-            key, numel = pid[2], pid[4]
-            if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
-                raise CheckpointError(f"{path}: damaged torch.save file (storage {key!r} declares {numel!r} "
-                                      "elements)")
-            declared[str(key)] = numel
-    total = sum(declared.values())
+        if not (len(pid) >= 5 and pid[0] == "storage"):
+            continue  # torch refuses other persistent ids before allocating anything
+        kind, key, numel = pid[1], pid[2], pid[4]
+        itemsize = _element_size(kind)
+        if not isinstance(key, str) or type(numel) is not int or numel < 0 or itemsize is None:
+            raise _error(f"{path}: damaged torch.save file (a storage declared as {_describe_pid(pid)})")
+        nbytes = numel * itemsize
+        if members is None:
+            seen = legacy.get(key, (0, 0))
+            legacy[key] = (max(numel, seen[0]), max(nbytes, seen[1]))
+            continue
+        have = members.get(f"{folder}data/{key}")
+        if have is None or nbytes > have:
+            held = "has no such member" if have is None else f"holds {have}"
+            raise _error(f"{path}: damaged or crafted torch.save file (storage {key} declares {nbytes} bytes; its "
+                         f"member {folder}data/{key} {held}); nothing was allocated")
+    elements, total = sum(n for n, _ in legacy.values()), sum(b for _, b in legacy.values())
     if total > size:
-        raise CheckpointError(f"{path}: damaged torch.save file (its storages declare {total} elements but the "
-                              f"file holds {size} bytes); nothing was allocated")
+        what = f"{elements} elements" if elements > size else f"{total} bytes"
+        raise _error(f"{path}: damaged torch.save file (its storages declare {what} but the file holds {size} "
+                     "bytes); nothing was allocated")
+
+
+def _element_size(kind) -> int | None:
+    """Bytes per element of a storage type a pickle names (``torch.FloatStorage``); None if not one."""
+    module, _, attr = str(kind).rpartition(".")
+    if not isinstance(kind, str) or module not in ("torch", "torch.storage") or not attr.endswith("Storage"):
+        return None
+    if attr == "UntypedStorage":
+        return 1
+    cls = getattr(torch, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.storage.TypedStorage)):
+        return None
+    with warnings.catch_warnings():  # TypedStorage is deprecated, and says so on every use
+        warnings.simplefilter("ignore")
+        return cls.dtype.itemsize
+
+
+def _describe_pid(pid: tuple) -> str:
+    return repr(tuple(p if isinstance(p, (str, int)) else "?" for p in pid[:5]))[:200]
 
 
 def _pickle_globals_hint(msg: str) -> str:
@@ -485,7 +623,7 @@ def _load_code_archive(path: Path, fmt: str) -> nn.Module:
             return torch.jit.load(str(path), map_location="cpu")
         return torch.export.load(str(path)).module()
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot load {fmt} archive ({one_line(e)})") from None
+        raise _error(f"{path}: cannot load {fmt} archive ({one_line(e)})") from None
 
 
 def _find_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
@@ -493,7 +631,7 @@ def _find_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     for _ in range(3):
         if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                  for k, v in obj.items()):
-            return dict(obj)
+            return _dense(dict(obj), path)
         if isinstance(obj, dict):
             nested = next((obj[k] for k in NESTED_KEYS if isinstance(obj.get(k), dict)), None)
             if nested is not None:
@@ -502,10 +640,22 @@ def _find_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
         break
     kind = type(obj).__name__
     keys = f" with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else ""
-    raise CheckpointError(
+    raise _error(
         f"{path}: holds a {kind}{keys}, not a state dict of tensors "
         f"(looked under {', '.join(NESTED_KEYS)})"
     )
+
+
+def _dense(state: dict[str, torch.Tensor], where) -> dict[str, torch.Tensor]:
+    """Only plain tensors with bytes: a nested tensor has no shape to compare, and a sparse, quantized or
+    meta one can declare any size without holding it."""
+    for key, t in state.items():
+        kind = ("nested" if t.is_nested else "sparse" if t.layout != torch.strided else "quantized"
+                if t.is_quantized else "meta" if t.is_meta else None)
+        if kind is not None:
+            raise _error(f"{where}: tensor {key} is a {kind} tensor; deadscan reads dense weights only "
+                         "(re-save the state dict with dense tensors)")
+    return state
 
 
 def _choose_spec(path: Path, arch: str | None, metadata: dict[str, str]) -> ArchSpec:
@@ -514,17 +664,17 @@ def _choose_spec(path: Path, arch: str | None, metadata: dict[str, str]) -> Arch
     if ARCH_KEY in metadata:
         text = metadata[ARCH_KEY]
         if len(text) > MAX_METADATA_CHARS:
-            raise CheckpointError(f"{path}: its {ARCH_KEY} metadata is {len(text)} characters long; damaged or "
-                                  "crafted: pass --arch yourself")
+            raise _error(f"{path}: its {ARCH_KEY} metadata is {len(text)} characters long; damaged or "
+                         "crafted: pass --arch yourself")
         try:
             return parse_spec(text)
         except ArchError as e:
-            raise CheckpointError(f"{path}: its {ARCH_KEY} metadata is not an architecture ({e}); "
-                                  "pass --arch") from None
+            raise _error(f"{path}: its {ARCH_KEY} metadata is not an architecture ({e}); "
+                         "pass --arch") from None
         except (RecursionError, MemoryError, ValueError, SyntaxError):  # absurdly nested literals
-            raise CheckpointError(f"{path}: its {ARCH_KEY} metadata cannot be parsed; damaged or crafted: "
-                                  "pass --arch yourself") from None
-    raise CheckpointError(
+            raise _error(f"{path}: its {ARCH_KEY} metadata cannot be parsed; damaged or crafted: "
+                         "pass --arch yourself") from None
+    raise _error(
         f"{path}: holds only weights; pass --arch (e.g. --arch 'mlp(depth=2, width=256, in_features=64)' "
         "or --arch torchvision:resnet18)"
     )
@@ -549,7 +699,7 @@ def strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[s
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str | os.PathLike = "state dict") -> None:
     """``load_state_dict(strict=True)`` with errors that name the keys and the fix."""
     expected = model.state_dict()
-    state = strip_prefixes(state, set(expected))
+    state = strip_prefixes(_dense(state, where), set(expected))
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -558,18 +708,18 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str | os.
             parts.append(f"missing {_few(missing)}")
         if unexpected:
             parts.append(f"unexpected {_few(unexpected)}")
-        raise CheckpointError(f"{where}: does not fit the architecture: {'; '.join(parts)}; check --arch")
+        raise _error(f"{where}: does not fit the architecture: {'; '.join(parts)}; check --arch")
     bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
            if tuple(state[k].shape) != tuple(v.shape)]
     if bad:
-        raise CheckpointError(
+        raise _error(
             f"{where}: tensor shapes do not fit the architecture (file vs model): {_few(bad)}; check --arch sizes"
         )
     try:
         model.load_state_dict(state, strict=True)
     except Exception as e:  # tensors torch cannot copy into parameters (meta, sparse, odd dtypes)
-        raise CheckpointError(f"{where}: cannot copy its tensors into the model ({type(e).__name__}: "
-                              f"{one_line(e)})") from None
+        raise _error(f"{where}: cannot copy its tensors into the model ({type(e).__name__}: "
+                     f"{one_line(e)})") from None
 
 
 def _few(items: list[str], n: int = 5) -> str:
