@@ -60,7 +60,8 @@ def check_file_spec(spec: ArchSpec, where: str) -> None:
     risky = [k for k in spec.kwargs if any(w in k.lower() for w in FILE_KWARGS)]
     if risky:
         raise ArchError(f"{where} names architecture {spec}, whose argument {risky[0]}= would make the builder "
-                        f"read a file or download; {again}")
+                        "read a file or download; deadscan loads weights only from your checkpoint: pass --arch "
+                        f"without {risky[0]}= yourself")
     if prefix == "torchvision":
         import torchvision
 

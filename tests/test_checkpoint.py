@@ -401,12 +401,12 @@ def test_user_code_spec_in_metadata_is_refused_without_running_it(tmp_path, rand
     assert not marker.exists()
     assert "os" not in imported
     msg = str(e.value)
-    assert msg.startswith(f"{p}: the checkpoint names architecture {spec} (user code); "
-                          "deadscan does not import code named by a file")
+    assert msg.startswith(f"{p}: its {ARCH_KEY} metadata names architecture {spec}, which would import code "
+                          "named by a file; deadscan never does that: pass --arch ")
     # the suggested command is valid shell: the spec comes back as one argument
     import shlex
 
-    suggestion = msg.split("pass it yourself with ", 1)[1].removesuffix(" if you trust it")
+    suggestion = msg.split("deadscan never does that: pass ", 1)[1].removesuffix(" yourself if you trust it")
     assert shlex.split(suggestion) == ["--arch", spec]
 
 
@@ -414,7 +414,8 @@ def test_download_spec_in_metadata_is_refused(tmp_path, rand_mlp):
     p = tmp_path / "m.safetensors"
     save_file({k: v.contiguous() for k, v in rand_mlp.state_dict().items()}, str(p),
               metadata={ARCH_KEY: "torchvision:resnet18(weights='DEFAULT')"})
-    with pytest.raises(CheckpointError, match=r"torchvision:resnet18: weights= would download weights"):
+    with pytest.raises(CheckpointError, match=r"whose argument weights= would make the builder read a file or "
+                                              r"download; deadscan loads weights only from your checkpoint"):
         load_checkpoint(p)
 
 

@@ -99,7 +99,8 @@ def test_plain_strip_in_the_default_folder_never_imports_the_spec(base, tmp_path
 
 @pytest.mark.parametrize("spec, words", [
     ("torchvision:no_such_net", "not a torchvision model"),
-    ("torchvision:resnet18(weights='x.pth')", "argument weights= would make the builder read a file"),
+    ("torchvision:resnet18(weights='x.pth')", "argument weights= would make the builder read a file or download; "
+                                              "deadscan loads weights only from your checkpoint"),
     ("mlp(depth=2, width=10**9)", None),  # not a literal
     ("mlp(depth=2, width=1000000000, in_features=4, classes=3)", "far more"),  # a memory bomb by spec
 ])
