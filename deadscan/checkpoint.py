@@ -35,7 +35,7 @@ from torch import nn
 from .defaults import DEFAULTS
 from .errors import ArchError, CheckpointError, DeadscanWarning, OutputError, one_line, printable
 from .pickles import PickleScan, is_dangerous_global, scan_pickle, torch_allows
-from .zoo import SHAPES_KEY, ArchSpec, apply_shapes, build, parse_spec
+from .zoo import SHAPES_KEY, ArchSpec, apply_shapes, build, check_file_spec, parse_spec
 
 ARCH_KEY = "deadscan_arch"  # safetensors metadata key holding the arch spec
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
@@ -208,10 +208,12 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, arch: str | None = None, *, trust_pickle: bool = False,
-                    allow_globals: tuple[str, ...] | list[str] = ()) -> Checkpoint:
+                    allow_globals: tuple[str, ...] | list[str] = (), arch_source: str | None = None) -> Checkpoint:
     """Load ``path`` into a model (CPU, eval mode).
 
     ``arch`` is needed for state dicts that do not carry a deadscan spec in their metadata.
+    ``arch_source``: where ``arch`` was read from when a file chose it (a run folder's summary.json), not
+    the user: then it may name no code and build nothing bigger than the file's own tensors.
     ``trust_pickle=True`` allows full pickled modules and TorchScript, which run code from the file.
     ``allow_globals``: names (``module.Class``, as :func:`list_globals` shows them) the pickle may
     import; each is imported here, by the caller's choice, and may build objects of its kind.
@@ -219,7 +221,7 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None, *, trust_p
     """
     path = Path(path)
     fmt = detect_format(path)
-    ck = _load(path, fmt, arch, trust_pickle, tuple(allow_globals))
+    ck = _load(path, fmt, arch, trust_pickle, tuple(allow_globals), arch_source)
     bad = nonfinite_layers(ck.model)
     if bad:
         ck.info = CheckpointInfo(ck.info.path, ck.info.sha256, ck.info.format, ck.info.arch, tuple(bad))
@@ -229,7 +231,8 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None, *, trust_p
     return ck
 
 
-def _load(path: Path, fmt: str, arch: str | None, trust_pickle: bool, allow_globals: tuple[str, ...]) -> Checkpoint:
+def _load(path: Path, fmt: str, arch: str | None, trust_pickle: bool, allow_globals: tuple[str, ...],
+          arch_source: str | None = None) -> Checkpoint:
     metadata: dict[str, str] = {}
     if fmt == "safetensors":
         state, metadata = _load_safetensors(path)
@@ -251,8 +254,9 @@ def _load(path: Path, fmt: str, arch: str | None, trust_pickle: bool, allow_glob
             return Checkpoint(model, CheckpointInfo(str(path), sha256_of(path), fmt, None))
         state = _find_state_dict(obj, path)
 
-    spec = _choose_spec(path, arch, metadata)
-    from_file = arch is None  # the file picked the architecture: it must not pick sizes beyond its own tensors
+    spec = _choose_spec(path, arch, metadata, arch_source)
+    # A file picked the architecture: it must name no code, nor sizes beyond the checkpoint's own tensors.
+    from_file = arch is None or arch_source is not None
     try:
         shapes = _shapes_from(metadata[SHAPES_KEY], state) if SHAPES_KEY in metadata else None
         if from_file:  # first on the meta device (nothing allocated), stopped early if it outgrows the file
@@ -268,12 +272,14 @@ def _load(path: Path, fmt: str, arch: str | None, trust_pickle: bool, allow_glob
         if shapes is not None:  # a compacted model: narrower layers than the spec builds (widths from the file)
             apply_shapes(model, shapes)
     except _TooBig as e:
-        what = f"its metadata names architecture {spec}" if from_file else f"its {SHAPES_KEY} metadata resizes {spec}"
+        what = (f"{arch_source} names architecture {spec}" if arch_source else f"its metadata names architecture {spec}"
+                if from_file else f"its {SHAPES_KEY} metadata resizes {spec}")
         raise _error(f"{path}: {what}, {e}; damaged or crafted metadata") from None
     except (ArchError, ValueError) as e:
         raise _error(f"{path}: {e}") from None
     except Exception as e:  # the builder rejected its arguments (negative widths, wrong types...)
-        what = "its metadata names architecture" if from_file else "--arch"
+        what = (f"the architecture {arch_source} names:" if arch_source else "its metadata names architecture"
+                if from_file else "--arch")
         raise _error(f"{path}: cannot build {what} {spec} ({type(e).__name__}: {one_line(e)})") from None
     load_into(model, state, path)
     return Checkpoint(model.eval(), CheckpointInfo(str(path), sha256_of(path), fmt, str(spec)))
@@ -658,22 +664,33 @@ def _dense(state: dict[str, torch.Tensor], where) -> dict[str, torch.Tensor]:
     return state
 
 
-def _choose_spec(path: Path, arch: str | None, metadata: dict[str, str]) -> ArchSpec:
+def _choose_spec(path: Path, arch: str | None, metadata: dict[str, str], arch_source: str | None = None) -> ArchSpec:
     if arch is not None:
-        return parse_spec(arch)
+        spec = parse_spec(arch)
+        if arch_source is not None:
+            try:
+                check_file_spec(spec, arch_source)
+            except ArchError as e:
+                raise _error(str(e)) from None
+        return spec
     if ARCH_KEY in metadata:
         text = metadata[ARCH_KEY]
         if len(text) > MAX_METADATA_CHARS:
             raise _error(f"{path}: its {ARCH_KEY} metadata is {len(text)} characters long; damaged or "
                          "crafted: pass --arch yourself")
         try:
-            return parse_spec(text)
+            spec = parse_spec(text)
         except ArchError as e:
             raise _error(f"{path}: its {ARCH_KEY} metadata is not an architecture ({e}); "
                          "pass --arch") from None
         except (RecursionError, MemoryError, ValueError, SyntaxError):  # absurdly nested literals
             raise _error(f"{path}: its {ARCH_KEY} metadata cannot be parsed; damaged or crafted: "
                          "pass --arch yourself") from None
+        try:
+            check_file_spec(spec, f"{path}: its {ARCH_KEY} metadata")
+        except ArchError as e:
+            raise _error(str(e)) from None
+        return spec
     raise _error(
         f"{path}: holds only weights; pass --arch (e.g. --arch 'mlp(depth=2, width=256, in_features=64)' "
         "or --arch torchvision:resnet18)"
