@@ -20,6 +20,10 @@ class Defaults:
     # file declares before anything is allocated. Raise with the DEADSCAN_MAX_BYTES environment variable.
     max_decoded_bytes: int = 64 * 2**30  # bytes one input file may decode to (arrays, images, members)
     max_expand_ratio: int = 1100  # decompressed / compressed bytes (deflate never exceeds ~1032)
+    # torch.save keeps tensor bytes outside its pickles (~30 opcodes, ~100 bytes per tensor): 5M opcodes is
+    # ~160k tensors and a few seconds of reading; the byte cap bounds what one opcode argument may take.
+    max_pickle_ops: int = 5_000_000  # opcodes read from one pickle before stopping
+    max_pickle_bytes: int = 256 * 2**20  # bytes read from one pickle before stopping
     max_json_bytes: int = 64 * 2**20  # largest summary.json read (bytes)
     max_json_depth: int = 64  # nesting of summary.json (lists and objects)
 

@@ -10,15 +10,13 @@ import _compat_pickle
 import pickletools
 from dataclasses import dataclass, field
 
+from .defaults import DEFAULTS
 from .errors import one_line
 
 
-# What one pickle may cost to read. torch.save keeps tensor bytes outside its pickles (~30 opcodes and
-# ~100 bytes per tensor), so real checkpoints stay far below both: 5M opcodes is ~160k tensors and a few
-# seconds of reading; 256 MiB bounds the memory one opcode argument (BINBYTES8...) can take. A deflate
-# bomb stops here instead of running for minutes and gigabytes.
-MAX_PICKLE_OPS = 5_000_000
-MAX_PICKLE_BYTES = 256 * 2**20
+# What one pickle may cost to read: DEFAULTS.max_pickle_ops / max_pickle_bytes (why: see defaults.py).
+MAX_PICKLE_OPS = DEFAULTS.max_pickle_ops
+MAX_PICKLE_BYTES = DEFAULTS.max_pickle_bytes
 
 _MARK = object()
 _UNKNOWN = object()
