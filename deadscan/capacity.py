@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .scan import ScanResult, SiteResult
+from .layers import Kind, entry, neuron_rows, reader
+from .scan import ScanResult
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,11 @@ def percent(total: int, inactive: int) -> float:
 
 
 class _Layer:
-    """Row (output) and column (input) dead marks of one weight, gathered from every site."""
+    """Row (neuron) and column (input) dead marks of one weight, gathered from every site."""
 
-    def __init__(self, module: nn.Module):
-        w = module.weight
+    def __init__(self, module: nn.Module, name: str):
+        self.kind: Kind = entry(module, name)
+        w = self.kind.rows(module.weight)  # (neurons, fan_in, *kernel) whatever the stored layout
         self.module = module
         self.out, self.inp = w.shape[0], w.shape[1]
         self.kernel = int(np.prod(w.shape[2:])) if w.ndim > 2 else 1
@@ -62,11 +64,8 @@ class _Layer:
         self.feeds = self.consumes = False
         self.bias = module.bias.numel() if getattr(module, "bias", None) is not None else 0
 
-
-def _fits(layer: _Layer, r: SiteResult, consumer: bool) -> bool:
-    if consumer:
-        return layer.inp == r.neurons * r.site.consumer.group
-    return layer.out == r.neurons
+    def mask_rows(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        return None if mask is None else self.kind.rows(mask)
 
 
 def capacity(model: nn.Module, scan: ScanResult, masks: dict[str, torch.Tensor] | None = None) -> Capacity:
@@ -76,23 +75,25 @@ def capacity(model: nn.Module, scan: ScanResult, masks: dict[str, torch.Tensor] 
 
     def layer(name: str) -> _Layer:
         if name not in layers:
-            layers[name] = _Layer(model.get_submodule(name))
+            layers[name] = _Layer(model.get_submodule(name), name)
         return layers[name]
 
     per_site: dict[str, SiteCapacity] = {}
     for r in scan.sites:
         f = r.site.feeding
-        if f is None or r.neurons == 0 or not _fits(layer(f.layer), r, consumer=False):
+        if f is None or r.neurons == 0:
             continue
+        neuron_rows(model.get_submodule(f.layer), f.layer, r.neurons)  # a mismatch fails, never skips
         feed = layer(f.layer)
         feed.feeds = True
         feed.rows |= r.dead
         hidden = feed.out * feed.inp * feed.kernel + feed.bias
         dead = int(r.dead.sum())
         inactive = dead * (feed.inp * feed.kernel + (1 if feed.bias else 0))
-        inactive += _pruned_outside(masks.get(f.layer), r.dead, None)
+        inactive += _pruned_outside(feed.mask_rows(masks.get(f.layer)), r.dead, None)
         c = r.site.consumer
-        if c is not None and _fits(layer(c.layer), r, consumer=True):
+        if c is not None:
+            reader(model.get_submodule(c.layer), c.layer, r.neurons * c.group)
             cons = layer(c.layer)
             cons.consumes = True
             cols = np.repeat(r.dead, c.group)
@@ -110,7 +111,7 @@ def capacity(model: nn.Module, scan: ScanResult, masks: dict[str, torch.Tensor] 
         hidden += weights + (L.bias if L.feeds else 0)
         # rows + columns - overlap, plus pruned weights outside them
         inactive += (r * L.inp + c * L.out - r * c) * L.kernel + (r if L.feeds and L.bias else 0)
-        mask = masks.get(name)
+        mask = L.mask_rows(masks.get(name))
         inactive += _pruned_outside(mask, L.rows, L.cols)
         pruned += int(mask.sum()) if mask is not None else 0
         if L.feeds:

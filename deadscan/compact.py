@@ -1,5 +1,5 @@
-"""Physically remove dead neurons: rows (and bias, BatchNorm entries) of the feeding layer and the
-matching input columns of the consumer layer. Outputs are checked equal on the scanned data
+"""Physically remove dead neurons: the neurons (and bias, BatchNorm entries) of the feeding layer and
+the matching input features of the consumer layer (``layers`` knows which weight dimension each is). Outputs are checked equal on the scanned data
 before anything is written.
 
 Only where the structure allows: the feeding layer's output reaches nothing but the site, the
@@ -20,28 +20,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from .layers import entry, neuron_rows, reader
 from .scan import ScanResult
 from .zoo import SHAPES_KEY, resized, set_submodule, widths
 
 
 def prune_out(layer: nn.Module, keep: torch.Tensor) -> nn.Module:
-    """A Linear or Conv keeping only output rows/channels ``keep`` (weight and bias)."""
-    new = resized(layer, out_features=len(keep))
-    with torch.no_grad():
-        new.weight.copy_(layer.weight.index_select(0, keep))
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias.index_select(0, keep))
-    return new
+    """A copy of a feeding layer keeping only neurons ``keep`` (its ``layers`` entry knows the layout)."""
+    return entry(layer).prune_out(layer, keep)
 
 
 def prune_in(layer: nn.Module, keep: torch.Tensor) -> nn.Module:
-    """A Linear or Conv keeping only input columns/channels ``keep`` (the bias is unchanged)."""
-    new = resized(layer, in_features=len(keep))
-    with torch.no_grad():
-        new.weight.copy_(layer.weight.index_select(1, keep))
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias)
-    return new
+    """A copy of a consumer layer keeping only input features ``keep`` (the bias is unchanged)."""
+    return entry(layer).prune_in(layer, keep)
 
 
 def prune_bn(bn: nn.Module, keep: torch.Tensor) -> nn.Module:
@@ -86,7 +77,7 @@ def _why_not(model: nn.Module, r, uses: dict[tuple[str, str], int]) -> str | Non
         return "a per-feature bias parameter sits between layer and ReLU"
     if not s.consumer.keeps_zero:
         return "a BatchNorm after the ReLU turns dead outputs into a constant"
-    if s.consumer.kind != "linear" and s.consumer.group != 1:
+    if entry(model.get_submodule(s.consumer.layer), s.consumer.layer).feature_axis != -1 and s.consumer.group != 1:
         return "unsupported consumer layout"
     if r.dead.all():
         return "every neuron is dead: the site would vanish"
@@ -112,6 +103,8 @@ def compact(model: nn.Module, scan: ScanResult) -> Compacted:
             continue
         f, c = r.site.feeding, r.site.consumer
         layer = new.get_submodule(f.layer)
+        neuron_rows(layer, f.layer, r.neurons)  # a layout or width mismatch fails, never skips
+        reader(new.get_submodule(c.layer), c.layer, r.neurons * c.group)
         keep = torch.from_numpy(np.flatnonzero(~r.dead)).to(layer.weight.device)
         set_submodule(new, f.layer, prune_out(layer, keep))
         for op, name in f.chain:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .layers import entry, neuron_rows
 from .scan import PerNeuron, ScanResult
 from .trace import SiteMap, effective_affine
 
@@ -98,7 +99,8 @@ def capture_weights(model: nn.Module, sitemap: SiteMap) -> dict[str, torch.Tenso
             f = s.feeding
             if f is None or f.layer in out:
                 continue
-            w = model.get_submodule(f.layer).weight.detach()
+            layer = model.get_submodule(f.layer)
+            w = entry(layer, f.layer).rows(layer.weight).detach()
             sign = torch.sign(effective_affine(model, f)[0])
             out[f.layer] = (w.float().flatten(1) * _nonzero_sign(sign)[:, None]).cpu()
     return out
@@ -113,12 +115,16 @@ def _signed_rows(model: nn.Module, r) -> torch.Tensor | None:
     f = r.site.feeding
     if f is None or r.neurons == 0:
         return None
-    w = model.get_submodule(f.layer).weight.detach()
-    if w.shape[0] != r.neurons:
-        return None
+    w = neuron_rows(model.get_submodule(f.layer), f.layer, r.neurons).detach()
     with torch.no_grad():
         sign = _nonzero_sign(torch.sign(effective_affine(model, f)[0]))
         return w.float().flatten(1) * sign[:, None]
+
+
+def _mask_rows(model: nn.Module, name: str, masks: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Layer ``name``'s mask (shaped like its weight) read as rows, like :func:`_signed_rows`."""
+    mask = masks.get(name)
+    return None if mask is None else entry(model.get_submodule(name), name).rows(mask)
 
 
 def _range(*tensors: torch.Tensor) -> tuple[float, float] | None:
@@ -193,7 +199,7 @@ def collect(summary: dict, scan: ScanResult, model: nn.Module, *, masks: dict[st
         if w is None:
             return None
         dead = torch.from_numpy(np.asarray(r.dead)).to(w.device)
-        mask = masks.get(r.site.feeding.layer)
+        mask = _mask_rows(model, r.site.feeding.layer, masks)
         if mask is None:
             return {"dead": w[dead].flatten(), "healthy": w[~dead].flatten()}
         keep = ~mask.detach().to(w.device, torch.bool).flatten(1)
@@ -207,7 +213,7 @@ def collect(summary: dict, scan: ScanResult, model: nn.Module, *, masks: dict[st
             return None
         ti = torch.from_numpy(idx).to(w.device)
         after, pruned = w[ti], 0
-        mask = masks.get(r.site.feeding.layer)
+        mask = _mask_rows(model, r.site.feeding.layer, masks)
         if mask is not None:
             keep = ~mask.detach().to(w.device, torch.bool).flatten(1)[ti]
             pruned = int((~keep).sum())

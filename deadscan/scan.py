@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .defaults import DEFAULTS
+from . import layers
 from .errors import DataError, DeadscanError, DeadscanWarning, TraceError, one_line
 from .trace import Site, SiteMap, copy_graph, effective_affine, find_sites
 
@@ -86,7 +87,7 @@ class InputStats:
     """Running per-input-feature sum of a feeding layer's input (for the contribution criterion)."""
 
     def __init__(self, axis: int):
-        self.axis = axis  # -1 for Linear, 1 for Conv
+        self.axis = axis  # the layer kind's feature axis: -1 (Linear, HF Conv1D) or 1 (Conv)
         self.sum: torch.Tensor | None = None
         self.elements = 0
 
@@ -345,7 +346,7 @@ def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: 
     chunk = None  # after running out of memory: the most samples run through the model at once
     try:
         while True:
-            inputs = {s.feeding.layer: InputStats(-1 if s.feeding.kind == "linear" else 1)
+            inputs = {s.feeding.layer: InputStats(_feature_axis(model, s.feeding.layer))
                       for s in sitemap.sites if input_means and s.feeding is not None}
             try:
                 stats, samples, forwards = _scan_pass(model, data, sitemap, inputs, batch_size, chunk, dev, progress)
@@ -372,6 +373,10 @@ def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: 
         if r.site.feeding is not None and r.site.feeding.layer in inputs:
             r.mean_input = inputs[r.site.feeding.layer].mean()
     return ScanResult(results, sitemap, samples, str(dev), tau, batch_size if chunk is None else chunk)
+
+
+def _feature_axis(model: nn.Module, name: str) -> int:
+    return layers.entry(model.get_submodule(name), name).feature_axis
 
 
 class _OutOfMemory(Exception):
@@ -530,10 +535,8 @@ def provably_dead(model: nn.Module, site: Site, neurons: int) -> np.ndarray:
     out = np.zeros(neurons, dtype=bool)
     if site.feeding is None or not site.input_nonneg:
         return out
-    layer = model.get_submodule(site.feeding.layer)
-    w = layer.weight.detach()
-    if w.shape[0] != neurons:
-        return out
+    name = site.feeding.layer
+    w = layers.neuron_rows(model.get_submodule(name), name, neurons).detach()
     with torch.no_grad():
         s, t = effective_affine(model, site.feeding)
         w_eff = w.float().flatten(1) * s[:, None]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .layers import entry, neuron_rows, reader
 from .scan import ScanResult
 from .trace import effective_affine
 
@@ -47,6 +48,7 @@ def strip_layer(weight: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, ra
                 sign: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Mark the most negative remaining incoming weights of ``rows`` in ``mask`` (in place).
 
+    ``weight`` and ``mask`` are read as rows, (neurons, fan_in, *kernel): ``layers.Kind.rows`` views.
     ``scores`` (same shape as the rows' weights) replaces the weight as the ranking value, e.g.
     w * E[x] for the contribution criterion. Returns (new pruned count per row, rows with no
     negative candidate).
@@ -137,9 +139,8 @@ def strip(model: nn.Module, scan: ScanResult, masks: Masks, *, rate: float = 0.1
         if f is None or r.neurons == 0 or not r.dead.any():
             continue
         layer = model.get_submodule(f.layer)
-        if layer.weight.shape[0] != r.neurons:
-            continue
-        rows = torch.from_numpy(np.flatnonzero(r.dead)).to(layer.weight.device)
+        weight = neuron_rows(layer, f.layer, r.neurons)  # a view: a neuron's incoming weights are one row
+        rows = torch.from_numpy(np.flatnonzero(r.dead)).to(weight.device)
         with torch.no_grad():
             scale, _ = effective_affine(model, f)
             scores = None
@@ -147,16 +148,16 @@ def strip(model: nn.Module, scan: ScanResult, masks: Masks, *, rate: float = 0.1
                 if r.mean_input is None:
                     raise ValueError(f"criterion='contribution' needs the feeding layers' mean inputs: scan with "
                                      f"input_means=True (site {r.site.name} has none)")
-                mean_in = torch.as_tensor(r.mean_input, device=layer.weight.device, dtype=torch.float32)
-                w = layer.weight.detach()[rows].float()
+                mean_in = torch.as_tensor(r.mean_input, device=weight.device, dtype=torch.float32)
+                w = weight.detach()[rows].float()
                 groups = getattr(layer, "groups", 1)
                 if groups > 1:  # a grouped conv's output channel reads only its group's input channels
-                    mean_in = mean_in.view(groups, -1)[rows // (layer.weight.shape[0] // groups)]
+                    mean_in = mean_in.view(groups, -1)[rows // (weight.shape[0] // groups)]
                     scores = w * mean_in.view(mean_in.shape + (1,) * (w.ndim - 2))
                 else:
                     scores = w * mean_in.view((1, -1) + (1,) * (w.ndim - 2))
-            mask = masks.get(f.layer)
-            k, none_left = strip_layer(layer.weight, mask, rows, rate, torch.sign(scale), scores)
+            mask = entry(layer).rows(masks.get(f.layer))
+            k, none_left = strip_layer(weight, mask, rows, rate, torch.sign(scale), scores)
         stats.pruned[f.layer] = stats.pruned.get(f.layer, 0) + int(k.sum())
         stats.dead_targeted += int(rows.numel())
         stats.without_negative += none_left
@@ -175,9 +176,8 @@ def redo(model: nn.Module, scan: ScanResult, *, optimizer: torch.optim.Optimizer
         if f is None or r.neurons == 0 or not r.dead.any():
             continue
         layer = model.get_submodule(f.layer)
-        if layer.weight.shape[0] != r.neurons:
-            continue
-        w = layer.weight
+        kind = entry(layer, f.layer)
+        w = neuron_rows(layer, f.layer, r.neurons)  # a view: writes reach the weight
         rows = torch.from_numpy(np.flatnonzero(r.dead)).to(w.device)
         fan_in = w[0].numel()
         bound = 1.0 / fan_in**0.5  # nn.Linear / nn.ConvNd default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
@@ -186,15 +186,15 @@ def redo(model: nn.Module, scan: ScanResult, *, optimizer: torch.optim.Optimizer
             w[rows] = ((fresh * 2 - 1) * bound).to(w.device, w.dtype)
             if layer.bias is not None:
                 layer.bias[rows] = 0
-            _clear_state(optimizer, w, rows, dim=0)
+            _clear_state(optimizer, layer.weight, rows, dim=kind.out_dim)
             if layer.bias is not None:
                 _clear_state(optimizer, layer.bias, rows, dim=0)
             if c is not None:
                 cons = model.get_submodule(c.layer)
-                if cons.weight.shape[1] == r.neurons * c.group:
-                    cols = c.columns(rows)
-                    cons.weight[:, cols] = 0
-                    _clear_state(optimizer, cons.weight, cols, dim=1)
+                ck = reader(cons, c.layer, r.neurons * c.group)
+                cols = c.columns(rows)
+                cons.weight.index_fill_(ck.in_dim, cols, 0)
+                _clear_state(optimizer, cons.weight, cols, dim=ck.in_dim)
         stats.pruned[f.layer] = 0
         stats.dead_targeted += int(rows.numel())
     return stats

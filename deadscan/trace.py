@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from . import layers
 from .errors import TraceError, one_line, printable
 
 ACT_MODULES = (nn.ReLU, nn.ReLU6)
@@ -32,7 +33,6 @@ ACT_FUNCTIONS = {
 }
 ACT_METHODS = {"relu": ("relu", "Tensor.relu", False), "relu_": ("relu", "Tensor.relu_", True)}
 
-LAYERS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
 PASS_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
@@ -53,7 +53,7 @@ class Feeding:
     """The layer whose outputs reach the site through per-feature ops only."""
 
     layer: str  # qualified name in the model
-    kind: str  # linear | conv1d | conv2d | conv3d
+    kind: str  # layers.Kind.name: linear | conv1d | conv2d | conv3d | hf_conv1d
     # Per-feature ops from the layer to the site, in order: ("bn", name) | ("scale", c) |
     # ("shift", c) | ("bias", name of a parameter or buffer added per feature).
     chain: tuple = ()
@@ -70,7 +70,7 @@ class Consumer:
     keeps_zero: bool = True  # a dead neuron reaches the layer as 0 (False: a BatchNorm shifts it)
 
     def columns(self, neurons: torch.Tensor) -> torch.Tensor:
-        """The consumer's input columns (dim 1 of its weight) that read these neurons."""
+        """The consumer's input features that read these neurons (its weight's ``layers`` in_dim)."""
         offsets = torch.arange(self.group, device=neurons.device)
         return (neurons[:, None] * self.group + offsets[None, :]).flatten()
 
@@ -157,7 +157,7 @@ class _Tracer(fx.Tracer):
 
 
 def is_leaf(m: nn.Module) -> bool:
-    if isinstance(m, nn.MultiheadAttention):
+    if isinstance(m, nn.MultiheadAttention) or layers.is_hf_conv1d(m):  # Conv1D: one call_module, not addmm
         return True
     return type(m).__module__.startswith("torch.nn") and next(m.children(), None) is None
 
@@ -315,12 +315,11 @@ def _find_feeding(x, root: nn.Module, path: str) -> tuple[Feeding | None, int | 
         nxt = None
         if n.op == "call_module":
             m = root.get_submodule(n.target)
-            kind = LAYERS.get(type(m))
+            kind = layers.kind_of(m)
             if kind is not None:
                 if len(n.users) > 1:
                     exclusive = False
-                axis = -1 if kind == "linear" else 1
-                return Feeding(_join(path, n.target), kind, tuple(reversed(chain)), exclusive), axis
+                return Feeding(_join(path, n.target), kind.name, tuple(reversed(chain)), exclusive), kind.feature_axis
             if _is_eval_bn(m):
                 chain.append(("bn", _join(path, n.target)))
                 nxt = n.args[0]
@@ -373,6 +372,9 @@ def _guess_axis(x, root: nn.Module) -> int | None:
         seen.add(n)
         if n.op == "call_module":
             m = root.get_submodule(n.target)
+            kind = layers.kind_of(m)
+            if kind is not None:
+                return kind.feature_axis
             if isinstance(m, FEATURE_AXIS_LAST):
                 return -1
             if isinstance(m, FEATURE_AXIS_ONE):
@@ -441,15 +443,15 @@ def _find_consumer(node: fx.Node, root: nn.Module, path: str, axis: int | None) 
             return None
         u = users[0]
         m = root.get_submodule(u.target) if u.op == "call_module" else None
-        kind = LAYERS.get(type(m)) if m is not None else None
+        kind = layers.kind_of(m) if m is not None else None
         if kind is not None:
             if u.args[0] is not n or getattr(m, "groups", 1) != 1:
                 return None
-            if kind == "linear":
+            if kind.feature_axis == -1:  # Linear-like: reads the last axis
                 if axis == 1 and group is None:
                     return None  # a conv output reaching a Linear without a known flatten
-                return Consumer(_join(path, u.target), kind, group or 1, keeps_zero)
-            return Consumer(_join(path, u.target), kind, 1, keeps_zero) if group is None and axis != -1 else None
+                return Consumer(_join(path, u.target), kind.name, group or 1, keeps_zero)
+            return Consumer(_join(path, u.target), kind.name, 1, keeps_zero) if group is None and axis != -1 else None
         if m is not None and isinstance(m, PASS_MODULES + POOLS):
             pass
         elif m is not None and _is_eval_bn(m):
@@ -499,10 +501,8 @@ def effective_affine(model: nn.Module, feeding: Feeding) -> tuple[torch.Tensor, 
     A negative s (e.g. BatchNorm gamma < 0) flips which incoming weights hold a neuron down.
     """
     layer = model.get_submodule(feeding.layer)
-    w = layer.weight
-    n = w.shape[0]
-    s = torch.ones(n, dtype=torch.float32, device=w.device)
-    t = layer.bias.detach().float().clone() if layer.bias is not None else torch.zeros_like(s)
+    s, t = layers.entry(layer, feeding.layer).affine(layer)
+    n = s.shape[0]
     for op, arg in feeding.chain:
         if op == "bn":
             bn = model.get_submodule(arg)

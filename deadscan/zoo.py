@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ArchError
+from .layers import kind_of
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,27 +278,25 @@ SHAPES_KEY = "deadscan_shapes"  # safetensors metadata: JSON {module name: {"in"
 
 
 def resized(m: nn.Module, in_features: int | None = None, out_features: int | None = None) -> nn.Module:
-    """An empty copy of a Linear, Conv or BatchNorm with other widths (same dtype and device)."""
-    w = getattr(m, "weight", None)
-    kw = {"device": w.device, "dtype": w.dtype} if w is not None else {}
-    if isinstance(m, nn.Linear):
-        return nn.Linear(in_features or m.in_features, out_features or m.out_features, bias=m.bias is not None, **kw)
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        if m.groups != 1:
-            raise ArchError(f"cannot resize grouped convolution {type(m).__name__}(groups={m.groups})")
-        return type(m)(in_features or m.in_channels, out_features or m.out_channels, m.kernel_size, m.stride,
-                       m.padding, m.dilation, 1, m.bias is not None, m.padding_mode, **kw)
+    """An empty copy of a layer with a ``layers`` entry, or of a BatchNorm, with other widths (same
+    dtype and device)."""
+    kind = kind_of(m)
+    if kind is not None:
+        return kind.resize(m, in_features, out_features)
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        w = getattr(m, "weight", None)
+        kw = {"device": w.device, "dtype": w.dtype} if w is not None else {}
         return type(m)(out_features or m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, **kw)
     raise ArchError(f"cannot resize a {type(m).__name__}")
 
 
 def widths(m: nn.Module) -> dict:
-    if isinstance(m, nn.Linear):
-        return {"in": m.in_features, "out": m.out_features}
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return {"in": m.in_channels, "out": m.out_channels}
-    return {"out": m.num_features}
+    kind = kind_of(m)
+    if kind is not None:
+        return kind.widths(m)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return {"out": m.num_features}
+    raise ArchError(f"no widths for a {type(m).__name__}")
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
