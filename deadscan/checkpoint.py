@@ -26,12 +26,13 @@ import tempfile
 import warnings
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import hf
 from .defaults import DEFAULTS
 from .errors import ArchError, CheckpointError, DeadscanWarning, OutputError, one_line, printable
 from .pickles import PickleScan, is_dangerous_global, scan_pickle, torch_allows
@@ -59,6 +60,7 @@ class CheckpointInfo:
     format: str
     arch: str | None  # spec string, None for a pickled module
     nonfinite: tuple[str, ...] = ()  # layers holding NaN or Inf weights (a warning, not an error)
+    dtype: str | None = None  # the weights' dtype where the format records one (Hugging Face folders)
 
 
 @dataclass
@@ -220,11 +222,13 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None, *, trust_p
     Weights holding NaN or Inf are loaded, named in ``info.nonfinite`` and warned about.
     """
     path = Path(path)
-    fmt = detect_format(path)
-    ck = _load(path, fmt, arch, trust_pickle, tuple(allow_globals), arch_source)
+    if path.is_dir() and hf.is_folder(path):  # a Hugging Face folder: config.json names the architecture
+        ck = hf.load_folder(path, arch)
+    else:
+        ck = _load(path, detect_format(path), arch, trust_pickle, tuple(allow_globals), arch_source)
     bad = nonfinite_layers(ck.model)
     if bad:
-        ck.info = CheckpointInfo(ck.info.path, ck.info.sha256, ck.info.format, ck.info.arch, tuple(bad))
+        ck.info = replace(ck.info, nonfinite=tuple(bad))
         warnings.warn(DeadscanWarning(
             f"{path}: NaN or Inf weights in {len(bad)} layer(s): {_few(bad)}; their neurons output NaN, which "
             "counts as dead, so the figures for those layers are not meaningful"), stacklevel=2)
