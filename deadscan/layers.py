@@ -117,7 +117,8 @@ def is_hf_conv1d(m: nn.Module) -> bool:
     with ``nf`` and a 2-d weight (nx, nf)."""
     if type(m).__name__ != "Conv1D" or not isinstance(getattr(m, "nf", None), int):
         return False
-    w = getattr(m, "weight", None)
+    # _parameters, not m.weight: while fx traces, Module.__getattr__ returns a Proxy (and adds a graph node)
+    w = m._parameters.get("weight")
     return isinstance(w, torch.Tensor) and w.ndim == 2 and w.shape[1] == m.nf
 
 
