@@ -24,12 +24,13 @@ SCHEMA_VERSION = 1
 DEFINITIONS = {
     "site": "one call of relu in the traced graph (nn.ReLU, F.relu, torch.relu, Tensor.relu, in-place forms, "
             "ReLU6); a ReLU module called twice is two sites",
-    "feeding_layer": "the Linear or Conv whose output reaches the site through per-feature ops only (bias add, "
+    "feeding_layer": "the Linear, Conv or Hugging Face Conv1D whose output reaches the site through per-feature ops only (bias add, "
                      "BatchNorm in eval, Dropout, Identity, scalar mul); none after a residual add, concat or "
                      "LayerNorm: such sites are scanned and reported, never stripped",
-    "consumer_layer": "the Linear or Conv reading the site's output through per-feature ops only",
+    "consumer_layer": "the Linear, Conv or Hugging Face Conv1D reading the site's output through per-feature ops only",
     "neuron": "one output feature of a Linear (over batch and tokens) or one output channel of a Conv "
-              "(over batch and space)",
+              "(over batch and space); Hugging Face's transposed Conv1D (GPT-2) stores its weight as "
+              "(in, out), so a neuron is a column",
     "dead": "output exactly zero for every element of the scanned data",
     "provably_dead": "dead whatever the data: inputs come from a ReLU (non-negative) and all incoming weights and "
                      "the bias, signed by the per-feature scale after the layer, are <= 0",
