@@ -296,11 +296,19 @@ def nonfinite_layers(model: nn.Module) -> list[str]:
         for name, t in model.state_dict().items():
             try:
                 if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel() \
-                        and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+                        and t.device.type != "meta" and not _all_finite(t):
                     bad[name.rpartition(".")[0] or name] = None
             except (RuntimeError, NotImplementedError):  # layouts isfinite does not take (a trusted pickle's)
                 continue
     return list(bad)
+
+
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """isfinite in slices of ``chunk`` elements: its temporaries (abs, masks) stay small for a large embedding."""
+    if not t.is_contiguous() or t.numel() <= chunk:
+        return bool(torch.isfinite(t).all())
+    flat = t.view(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 class _TooBig(Exception):

@@ -290,3 +290,13 @@ def test_cli_takes_a_folder(tmp_path, opt_folder):
     assert res.exit_code != 0 or not err
     assert "is a folder, not a checkpoint file" not in (res.stderr + res.output)
     assert len(err) <= 1, res.stderr
+
+
+def test_nan_check_in_slices(opt_folder):
+    from deadscan.checkpoint import _all_finite
+
+    t = torch.zeros(100)
+    assert _all_finite(t, chunk=7)
+    t[99] = float("nan")
+    assert not _all_finite(t, chunk=7) and not _all_finite(t[::2].clone().fill_(float("inf")), chunk=7)
+    assert _all_finite(t[:99], chunk=7)
