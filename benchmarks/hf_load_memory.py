@@ -94,8 +94,9 @@ def main() -> None:
         for how in ["deadscan"] + (["from_pretrained"] if args.reference else []):
             base, code, peak, seconds, n = measure(folder, how)
             ratio = (peak - code) / size
-            verdict = "" if how != "deadscan" else ("  (target <= 1.3: ok)" if ratio <= 1.3 else "  (target <= 1.3: MISSED)")
-            print(f"{how:>15}: {n / 1e6:.0f}M params loaded in {seconds:.1f}s; RSS after import {base / 2**20:.0f} MiB, "
+            verdict = "" if how != "deadscan" else f"  (target <= 1.3: {'ok' if ratio <= 1.3 else 'MISSED'})"
+            print(f"{how:>15}: {n / 1e6:.0f}M params loaded in {seconds:.1f}s; "
+                  f"RSS after import {base / 2**20:.0f} MiB, "
                   f"+ OPT's model code {(code - base) / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB; "
                   f"(peak - RSS with the code) / checkpoint = {ratio:.2f}{verdict}; "
                   f"counting the code import too: {(peak - base) / size:.2f}")

@@ -222,7 +222,7 @@ def load_folder(folder: str | os.PathLike, arch: str | None = None):
 
     ``arch``: only ``hf:<the config's class>`` (what a run folder records) is accepted; the folder's
     config.json chooses the architecture."""
-    from .checkpoint import Checkpoint, CheckpointInfo
+    from .checkpoint import Checkpoint, CheckpointInfo, _size_guard, _TooBig
 
     p = plan(folder)
     if arch is not None and arch != ARCH_PREFIX + p.arch:
@@ -232,8 +232,6 @@ def load_folder(folder: str | os.PathLike, arch: str | None = None):
     config = _config(p, cls)
     state = _read_weights(p)
     dtype = _dtype(p, config, state)
-    from .checkpoint import _size_guard, _TooBig
-
     try:
         # meta: nothing allocated; the guard stops a config far bigger than the files (layers=10**8) early
         with torch.device("meta"), _size_guard(state):
@@ -350,8 +348,6 @@ def _assign(model, state: dict[str, torch.Tensor], p: Plan) -> None:
     state = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=False, assign=True)
-        for k in state:  # loaded: the model's own initialisation below must leave them alone
-            model.get_parameter_or_buffer(k)._is_hf_initialized = True
         model.tie_weights(missing_keys=absent, recompute_mapping=False)
         _materialise_buffers(model)
     except CheckpointError:

@@ -133,6 +133,36 @@ def test_pytorch_model_bin(tmp_path, opt_folder):
     assert ck.model.lm_head.weight is ck.model.model.decoder.embed_tokens.weight
 
 
+def test_sharded_pytorch_model_bin(tmp_path, opt_folder):
+    folder = tmp_path / "binshards"
+    folder.mkdir()
+    shutil.copy(opt_folder / hf.CONFIG, folder / hf.CONFIG)
+    ref = transformers.OPTForCausalLM.from_pretrained(opt_folder).eval()
+    state = {k: v.clone() for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    keys = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((keys[::2], keys[1::2])):
+        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, folder / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / hf.BIN_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ck = load_checkpoint(folder)
+    assert ck.info.format == "hf-bin-sharded"
+    assert torch.equal(_logits(ck.model, "OPTForCausalLM"), _logits(ref, "OPTForCausalLM"))
+
+
+def test_hub_cache_snapshot(tmp_path, sharded):
+    """huggingface_hub's cache links snapshots/<rev>/<name> to ../../blobs/<hash>: those links are followed."""
+    repo = tmp_path / "models--tiny--opt"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted(sharded.iterdir())):
+        shutil.copy(f, repo / "blobs" / f"blob{i}")
+        (snapshot / f.name).symlink_to(f"../../blobs/blob{i}")
+    assert load_checkpoint(snapshot).info.sha256 == load_checkpoint(sharded).info.sha256
+
+
 def test_weights_saved_from_the_base_model(tmp_path, opt_folder):
     """Keys without the head model's prefix (``decoder.layers...``, saved from OPTModel) load as
     from_pretrained loads them."""
