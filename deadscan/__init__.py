@@ -1,22 +1,63 @@
 """deadscan: find dead ReLU neurons in any PyTorch model, measure the capacity they waste, and
 revive them with Synaptic Stripping."""
 
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
 __version__ = "0.1.0"
 
-from .capacity import Capacity, capacity  # noqa: E402
-from .checkpoint import load_checkpoint, load_masks, save_masks, save_safetensors  # noqa: E402
-from .data import Dataset, load_data  # noqa: E402
-from .errors import ArchError, CheckpointError, DataError, DeadscanError, OutputError, TraceError  # noqa: E402
-from .scan import ScanResult, SiteResult, merge, scan  # noqa: E402
-from .strip import Masks, StepReport, Stripper, strip  # noqa: E402
-from .trace import Site, SiteMap, find_sites  # noqa: E402
-from .zoo import build  # noqa: E402
+# Public name -> the module defining it. Imported on first use (PEP 562): `import deadscan` and the
+# command line's help, report and compare never pay for importing torch.
+_LAZY = {
+    "Capacity": "capacity", "capacity": "capacity",
+    "load_checkpoint": "checkpoint", "load_masks": "checkpoint", "save_masks": "checkpoint",
+    "save_safetensors": "checkpoint",
+    "Dataset": "data", "load_data": "data",
+    "ArchError": "errors", "CheckpointError": "errors", "DataError": "errors", "DeadscanError": "errors",
+    "OutputError": "errors", "TraceError": "errors",
+    "ScanResult": "scan", "SiteResult": "scan", "merge": "scan", "scan": "scan",
+    "Masks": "strip", "StepReport": "strip", "Stripper": "strip", "strip": "strip",
+    "Site": "trace", "SiteMap": "trace", "find_sites": "trace",
+    "build": "zoo",
+}
 
 
 def load(path, arch=None, *, trust_pickle=False, allow_globals=()):
     """Load a checkpoint into a model (CPU, eval mode). ``arch`` for plain state dicts; ``allow_globals``:
     names a pickle may import (see ``deadscan inspect --list-globals FILE``)."""
+    from .checkpoint import load_checkpoint
+
     return load_checkpoint(path, arch, trust_pickle=trust_pickle, allow_globals=allow_globals).model
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deadscan' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    # Importing a submodule binds it on the package ("strip", "scan", "capacity" share the names of
+    # their modules), so the public function must be bound after the import, replacing the module.
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        # The import system binds a newly imported submodule on its package: deadscan.scan, .strip and
+        # .capacity would then be modules; the public names are the functions, as with eager imports.
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

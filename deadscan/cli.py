@@ -1,7 +1,11 @@
-"""The ``deadscan`` command: parse, call the library, print. Nothing imports this module."""
+"""The ``deadscan`` command: parse, call the library, print. Nothing imports this module.
+
+Only commands that load a model import torch (through deadscan.pipeline, inside the command): help,
+--version, usage errors, report and compare start without it."""
 
 from __future__ import annotations
 
+import importlib
 import shlex
 import sys
 import warnings
@@ -9,15 +13,36 @@ from pathlib import Path
 
 import click
 
-from . import __version__, pipeline
-from .data import SPLITS, resource_path
+from . import __version__
 from .defaults import DEFAULTS
 from .errors import DeadscanError, DeadscanWarning, printable
-from .runfolder import summary_json
-from .finetune import Interrupted, TrainConfig
-from .strip import CRITERIA, METHODS
 
 SAMPLE_MODEL = "mlp_digits.safetensors"
+
+
+class _Later:
+    """A default or a list of choices defined in a module that imports torch: read when its command
+    parses or prints its help, not when the command line starts."""
+
+    def __init__(self, module: str, name: str, attr: str | None = None):
+        self.module, self.name, self.attr = module, name, attr
+
+    def __call__(self):
+        value = getattr(importlib.import_module(self.module, __package__), self.name)
+        return value if self.attr is None else getattr(value, self.attr)
+
+
+def _train(field: str) -> _Later:
+    return _Later(".finetune", "TrainConfig", field)
+
+
+class _LaterChoice(click.ParamType):
+    """Stands for ``click.Choice(later())`` until the command resolves it."""
+
+    name = "choice"
+
+    def __init__(self, later: _Later):
+        self.later = later
 
 
 class _Finite(click.FloatRange):
@@ -32,6 +57,38 @@ class _Finite(click.FloatRange):
         return value
 
 
+class _Command(click.Command):
+    """A command whose options print in sections (``sections``: title -> option names, in order)."""
+
+    def __init__(self, *args, sections: dict[str, tuple[str, ...]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sections = sections or {}
+
+    def parse_args(self, ctx, args):
+        for p in self.params:  # once per process; help and parsing both come through here
+            if isinstance(p.default, _Later):
+                p.default = p.default()
+            if isinstance(p.type, _LaterChoice):
+                p.type = click.Choice(p.type.later())
+        return super().parse_args(ctx, args)
+
+    def format_options(self, ctx, formatter):
+        where = {name: (title, i) for title, names in self.sections.items() for i, name in enumerate(names)}
+        other = "Other options" if self.sections else "Options"
+        rows: dict[str, list] = {title: [] for title in [*self.sections, other]}
+        for n, p in enumerate(self.get_params(ctx)):
+            record = p.get_help_record(ctx) if isinstance(p, click.Option) else None
+            if record:
+                title, i = where.get(p.name, (other, n))
+                rows[title].append((i, record))
+        terms = [len(term) for records in rows.values() for _, (term, _) in records]
+        width = max([n for n in terms if n <= 30], default=0)  # longer terms get a line of their own
+        for title, records in rows.items():
+            if records:  # in the section's order, terms padded alike so the help columns line up
+                with formatter.section(title):
+                    formatter.write_dl([(term.ljust(width), text) for _, (term, text) in sorted(records, key=lambda r: r[0])])
+
+
 def _echo(text: str = "", err: bool = False) -> None:
     """click.echo with control characters escaped: names and paths may come from files (terminal escapes)."""
     click.echo("\n".join(printable(line) for line in str(text).split("\n")), err=err)
@@ -42,6 +99,49 @@ class _Error(click.ClickException):
 
     def __init__(self, message: str):
         super().__init__(" ".join(printable(message).split()))
+
+
+_STRIP_OUT = "deadscan.strip_out"  # ctx.meta key: set while strip runs, so an interrupt says how to resume
+
+
+class _Group(click.Group):
+    """The one place library errors become an ``Error:`` line (exit 1)."""
+
+    command_class = _Command
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DeadscanError as e:
+            raise _Error(_error_message(ctx, e)) from None
+        except KeyboardInterrupt:
+            out = ctx.meta.get(_STRIP_OUT)
+            if out is None:
+                raise _Error("interrupted; nothing was written") from None
+            # outside strip's training loop (loading, the final scan, writing)
+            raise _Error(f"interrupted; completed epochs are kept in {out}; resume with: {_resume_command()}") from None
+        except BrokenPipeError:  # e.g. `deadscan inspect ... | head -1`: the reader left; nothing to say
+            sys.stdout = _Discard()
+            sys.exit(1)
+
+
+class _Discard:
+    """stdout after a broken pipe: the interpreter's final flush must not print a traceback."""
+
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def _error_message(ctx: click.Context, e: DeadscanError) -> str:
+    if ctx.meta.get(_STRIP_OUT) is not None:
+        from .finetune import Interrupted  # already imported by strip
+
+        if isinstance(e, Interrupted):
+            return f"{e}; resume with: {_resume_command()}"
+    return str(e)
 
 
 def _command_line() -> str:
@@ -70,29 +170,13 @@ def _list_globals(ctx: click.Context, _param, value) -> None:
         return
     from .checkpoint import list_globals
 
-    _echo(_run(list_globals, value).describe())
+    _echo(list_globals(value).describe())
     ctx.exit(0)
 
 
-_allow_global_option = click.option(
-    "--allow-global", "allow_global", multiple=True, metavar="NAME",
-    help="let the pickle import this class or function (repeatable; names from --list-globals): imports it, "
-         "and its code runs as the pickle builds objects with it")
-_overwrite_option = click.option("--overwrite", is_flag=True, help="replace outputs an earlier run left in --out")
-
-
-def _run(fn, *args, **kwargs):
-    """Call the library; its errors become one ``Error:`` line and exit 1."""
-    try:
-        return fn(*args, **kwargs)
-    except DeadscanError as e:
-        raise _Error(str(e)) from None
-    except KeyboardInterrupt:
-        raise _Error("interrupted; nothing was written") from None
-
-
-def _print_inspection(result: pipeline.Inspection, as_json: bool) -> None:
+def _print_inspection(result, as_json: bool) -> None:
     from .report import format_table
+    from .runfolder import summary_json
 
     if as_json:
         _echo(summary_json(result.summary, indent=2))
@@ -109,140 +193,222 @@ def _print_inspection(result: pipeline.Inspection, as_json: bool) -> None:
     _echo(f"wrote {result.summary_path}")
 
 
-@click.group()
-@click.version_option(__version__, prog_name="deadscan")
-def main():
-    """Find dead ReLU neurons, measure the capacity they waste, and revive them.
+@click.group(cls=_Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="deadscan", help="print the version and exit")
+@click.pass_context
+def main(ctx):
+    """Start with `deadscan demo` (a bundled model and data; no download, no GPU).
 
-    A neuron is dead when its output is exactly zero on every element of the scanned data.
+    Find dead ReLU neurons, measure the capacity they waste, and revive them. A neuron is dead when
+    its output is exactly zero on every element of the scanned data.
+
+    \b
+    Examples:
+      deadscan demo --out demo-out
+      deadscan inspect model.safetensors --data cifar10 --out base
+      deadscan strip --from base --finetune 50 --out stripped
+      deadscan compare base/stats.h5 stripped/stats.h5 --out compare-out
+
+    `deadscan COMMAND -h` shows a command's options.
     """
-    _warnings_as_lines(click.get_current_context())
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+        ctx.exit(0)
+    _warnings_as_lines(ctx)
 
 
-def _scan_options(f):
-    options = [
-        click.option("--data", "data", required=True, help="digits, cifar10, cifar100, svhn, mnist, fashion-mnist, tiny-imagenet, cifar10-c, cifar100-c, imagefolder:PATH, fake[:CxHxW[:CLASSES[:N]]], or a .npz/.h5 file (arrays x, y)"),
-        click.option("--arch", default=None, help="architecture for plain state dicts, e.g. 'mlp(depth=2, width=256)' or torchvision:resnet18"),
-        click.option("--split", type=click.Choice(SPLITS), default=DEFAULTS.split, show_default=True, help="data split to scan (val: seeded hold-out of train)"),
-        click.option("--limit", type=click.IntRange(min=1), default=None, help="scan only the first N samples of the split"),
-        click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size, show_default=True),
-        click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)"),
-        click.option("--tau", type=click.FloatRange(min=0), default=DEFAULTS.tau, show_default=True, help="ReDo dormancy threshold"),
-        click.option("--data-root", default=None, help="folder holding torchvision datasets (default ~/.cache/deadscan/data)"),
-        click.option("--download", is_flag=True, help="download a torchvision dataset if missing"),
-        click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="seed of the train/val/test split"),
-        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS.val_fraction, show_default=True, help="share of the training set held out as val"),
-        click.option("--mean", default=None, help="per-channel mean, e.g. 0.5,0.5,0.5 (default: the dataset's preset)"),
-        click.option("--std", default=None, help="per-channel std, e.g. 0.25,0.25,0.25 (default: the dataset's preset)"),
-        click.option("--resize", type=click.IntRange(min=1), default=None, help="resize images to N x N"),
-        click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="convert images to 1 (grey) or 3 (RGB) channels"),
-        click.option("--corruption", default=None, help="cifar10-c/cifar100-c corruptions, comma-separated (default: all)"),
-        click.option("--severity", default=None, help="cifar10-c/cifar100-c severities 1-5, comma-separated (default: all)"),
-        click.option("--out", default=DEFAULTS.out_dir, show_default=True, help="output folder"),
-        click.option("--json", "as_json", is_flag=True, help="print summary.json to stdout instead of the table"),
-        click.option("--trust-pickle", is_flag=True, help="allow pickled modules and TorchScript: RUNS CODE from the file"),
-        _allow_global_option,
-        _overwrite_option,
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
+# Options shared by every command that writes a run folder.
+_allow_global_option = click.option(
+    "--allow-global", "allow_global", multiple=True, metavar="NAME",
+    help="let the pickle import this class or function (repeatable; names from --list-globals): imports it, "
+         "and its code runs as the pickle builds objects with it")
+_trust_pickle_option = click.option(
+    "--trust-pickle", is_flag=True, help="allow pickled modules and TorchScript: RUNS CODE from the file")
+_overwrite_option = click.option("--overwrite", is_flag=True, help="replace outputs an earlier run left in --out")
+_device_option = click.option("--device", metavar="DEVICE", default=None,
+                              help="cpu, cuda or cuda:N (default: cuda if available)")
 _plotlyjs_option = click.option(
     "--plotlyjs", type=click.Choice(["inline", "cdn", "directory"]), default="inline", show_default=True,
     help="report.html: plotly.js inlined (works offline), from the CDN, or as plotly.min.js beside it")
 
 
-@main.command()
+def _data_options(*, reuse: bool, corrupted: str):
+    """--data and how it is read, for inspect and strip. ``reuse``: strip, whose unset options (None) come
+    from the inspect run it reuses. ``corrupted``: the option naming the CIFAR-C set --corruption applies to."""
+    inherited = ", or the inspect's" if reuse else ""
+    options = [
+        click.option("--data", metavar="DATA", required=not reuse,
+                     help=("dataset (default: the one the inspect in --from used): " if reuse else "dataset: ")
+                     + "digits, cifar10, cifar100, svhn, mnist, fashion-mnist, tiny-imagenet, cifar10-c, cifar100-c, "
+                       "imagefolder:PATH, fake[:CxHxW[:CLASSES[:N]]], or a .npz/.h5 file (arrays x, y)"),
+        click.option("--arch", metavar="SPEC", default=None,
+                     help="architecture for plain state dicts, e.g. 'mlp(depth=2, width=256)' or torchvision:resnet18"
+                          + (" (default: the checkpoint's own, or the inspect's)" if reuse else "")),
+        click.option("--data-root", metavar="DIR", default=None,
+                     help=f"folder holding torchvision datasets (default: ~/.cache/deadscan/data{inherited})"),
+        click.option("--download", is_flag=True, help="download a torchvision dataset if missing"),
+        click.option("--val-fraction", metavar="FRACTION", type=click.FloatRange(0, 1, max_open=True),
+                     default=None if reuse else DEFAULTS.val_fraction, show_default=not reuse,
+                     help="share of the training set held out as val"
+                          + (f" (default: {DEFAULTS.val_fraction}{inherited})" if reuse else "")),
+        click.option("--mean", metavar="M,M,M", default=None,
+                     help=f"per-channel mean, e.g. 0.5,0.5,0.5 (default: the dataset's preset{inherited})"),
+        click.option("--std", metavar="S,S,S", default=None,
+                     help=f"per-channel std, e.g. 0.25,0.25,0.25 (default: the dataset's preset{inherited})"),
+        click.option("--resize", metavar="N", type=click.IntRange(min=1), default=None,
+                     help=f"resize images to N x N (default: keep their size{inherited})"),
+        click.option("--channels", type=click.Choice(["1", "3"]), default=None,
+                     help=f"convert images to 1 (grey) or 3 (RGB) channels (default: keep them{inherited})"),
+        click.option("--corruption", metavar="NAMES", default=None,
+                     help=f"corruptions of {corrupted}, comma-separated (default: all)"),
+        click.option("--severity", metavar="LEVELS", default=None,
+                     help=f"severities 1-5 of {corrupted}, comma-separated (default: all)"),
+    ]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+_INSPECT_SECTIONS = {
+    "Data": ("data", "split", "limit", "seed", "val_fraction", "data_root", "download", "mean", "std", "resize",
+             "channels", "corruption", "severity"),
+    "Model": ("arch", "trust_pickle", "allow_global", "list_globals"),
+    "Scan": ("batch_size", "device", "tau"),
+    "Output": ("out", "as_json", "plotlyjs", "overwrite"),
+}
+
+
+@main.command(sections=_INSPECT_SECTIONS)
 @click.argument("checkpoint")
-@_scan_options
-@_plotlyjs_option
+@_data_options(reuse=False, corrupted="a cifar10-c/cifar100-c --data")
+@click.option("--split", type=_LaterChoice(_Later(".data", "SPLITS")), default=DEFAULTS.split, show_default=True,
+              help="data split to scan (val: seeded hold-out of train)")
+@click.option("--limit", metavar="N", type=click.IntRange(min=1), default=None,
+              help="scan only the first N samples of the split")
+@click.option("--seed", metavar="N", type=int, default=DEFAULTS.seed, show_default=True,
+              help="seed of the train/val/test split")
+@_trust_pickle_option
+@_allow_global_option
 @click.option("--list-globals", metavar="FILE", is_eager=True, expose_value=False, callback=_list_globals,
               help="list the classes and functions the pickle in FILE would import (read from its opcodes: "
                    "nothing is imported or run), then exit")
+@click.option("--batch-size", metavar="N", type=click.IntRange(min=1), default=DEFAULTS.batch_size, show_default=True,
+              help="samples per scan batch")
+@_device_option
+@click.option("--tau", metavar="TAU", type=click.FloatRange(min=0), default=DEFAULTS.tau, show_default=True,
+              help="ReDo dormancy threshold")
+@click.option("--out", metavar="DIR", default=DEFAULTS.out_dir, show_default=True, help="output folder")
+@click.option("--json", "as_json", is_flag=True, help="print summary.json to stdout instead of the table")
+@_plotlyjs_option
+@_overwrite_option
 def inspect(checkpoint, data, arch, split, limit, batch_size, device, tau, data_root, download, seed, out,
             as_json, trust_pickle, plotlyjs, allow_global, overwrite, **data_options):
     """Scan CHECKPOINT on a dataset: dead neurons per ReLU site and %A.
 
     Prints a per-site table and totals, and writes summary.json, stats.h5 and report.html to --out.
 
+    \b
     Example:
-
-        deadscan inspect sample_models/mlp_digits.safetensors --data digits
+      deadscan inspect sample_models/mlp_digits.safetensors --data digits
     """
-    result = _run(pipeline.inspect, checkpoint, data, out=out, arch=arch, trust_pickle=trust_pickle,
-                  split=split, limit=limit, batch_size=batch_size, device=device, tau=tau,
-                  data_root=data_root, download=download, seed=seed, command=_command_line(),
-                  progress=not as_json, plotlyjs=plotlyjs, overwrite=overwrite, allow_globals=allow_global,
-                  **data_options)
+    from . import pipeline
+
+    result = pipeline.inspect(checkpoint, data, out=out, arch=arch, trust_pickle=trust_pickle, split=split,
+                              limit=limit, batch_size=batch_size, device=device, tau=tau, data_root=data_root,
+                              download=download, seed=seed, command=_command_line(), progress=not as_json,
+                              plotlyjs=plotlyjs, overwrite=overwrite, allow_globals=allow_global, **data_options)
     _print_inspection(result, as_json)
 
 
 @main.command()
-@click.option("--out", default=DEFAULTS.out_dir, show_default=True, help="output folder")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+@click.option("--out", metavar="DIR", default=DEFAULTS.out_dir, show_default=True, help="output folder")
+@_device_option
 @_overwrite_option
 def demo(out, device, overwrite):
     """Inspect the bundled sample MLP on the bundled digits data (no download).
 
+    \b
     Example:
-
-        deadscan demo --out demo-out
+      deadscan demo --out demo-out
     """
+    from . import pipeline
+    from .data import resource_path
+
     model = resource_path("sample_models", SAMPLE_MODEL)
     _echo(f"deadscan demo: the paper's MLP trained on sklearn's digits ({model.name})\n")
     previous = pipeline.summary_in(Path(out))  # a demo may redo its own folder (the same model and data)
     own = ((previous.get("checkpoint") or {}).get("path") == str(model)
            and (previous.get("data") or {}).get("name") == "digits")
-    result = _run(pipeline.inspect, model, "digits", out=out, device=device, command=_command_line(), progress=True,
-                  overwrite=overwrite or own)
+    result = pipeline.inspect(model, "digits", out=out, device=device, command=_command_line(), progress=True,
+                              overwrite=overwrite or own)
     _print_inspection(result, as_json=False)
     _echo(f"outputs in {result.summary_path.parent}/")
 
 
-@main.command()
+_STRIP_SECTIONS = {
+    "Input": ("from_dir", "arch", "trust_pickle", "allow_global"),
+    "Data": ("data", "data_root", "download", "val_fraction", "mean", "std", "resize", "channels", "augment",
+             "test_corrupted", "corruption", "severity"),
+    "Training": ("epochs", "optimizer", "lr", "weight_decay", "warmup", "schedule", "final_lr", "batch_size",
+                 "seed", "device", "baseline", "resume"),
+    "Stripping": ("every", "rate", "criterion", "method", "compact"),
+    "Output": ("out", "plotlyjs", "overwrite"),
+}
+
+
+@main.command(sections=_STRIP_SECTIONS)
 @click.argument("checkpoint", required=False)
-@click.option("--data", default=None, help="dataset (default: the one the last inspect in --from used)")
-@click.option("--arch", default=None, help="architecture for plain state dicts")
-@click.option("--from", "from_dir", default=DEFAULTS.out_dir, show_default=True, help="folder of the inspect run to reuse when CKPT is omitted")
-@click.option("--finetune", "epochs", type=click.IntRange(min=0), default=TrainConfig.epochs, show_default=True, help="epochs of fine-tuning; 0 = one strip step and a re-scan")
-@click.option("--every", type=click.IntRange(min=1), default=TrainConfig.every, show_default=True, help="strip every K epochs")
-@click.option("--rate", type=click.FloatRange(0, 1, min_open=True), default=TrainConfig.rate, show_default=True, help="fraction of a dead neuron's remaining incoming weights pruned per step")
-@click.option("--criterion", type=click.Choice(CRITERIA), default=TrainConfig.criterion, show_default=True, help="rank by weight (paper) or by w * E[x]")
-@click.option("--method", type=click.Choice(METHODS), default=TrainConfig.method, show_default=True, help="strip (Synaptic Stripping) or redo (re-initialise dead neurons, a baseline)")
-@click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default=TrainConfig.optimizer, show_default=True)
-@click.option("--lr", type=_Finite(0, min_open=True), default=TrainConfig.lr, show_default=True, help="peak learning rate")
-@click.option("--weight-decay", type=_Finite(0), default=TrainConfig.weight_decay, show_default=True, help="optimizer weight decay")
-@click.option("--warmup", type=click.IntRange(min=0), default=TrainConfig.warmup, show_default=True, help="epochs of linear warm-up")
-@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=TrainConfig.schedule, show_default=True)
-@click.option("--final-lr", type=_Finite(0), default=TrainConfig.final_lr, show_default=True, help="learning rate at the end of the cosine schedule")
-@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, show_default=True)
-@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
+@click.option("--from", "from_dir", metavar="DIR", default=DEFAULTS.out_dir, show_default=True,
+              help="folder of the inspect run to reuse when CHECKPOINT is omitted")
+@_data_options(reuse=True, corrupted="--test-corrupted")
+@click.option("--finetune", "epochs", metavar="EPOCHS", type=click.IntRange(min=0), default=_train("epochs"),
+              show_default=True, help="epochs of fine-tuning; 0 = one strip step and a re-scan")
+@click.option("--every", metavar="K", type=click.IntRange(min=1), default=_train("every"), show_default=True,
+              help="strip every K epochs")
+@click.option("--rate", metavar="R", type=click.FloatRange(0, 1, min_open=True), default=_train("rate"),
+              show_default=True, help="fraction of a dead neuron's remaining incoming weights pruned per step")
+@click.option("--criterion", type=_LaterChoice(_Later(".strip", "CRITERIA")), default=_train("criterion"),
+              show_default=True, help="rank by weight (paper) or by w * E[x]")
+@click.option("--method", type=_LaterChoice(_Later(".strip", "METHODS")), default=_train("method"),
+              show_default=True, help="strip (Synaptic Stripping) or redo (re-initialise dead neurons, a baseline)")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default=_train("optimizer"), show_default=True,
+              help="Adam, or AdamW (decoupled weight decay)")
+@click.option("--lr", metavar="LR", type=_Finite(0, min_open=True), default=_train("lr"), show_default=True,
+              help="peak learning rate")
+@click.option("--weight-decay", metavar="WD", type=_Finite(0), default=_train("weight_decay"), show_default=True,
+              help="optimizer weight decay")
+@click.option("--warmup", metavar="EPOCHS", type=click.IntRange(min=0), default=_train("warmup"), show_default=True,
+              help="epochs of linear warm-up")
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=_train("schedule"), show_default=True,
+              help="learning rate after warm-up: cosine decay to --final-lr, or constant")
+@click.option("--final-lr", metavar="LR", type=_Finite(0), default=_train("final_lr"), show_default=True,
+              help="learning rate at the end of the cosine schedule")
+@click.option("--batch-size", metavar="N", type=click.IntRange(min=1), default=_train("batch_size"),
+              show_default=True, help="samples per training batch")
+@click.option("--seed", metavar="N", type=int, default=_train("seed"), show_default=True,
+              help="seed of training (initial shuffling, augmentation, ReDo re-initialisation)")
 @click.option("--baseline", is_flag=True, help="also run the same fine-tuning without stripping, for a side-by-side")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last completed epoch")
 @click.option("--compact", is_flag=True, help="also write compact.safetensors with the still-dead neurons removed")
-@click.option("--augment", default=TrainConfig.augment, show_default=True, help="training augmentation: default (crop+flip for CIFAR-like images), none, or crop/flip/autoaugment joined with +")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None, help="share of the training set held out as val (default 0.1, or the inspect's)")
-@click.option("--mean", default=None, help="per-channel mean, e.g. 0.5,0.5,0.5 (default: the dataset's preset)")
-@click.option("--std", default=None, help="per-channel std (default: the dataset's preset)")
-@click.option("--resize", type=click.IntRange(min=1), default=None, help="resize images to N x N")
-@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="convert images to 1 or 3 channels")
-@click.option("--test-corrupted", default=None, help="also evaluate on a corrupted test set at the end, e.g. cifar10-c")
-@click.option("--corruption", default=None, help="with --test-corrupted: corruptions, comma-separated (default: all)")
-@click.option("--severity", default=None, help="with --test-corrupted: severities 1-5, comma-separated (default: all)")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-@click.option("--data-root", default=None, help="folder holding torchvision datasets")
-@click.option("--download", is_flag=True, help="download a torchvision dataset if missing")
-@click.option("--out", default=DEFAULTS.out_dir, show_default=True, help="output folder")
-@click.option("--trust-pickle", is_flag=True, help="allow pickled modules and TorchScript: RUNS CODE from the file")
+@click.option("--augment", metavar="SPEC", type=str, default=_train("augment"), show_default=True,
+              help="training augmentation: default (crop+flip for CIFAR-like images), none, or crop/flip/autoaugment "
+                   "joined with +")
+@click.option("--test-corrupted", metavar="DATA", default=None,
+              help="also evaluate on a corrupted test set at the end, e.g. cifar10-c")
+@_device_option
+@click.option("--out", metavar="DIR", default=DEFAULTS.out_dir, show_default=True, help="output folder")
+@_trust_pickle_option
 @_allow_global_option
 @_overwrite_option
 @_plotlyjs_option
-def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, method, optimizer, lr, weight_decay, warmup,
-          schedule, final_lr, batch_size, seed, baseline, resume, compact, augment, val_fraction, mean, std, resize,
-          channels, test_corrupted, corruption, severity, device, data_root, download, out, trust_pickle, plotlyjs,
-          allow_global, overwrite):
+@click.pass_context
+def strip(ctx, checkpoint, data, arch, from_dir, epochs, every, rate, criterion, method, optimizer, lr, weight_decay,
+          warmup, schedule, final_lr, batch_size, seed, baseline, resume, compact, augment, val_fraction, mean, std,
+          resize, channels, test_corrupted, corruption, severity, device, data_root, download, out, trust_pickle,
+          plotlyjs, allow_global, overwrite):
     """Revive dead neurons with Synaptic Stripping while fine-tuning.
 
     After each epoch: scan the validation split, prune the most negative remaining incoming
@@ -250,88 +416,89 @@ def strip(checkpoint, data, arch, from_dir, epochs, every, rate, criterion, meth
     stripped.safetensors (+ masks.safetensors), summary.json with the history, stats.h5 and
     report.html to --out.
 
-    Example:
-
-        deadscan strip sample_models/mlp_digits.safetensors --data digits --finetune 5 --warmup 0
+    \b
+    Examples:
+      deadscan strip sample_models/mlp_digits.safetensors --data digits --finetune 5 --warmup 0
+      deadscan strip --from deadscan-out --finetune 50
     """
-    cfg = TrainConfig(epochs=epochs, every=every, rate=rate, criterion=criterion, method=method, optimizer=optimizer, lr=lr,
-                      weight_decay=weight_decay, warmup=warmup, schedule=schedule, final_lr=final_lr,
+    from . import pipeline
+    from .finetune import TrainConfig
+
+    cfg = TrainConfig(epochs=epochs, every=every, rate=rate, criterion=criterion, method=method, optimizer=optimizer,
+                      lr=lr, weight_decay=weight_decay, warmup=warmup, schedule=schedule, final_lr=final_lr,
                       batch_size=batch_size, seed=seed, augment=augment)
     data_options = {"val_fraction": val_fraction, "mean": mean, "std": std, "resize": resize, "channels": channels}
 
     def on_epoch(row):
         _echo(f"epoch {row['epoch']:>3}  dead {row['dead']:>5}  revived {row['revived']:>4}  "
-                   f"pruned {row['pruned_weights']:>7}  %A {row['active_percent']:6.2f}  "
-                   f"train loss {row['train_loss']:.4f}  val acc {row['val_acc']:.2f}")
+              f"pruned {row['pruned_weights']:>7}  %A {row['active_percent']:6.2f}  "
+              f"train loss {row['train_loss']:.4f}  val acc {row['val_acc']:.2f}")
 
-    try:
-        run = pipeline.strip_checkpoint(checkpoint, data, cfg=cfg, out=out, from_dir=from_dir, arch=arch,
-                                        trust_pickle=trust_pickle, baseline=baseline, resume=resume, device=device,
-                                        data_root=data_root, download=download, command=_command_line(),
-                                        compact=compact, on_epoch=on_epoch, progress=True, plotlyjs=plotlyjs,
-                                        data_options=data_options, corrupted=test_corrupted,
-                                        corrupted_options={"corruption": corruption, "severity": severity},
-                                        overwrite=overwrite, allow_globals=allow_global)
-    except Interrupted as e:
-        raise _Error(f"{e}; resume with: {_resume_command()}") from None
-    except DeadscanError as e:
-        raise _Error(str(e)) from None
-    except KeyboardInterrupt:  # outside the training loop (loading, the final scan, writing)
-        raise _Error(f"interrupted; completed epochs are kept in {out}; resume with: "
-                                   f"{_resume_command()}") from None
+    ctx.meta[_STRIP_OUT] = out  # from here an interrupt keeps the completed epochs
+    run = pipeline.strip_checkpoint(checkpoint, data, cfg=cfg, out=out, from_dir=from_dir, arch=arch,
+                                    trust_pickle=trust_pickle, baseline=baseline, resume=resume, device=device,
+                                    data_root=data_root, download=download, command=_command_line(),
+                                    compact=compact, on_epoch=on_epoch, progress=True, plotlyjs=plotlyjs,
+                                    data_options=data_options, corrupted=test_corrupted,
+                                    corrupted_options={"corruption": corruption, "severity": severity},
+                                    overwrite=overwrite, allow_globals=allow_global)
     s = run.summary
     t = s["totals"]
     _echo(f"\nafter stripping: dead {t['dead']} of {t['neurons']}  %A {t['active_percent']:.2f}  "
-               f"pruned weights {t['pruned_weights']}  test acc {_fmt(s['test'].get('acc'))}")
+          f"pruned weights {t['pruned_weights']}  test acc {_fmt(s['test'].get('acc'))}")
     if "test_corrupted" in s:
         _echo(f"corrupted test ({s['test_corrupted']['name']}): acc {_fmt(s['test_corrupted']['acc'])}  "
-                   f"NLL {_fmt(s['test_corrupted']['loss'])}")
+              f"NLL {_fmt(s['test_corrupted']['loss'])}")
     if "baseline" in s:
         b = s["baseline"]["history"][-1] if s["baseline"]["history"] else {}
         _echo(f"baseline (no stripping): dead {b.get('dead')}  %A {_fmt(b.get('active_percent'))}  "
-                   f"test acc {_fmt(s['baseline']['test'].get('acc'))}")
+              f"test acc {_fmt(s['baseline']['test'].get('acc'))}")
     if "compact" in s:
         c = s["compact"]
         _echo(f"compact: removed {sum(c['removed'].values())} dead neurons, params {c['params_before']} -> "
-                   f"{c['params_after']}, max abs output diff {c['max_abs_diff']:.3g}, CPU latency "
-                   f"{c['cpu_latency_ms_before']:.3f} -> {c['cpu_latency_ms_after']:.3f} ms")
-    for name, path in run.files.items():
+              f"{c['params_after']}, max abs output diff {c['max_abs_diff']:.3g}, CPU latency "
+              f"{c['cpu_latency_ms_before']:.3f} -> {c['cpu_latency_ms_after']:.3f} ms")
+    for path in run.files.values():
         _echo(f"wrote {path}")
 
 
 @main.command()
 @click.argument("stats")
-@click.option("--out", default=None, help="output folder (default: the folder holding STATS)")
+@click.option("--out", metavar="DIR", default=None, help="output folder (default: the folder holding STATS)")
 @_plotlyjs_option
 def report(stats, out, plotlyjs):
     """Re-render report.html from a stats.h5 alone (no model or data needed).
 
-    Example:
+    STATS is a stats.h5 written by inspect or strip, or the run folder holding one.
 
-        deadscan report deadscan-out/stats.h5 --out paper
+    \b
+    Example:
+      deadscan report deadscan-out/stats.h5 --out paper
     """
     from .report import rerender
 
-    _echo(f"wrote {_run(rerender, stats, out, plotlyjs=plotlyjs)}")
+    _echo(f"wrote {rerender(stats, out, plotlyjs=plotlyjs)}")
 
 
 @main.command()
 @click.argument("a")
 @click.argument("b")
-@click.option("--out", default=DEFAULTS.out_dir, show_default=True, help="output folder (compare.html)")
+@click.option("--out", metavar="DIR", default=DEFAULTS.out_dir, show_default=True,
+              help="output folder (compare.html)")
 @_plotlyjs_option
 def compare(a, b, out, plotlyjs):
     """Compare two runs side by side: per-site dead and %A deltas (B - A), overlaid histograms.
 
-    A and B are stats.h5 files written by inspect or strip; writes compare.html to --out.
+    A and B are stats.h5 files written by inspect or strip (or their run folders); writes compare.html
+    to --out.
 
+    \b
     Example:
-
-        deadscan compare base/stats.h5 stripped/stats.h5 --out compare-out
+      deadscan compare base/stats.h5 stripped/stats.h5 --out compare-out
     """
     from .report import compare as compare_runs
 
-    _echo(f"wrote {_run(compare_runs, a, b, out, plotlyjs=plotlyjs)}")
+    _echo(f"wrote {compare_runs(a, b, out, plotlyjs=plotlyjs)}")
 
 
 def _fmt(x) -> str:
