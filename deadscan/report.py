@@ -10,14 +10,15 @@ import datetime as _dt
 import json
 import math
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .capacity import Capacity
-from .checkpoint import CheckpointInfo, write_text_atomic
 from .runfolder import summary_json
-from .scan import ScanResult
+
+if TYPE_CHECKING:  # deadscan report and compare only read: they never import torch
+    from .capacity import Capacity
+    from .checkpoint import CheckpointInfo
+    from .scan import ScanResult
 
 SCHEMA_VERSION = 1
 
@@ -52,6 +53,8 @@ def _num(x: float) -> float | None:
 
 def build_summary(scan: ScanResult, cap: Capacity, *, command: str, checkpoint: CheckpointInfo | None,
                   data: dict, elapsed: float) -> dict:
+    import torch
+
     sites = []
     for r in scan.sites:
         s = r.site
@@ -108,6 +111,8 @@ def build_summary(scan: ScanResult, cap: Capacity, *, command: str, checkpoint: 
 
 
 def write_summary(summary: dict, out_dir: str | Path) -> Path:
+    from .checkpoint import write_text_atomic
+
     path = Path(out_dir) / "summary.json"
     write_text_atomic(path, summary_json(summary, indent=2) + "\n")
     return path
@@ -295,6 +300,8 @@ def _rendered(source: str) -> str:
 
 
 def _write_html(html: str, path: Path, plotlyjs: str) -> Path:
+    from .checkpoint import write_text_atomic
+
     write_text_atomic(path, html)
     if plotlyjs == "directory":
         from plotly.offline import get_plotlyjs

@@ -13,13 +13,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from .layers import entry, neuron_rows
-from .scan import PerNeuron, ScanResult
-from .trace import SiteMap, effective_affine
+import numpy as np
+
+from .scan import PerNeuron
+
+if TYPE_CHECKING:  # torch is imported by the functions that build from a live model, not by readers
+    import torch
+    from torch import nn
+
+    from .scan import ScanResult
+    from .trace import SiteMap
 
 WEIGHT_BINS = 60
 
@@ -93,6 +98,11 @@ def capture_weights(model: nn.Module, sitemap: SiteMap) -> dict[str, torch.Tenso
     Taken before fine-tuning so :func:`collect` can histogram revived neurons' weights before and
     after (the model is trained in place). Flattened to (neurons, fan_in), float32.
     """
+    import torch
+
+    from .layers import entry
+    from .trace import effective_affine
+
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for s in sitemap.sites:
@@ -107,11 +117,18 @@ def capture_weights(model: nn.Module, sitemap: SiteMap) -> dict[str, torch.Tenso
 
 
 def _nonzero_sign(sign: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
 def _signed_rows(model: nn.Module, r) -> torch.Tensor | None:
     """A site's effective incoming weights, (neurons, fan_in) float32; None without a feeding layer."""
+    import torch
+
+    from .layers import neuron_rows
+    from .trace import effective_affine
+
     f = r.site.feeding
     if f is None or r.neurons == 0:
         return None
@@ -123,11 +140,15 @@ def _signed_rows(model: nn.Module, r) -> torch.Tensor | None:
 
 def _mask_rows(model: nn.Module, name: str, masks: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """Layer ``name``'s mask (shaped like its weight) read as rows, like :func:`_signed_rows`."""
+    from .layers import entry
+
     mask = masks.get(name)
     return None if mask is None else entry(model.get_submodule(name), name).rows(mask)
 
 
 def _range(*tensors: torch.Tensor) -> tuple[float, float] | None:
+    import torch
+
     vals = [t for t in tensors if t.numel()]
     # NaN/Inf weights (a damaged checkpoint, warned about at load) are left out of the range and the bins
     lows = [float(torch.where(torch.isfinite(t), t, torch.inf).min()) for t in vals]
@@ -142,6 +163,8 @@ def _range(*tensors: torch.Tensor) -> tuple[float, float] | None:
 
 
 def _histc(t: torch.Tensor, lo: float, hi: float, bins: int) -> np.ndarray:
+    import torch
+
     if t.numel() == 0:
         return np.zeros(bins, dtype=np.int64)
     t = torch.where(torch.isfinite(t), t.float(), -torch.inf)  # NaN/Inf moved out of the range: histc skips them
@@ -182,6 +205,8 @@ def collect(summary: dict, scan: ScanResult, model: nn.Module, *, masks: dict[st
     Weights are histogrammed one layer at a time on their device (two passes: per site, then over
     the pooled range), so no copy of the model's weights is kept.
     """
+    import torch
+
     masks = masks or {}
     rows = {s["name"]: s for s in summary["sites"]}
     rev_idx = revived_neurons(summary, scan) if before is not None else {}

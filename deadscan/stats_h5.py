@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .checkpoint import atomic_path
 from .defaults import DEFAULTS, MAX_BYTES_ENV
 from .errors import DataError, one_line
 from .reportdata import Hist, ReportData, SiteData
@@ -57,6 +56,8 @@ _GZ = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 def write_stats(data: ReportData, path: str | Path) -> Path:
     """Write ``data`` to ``path`` atomically."""
     import h5py
+
+    from .checkpoint import atomic_path  # imports torch: reading stats.h5 does not need it
 
     path = Path(path)
     s = data.summary
