@@ -5,8 +5,9 @@ Sources (``--data``, i.e. ``load_data(spec, ...)``); named sets live under ``--d
 
 - ``digits``: sklearn's 8x8 digits, bundled with deadscan (float (N, 1, 8, 8), labels 0-9). No download.
 - ``cifar10``, ``cifar100``: torchvision's layout, ``cifar-10-batches-py/{data_batch_1..5,test_batch}`` and
-  ``cifar-100-python/{train,test}``. These are python pickles: they are read by an unpickler that refuses
-  every global (``read_cifar_batch``), so a doctored batch cannot run code.
+  ``cifar-100-python/{train,test}``. These are python pickles: they are read by an unpickler that admits only
+  integer arrays (type, shape and byte count checked before one exists), ints and strings, and refuses every
+  other global (``read_cifar_batch``), so a doctored batch cannot run code or crash deadscan.
 - ``svhn``: ``train_32x32.mat`` and ``test_32x32.mat`` (label 10 is the digit 0; ``extra`` is not used).
 - ``mnist``, ``fashion-mnist``: ``MNIST/raw/`` and ``FashionMNIST/raw/`` holding ``train-images-idx3-ubyte``,
   ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (plain or ``.gz``).
@@ -27,7 +28,13 @@ Sources (``--data``, i.e. ``load_data(spec, ...)``); named sets live under ``--d
   3x32x32; C is 1 or 3) in K classes (default 10), e.g. ``fake:1x28x28:10:500``. No files: smoke tests.
 - ``FILE.npz`` / ``FILE.h5``: ``x`` the inputs, shaped as the model takes them ((N, C, H, W) or (N, D)),
   uint8 (scaled to [0, 1]) or float; ``y`` the integer labels (N,). Anything else is refused, naming the
-  keys found.
+  keys found; HDF5 links, external and virtual datasets are refused (the data must be in the file).
+
+Hostile files: every reader opens regular files only (a FIFO or device would block), and checks the sizes a
+header declares (npz members, HDF5 datasets, idx, .npy, .mat variables) against the bytes the file stores
+before allocating: at most ``DEFAULTS.max_expand_ratio`` times more if compressed, never more than
+``DEFAULTS.max_decoded_bytes`` (``$DEADSCAN_MAX_BYTES``). Images are decoded only by raster formats
+(``RASTER_FORMATS``), and one above PIL's pixel limit is refused as a decompression bomb.
 
 Splits (``--split``): ``test`` is the official test set where there is one; ``train`` and ``val`` cut the
 training set by a seeded permutation, ``val`` being ``--val-fraction`` of it (default 10%). A set without

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,9 +16,43 @@ import torch
 
 from ..errors import DataError, one_line
 from .presets import HOST_BYTES_LIMIT, IMAGE_SUFFIXES, TINY_IMAGENET_URL
-from .sources import _Adapt, _Pool, _Source, _fetch_archive, _missing
+from .sources import _Adapt, _Pool, _Source, _fetch_archive, _missing, not_regular, open_regular, shown
+
+# The decoders an image file may reach: raster formats only, whatever its bytes say (PIL would hand an EPS
+# to Ghostscript). PPM also reads .pgm.
+RASTER_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
+_TEXT_LIMIT = 64 * 2**20  # wnids.txt and val_annotations.txt are well under 1 MB
+_OPEN_LOCK = threading.Lock()  # warnings.catch_warnings is process-wide: one opener at a time
 
 
+@contextlib.contextmanager
+def _open_image(path):
+    """A PIL image of a regular file, by a raster decoder; too many pixels (a decompression bomb) is refused.
+
+    Only the header is read here; decoding happens on first use, inside the ``with``."""
+    from PIL import Image
+
+    with open_regular(path) as f:
+        try:
+            with _OPEN_LOCK, warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im = Image.open(f, formats=RASTER_FORMATS)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise DataError(f"{shown(path)}: image has more than {Image.MAX_IMAGE_PIXELS:,} pixels (a "
+                            "decompression bomb?); shrink it or remove it from the folder") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"{shown(path)}: cannot read image ({one_line(e, 200)}); deadscan reads "
+                            f"{', '.join(RASTER_FORMATS)} images") from None
+        with im:
+            yield im
+
+
+def _read_text(path: Path) -> str:
+    with open_regular(path) as f:
+        text = f.read(_TEXT_LIMIT + 1)
+    if len(text) > _TEXT_LIMIT:
+        raise DataError(f"{shown(path)}: larger than {_TEXT_LIMIT:,} bytes; is it the right file?")
+    return text.decode("utf-8", "replace")
 
 
 class LazyImages:
@@ -74,14 +111,9 @@ def _image_pool(paths: list, labels: list, adapt: _Adapt) -> _Pool:
 
 def _probe(path: Path, adapt: _Adapt) -> tuple[tuple[int, int, int], str]:
     """Shape (C, H, W) and PIL mode every image gets: the first image's, unless --channels/--resize say."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            grey = im.mode in ("1", "L", "LA", "I", "I;16", "F")
-            w, h = im.size
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read image ({one_line(e, 200)})") from None
+    with _open_image(path) as im:
+        grey = im.mode in ("1", "L", "LA", "I", "I;16", "F")
+        w, h = im.size
     c = adapt.channels or (1 if grey else 3)
     if adapt.resize:
         h = w = adapt.resize
@@ -91,18 +123,18 @@ def _probe(path: Path, adapt: _Adapt) -> tuple[tuple[int, int, int], str]:
 def _decode_one(path, mode: str, resize: int | None, shape: tuple) -> np.ndarray:
     from PIL import Image
 
-    try:
-        with Image.open(path) as im:
+    with _open_image(path) as im:
+        try:
             im = im.convert(mode)
             if resize:
                 im = im.resize((resize, resize), Image.Resampling.BILINEAR)
             a = np.asarray(im)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read image ({one_line(e, 200)})") from None
+        except (OSError, ValueError, SyntaxError) as e:  # damaged pixel data
+            raise DataError(f"{shown(path)}: cannot read image ({one_line(e, 200)})") from None
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     if a.shape != tuple(shape):
-        raise DataError(f"{path}: image is {a.shape[2]}x{a.shape[1]} but the first one is {shape[2]}x{shape[1]}; "
-                        "pass --resize N to bring every image to N x N")
+        raise DataError(f"{shown(path)}: image is {a.shape[2]}x{a.shape[1]} but the first one is "
+                        f"{shape[2]}x{shape[1]}; pass --resize N to bring every image to N x N")
     return a
 
 
@@ -126,7 +158,15 @@ def _decode_all(paths: list, shape: tuple, mode: str, resize: int | None, thread
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Image files under ``folder`` (symlinked folders inside are not followed: no loops). A name with an
+    image suffix that is no regular file (a FIFO, device, broken or looping link) is refused here."""
+    out = []
+    for p in folder.rglob("*"):
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir():
+            if not p.is_file():
+                raise not_regular(p)
+            out.append(p)
+    return sorted(out)
 
 
 def _class_folders(folder: Path, classes: list[str] | None = None, hint: str = "") -> tuple[list[str], list, list]:
@@ -184,7 +224,7 @@ def _tiny_imagenet(root: Path, download: bool, adapt: _Adapt) -> _Source:
         raise _missing("tiny-imagenet", root, "tiny-imagenet-200/train",
                        f"download {TINY_IMAGENET_URL} and unzip it there (or pass --download)")
     if (base / "wnids.txt").exists():
-        wnids = sorted(w for w in (base / "wnids.txt").read_text().split() if w)
+        wnids = sorted(w for w in _read_text(base / "wnids.txt").split() if w)
     else:
         wnids = sorted(d.name for d in (base / "train").iterdir() if d.is_dir())
     _, paths, labels = _class_folders(base / "train", wnids)
@@ -196,12 +236,14 @@ def _tiny_imagenet(root: Path, download: bool, adapt: _Adapt) -> _Source:
             raise _missing("tiny-imagenet", root, "tiny-imagenet-200/val/val_annotations.txt",
                            f"download {TINY_IMAGENET_URL} and unzip it there")
         tpaths, tlabels = [], []
-        for line in notes.read_text().splitlines():
+        for line in _read_text(notes).splitlines():
             parts = line.split("\t") if "\t" in line else line.split()
             if len(parts) < 2:
                 continue
+            if Path(parts[0]).name != parts[0] or parts[0] in (".", ".."):  # a file of val/images, no path
+                raise DataError(f"{notes}: {parts[0]!r} is not a file name in {base / 'val' / 'images'}")
             if parts[1] not in index:
-                raise DataError(f"{notes}: class {parts[1]} of {parts[0]} is not in wnids.txt")
+                raise DataError(f"{notes}: class {parts[1]!r} of {parts[0]!r} is not in wnids.txt")
             tpaths.append(base / "val" / "images" / parts[0])
             tlabels.append(index[parts[1]])
         if not tpaths:

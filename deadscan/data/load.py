@@ -110,6 +110,8 @@ def _build(src: _Source, spec, split: str, seed: int, val_fraction: float, limit
     y = pool.y[idx]
     if y.min() < 0:
         raise DataError(f"{src.location}: labels must be 0 or more, found {int(y.min())}")
+    if y.max() >= 2**31:  # a class count nothing can allocate outputs for
+        raise DataError(f"{src.location}: labels must be below 2**31, found {int(y.max())}")
     return Dataset(src.name, split, pool.take(idx), torch.from_numpy(y.astype(np.int64)), None, None, seed,
                    val_fraction, test_fraction, idx, src.num_classes, src.location, dict(src.info),
                    AUGMENT_DEFAULTS.get(src.kind, "none"), AUTOAUGMENT_POLICY.get(src.kind, "cifar10"))

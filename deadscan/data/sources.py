@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import importlib
 import math
 import os
 import pickle
 import re
+import stat
 import struct
 import sys
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,12 +20,61 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..defaults import DEFAULTS, MAX_BYTES_ENV
 from ..errors import DataError, one_line
 from .presets import CORRUPTED, LUMA, NUM_CLASSES
 
 
 def default_root() -> Path:
     return Path(os.environ.get("DEADSCAN_DATA", Path.home() / ".cache" / "deadscan" / "data"))
+
+
+def shown(path) -> str:
+    """A path for an error line: quoted and escaped if it holds control characters (names come from files)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
+def not_regular(path) -> DataError:
+    return DataError(f"{shown(path)}: not a regular file (a FIFO, device, socket, folder or broken link); "
+                     "give a regular file")
+
+
+def open_regular(path):
+    """Open ``path`` for binary reading if it is a regular file: a FIFO or device would block or never end.
+
+    Checked by stat before opening, and again on the open descriptor (O_NONBLOCK: a FIFO swapped in
+    between cannot block the open)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise not_regular(path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise DataError(f"{shown(path)}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{shown(path)}: cannot open ({one_line(e, 200)})") from None
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise not_regular(path)
+    return f
+
+
+def check_declared(path, what: str, nbytes: int, stored: int, compressed: bool) -> None:
+    """Refuse a declared size before allocating it: above the limit, or more than ``stored`` bytes can hold
+    (as they are, or inflated by at most ``max_expand_ratio``)."""
+    if nbytes > DEFAULTS.max_decoded_bytes:
+        raise DataError(f"{shown(path)}: {what} declares {nbytes:,} bytes, above the "
+                        f"{DEFAULTS.max_decoded_bytes:,}-byte limit; if the file is trusted, raise it with "
+                        f"{MAX_BYTES_ENV}")
+    if nbytes > stored * (DEFAULTS.max_expand_ratio if compressed else 1):
+        raise DataError(f"{shown(path)}: {what} declares {nbytes:,} bytes but the file stores {stored:,}"
+                        f"{' compressed' if compressed else ''}; the file is truncated or crafted, write it again")
+
+
+def _plain_dtype(dtype: np.dtype, kinds: str) -> bool:
+    """A plain number type of ``kinds`` ('u', 'i', 'f'), at most 8 bytes: no objects, fields or subarrays."""
+    return dtype.fields is None and dtype.subdtype is None and dtype.kind in kinds and dtype.itemsize <= 8
 
 
 @dataclass(frozen=True)
@@ -102,37 +153,117 @@ def _arrays_source(name: str, path: Path, adapt: _Adapt, kind: str = "arrays") -
 
 
 def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    try:
-        if path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                keys = list(f.keys())
-                if "x" not in keys or "y" not in keys:
-                    raise DataError(f"{path}: expected arrays 'x' (inputs) and 'y' (labels), found {keys}")
-                x, y = f["x"], f["y"]
-        else:
-            import h5py
-
-            with h5py.File(path, "r") as f:
-                keys = list(f.keys())
-                if "x" not in keys or "y" not in keys:
-                    raise DataError(f"{path}: expected datasets 'x' (inputs) and 'y' (labels), found {keys}")
-                x, y = f["x"][()], f["y"][()]
-    except DataError:
-        raise
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read arrays ({e})") from None
+    """``x`` and ``y`` of a .npz or HDF5 file; shapes, types and sizes checked before anything is read."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            x, y = (_read_npz if path.suffix.lower() == ".npz" else _read_h5)(path, f, size)
+        except DataError:
+            raise
+        except MemoryError:
+            raise DataError(f"{path}: not enough memory to load the arrays; use a smaller file") from None
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError, NotImplementedError,
+                zipfile.BadZipFile, zlib.error) as e:  # damaged files fail in many ways
+            raise DataError(f"{path}: cannot read arrays ({one_line(e, 200)}); write the file again") from None
     return _check_arrays(path, x, y)
 
 
+def _read_npz(path: Path, f, size: int) -> tuple[np.ndarray, np.ndarray]:
+    with zipfile.ZipFile(f) as zf:
+        members = {n[:-4] if n.endswith(".npy") else n: zf.getinfo(n) for n in zf.namelist()}
+        if "x" not in members or "y" not in members:
+            raise DataError(f"{path}: expected arrays 'x' (inputs) and 'y' (labels), found {list(members)}")
+        out = []
+        for key in ("x", "y"):
+            info = members[key]
+            with zf.open(info) as m:
+                shape, _, dtype = _npy_header(m)
+                header = m.tell()
+            _check_meta(path, key, shape, dtype)
+            packed = info.compress_type != zipfile.ZIP_STORED
+            stored = info.compress_size if info.compress_size <= size else 0  # a size the archive cannot hold
+            check_declared(path, f"'{key}' {shape} {dtype}", math.prod(shape) * dtype.itemsize,
+                           stored if packed else max(stored - header, 0), packed)
+            with zf.open(info) as m:
+                out.append(np.lib.format.read_array(m, allow_pickle=False))
+    return out[0], out[1]
+
+
+def _npy_header(f) -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy stream ``f``, left at the first data byte."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"negative size in shape {shape}")
+    return shape, fortran, dtype
+
+
+def _read_h5(path: Path, f, size: int) -> tuple[np.ndarray, np.ndarray]:
+    import h5py
+
+    with h5py.File(f, "r") as h:
+        keys = list(h.keys())
+        if "x" not in keys or "y" not in keys:
+            raise DataError(f"{path}: expected datasets 'x' (inputs) and 'y' (labels), found {keys}")
+        out = []
+        for key in ("x", "y"):
+            link = h.get(key, getlink=True)
+            if not isinstance(link, h5py.HardLink):  # soft and external links lead to other places or files
+                raise DataError(f"{path}: '{key}' is a {type(link).__name__}, not data stored under that name; "
+                                "store the dataset itself in the file")
+            d = h[key]
+            if not isinstance(d, h5py.Dataset):
+                raise DataError(f"{path}: '{key}' is a group, not a dataset; store the array itself as '{key}'")
+            if d.is_virtual or d.external:
+                raise DataError(f"{path}: '{key}' keeps its data in other files (a virtual or external dataset); "
+                                "store the array in the file itself")
+            if d.shape is None:
+                raise DataError(f"{path}: '{key}' is an empty (null) dataset; store an array")
+            _check_meta(path, key, d.shape, d.dtype)
+            _check_h5_storage(path, key, d, size)
+            out.append(d[()])
+    return out[0], out[1]
+
+
+def _check_h5_storage(path: Path, key: str, d, size: int) -> None:
+    """What ``d`` declares against what the file stores: unwritten data (fill values) costs memory for nothing."""
+    stored = d.id.get_storage_size()
+    stored = stored if stored <= size else 0
+    shape = d.shape
+    if d.chunks is None:
+        nbytes = math.prod(shape) * d.dtype.itemsize
+        compressed = False
+    else:  # whole chunks are decoded: count their padded size
+        per_dim = [math.ceil(s / c) for s, c in zip(shape, d.chunks)]
+        nbytes = math.prod(n * c for n, c in zip(per_dim, d.chunks)) * d.dtype.itemsize
+        compressed = True
+        if nbytes and d.id.get_num_chunks() < math.prod(per_dim):
+            raise DataError(f"{path}: '{key}' {shape} has unwritten chunks (fill values only); "
+                            "write every sample into the file")
+    check_declared(path, f"'{key}' {shape} {d.dtype}", nbytes, stored, compressed)
+
+
+def _check_meta(path, key: str, shape: tuple, dtype: np.dtype) -> None:
+    """Type and rank of ``x`` or ``y``, from a header: checked before the data is read."""
+    if key == "x":
+        if not (_plain_dtype(dtype, "f") or _plain_dtype(dtype, "u") and dtype.itemsize == 1):
+            raise DataError(f"{path}: 'x' must be uint8 or float (16, 32 or 64 bit), got {dtype}")
+        if not 2 <= len(shape) <= 4:
+            raise DataError(f"{path}: 'x' must be shaped (N, C, H, W) or (N, D), got {shape}")
+        if 0 in shape[1:]:
+            raise DataError(f"{path}: 'x' samples are empty (shape {shape}); store non-empty samples")
+    elif len(shape) != 1 or not _plain_dtype(dtype, "iu"):
+        raise DataError(f"{path}: 'y' must be integer labels of shape (N,), got {dtype} {shape}")
+
+
 def _check_arrays(path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
-        raise DataError(f"{path}: 'x' must be uint8 or float, got {x.dtype}")
-    if x.ndim < 2:
-        raise DataError(f"{path}: 'x' must be shaped (N, C, H, W) or (N, D), got {x.shape}")
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{path}: 'y' must be integer labels of shape (N,), got {y.dtype} {y.shape}")
+    _check_meta(path, "x", x.shape, x.dtype)
+    _check_meta(path, "y", y.shape, y.dtype)
     if len(x) != len(y):
         raise DataError(f"{path}: 'x' has {len(x)} samples but 'y' has {len(y)}")
     return x, y
@@ -204,43 +335,146 @@ def _read_cifar(name: str, root: Path, train: bool) -> tuple[np.ndarray, np.ndar
         if not path.exists():
             raise _missing(name, root, f"{folder}/{fname}")
         batch = read_cifar_batch(path)
-        try:
-            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(batch[label_key], dtype=np.int64))
-        except (KeyError, ValueError) as e:
-            raise DataError(f"{path}: not a CIFAR batch ({e})") from None
-        if len(xs[-1]) != len(ys[-1]):
-            raise DataError(f"{path}: not a CIFAR batch ({len(xs[-1])} images, {len(ys[-1])} labels)")
+        data, labels = batch.get(b"data"), batch.get(label_key)
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+            raise DataError(f"{path}: not a CIFAR batch (b'data' must be uint8 (N, 3072), got {got})")
+        y = _labels(labels)
+        if y is None:
+            raise DataError(f"{path}: not a CIFAR batch ({label_key!r} must be a list of labels 0 to 2**31-1)")
+        if len(data) != len(y):
+            raise DataError(f"{path}: not a CIFAR batch ({len(data)} images, {len(y)} labels)")
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(y)
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def _labels(labels) -> np.ndarray | None:
+    """int64 labels from a list of ints or a 1-D integer array, each 0 to 2**31-1; else None."""
+    if isinstance(labels, list) and all(type(v) is int and 0 <= v < 2**31 for v in labels):
+        return np.array(labels, dtype=np.int64)
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
+        y = labels.astype(np.int64)  # uint64 above 2**63 turns negative: refused below
+        return y if not len(y) or 0 <= y.min() and y.max() < 2**31 else None
+    return None
+
+
+class _Dtype:
+    """A numpy dtype as a pickle describes it, made here from a checked name: numpy's ``dtype.__setstate__``
+    never runs (a crafted state can declare object fields, which would read raw bytes as pointers)."""
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = dtype
+
+    def __setstate__(self, state) -> None:
+        # numpy's state of a plain number type: (3, byte order, None, None, None, -1, -1, 0)
+        if not (type(state) is tuple and len(state) == 8 and state[0] == 3
+                and state[2:] == (None, None, None, -1, -1, 0) and _text(state[1]) in ("<", ">", "|", "=")):
+            raise pickle.UnpicklingError("a dtype that is not a plain integer type is not allowed in a CIFAR batch")
+        if _text(state[1]) in "<>":
+            self.dtype = self.dtype.newbyteorder(_text(state[1]))
+
+
+class _Array:
+    """An ndarray a protocol-2 pickle fills in by ``__setstate__``: checked, then a view of the pickle's bytes."""
+
+    array = None
+
+    def __setstate__(self, state) -> None:
+        if self.array is not None or type(state) is not tuple or len(state) != 5 or state[0] != 1:
+            raise pickle.UnpicklingError("malformed numpy array")
+        _, shape, dtype, fortran, raw = state
+        self.array = _array_from(raw, dtype, shape, "F" if fortran else "C")
+
+
+_NDARRAY = object()  # stands for numpy.ndarray in a pickle: only ever compared with
+_INT_DTYPES = ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8")
+
+
+def _text(v) -> str | None:
+    return v.decode("latin1") if type(v) is bytes else v if type(v) is str else None
+
+
+def _array_from(raw, dtype, shape, order) -> np.ndarray:
+    """An integer ndarray over ``raw``, once its byte count matches the declared shape (no copy is made)."""
+    if not (isinstance(dtype, _Dtype) and type(raw) in (bytes, bytearray) and type(shape) is tuple
+            and all(type(d) is int and d >= 0 for d in shape) and len(shape) <= 4 and _text(order) in ("C", "F")):
+        raise pickle.UnpicklingError("malformed numpy array")
+    if len(raw) != math.prod(shape) * dtype.dtype.itemsize:
+        raise pickle.UnpicklingError(f"array of shape {shape} {dtype.dtype} holds {len(raw)} bytes")
+    return np.frombuffer(raw, dtype=dtype.dtype).reshape(shape, order=_text(order))
+
+
 class _ArraysOnly(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays; refuses every other global (no code runs).
+    """Unpickles what a CIFAR batch holds: a dict of integer arrays, lists of ints and strings.
 
-    Allowed: numpy's array constructors (protocol 2 and protocol 5 forms) and ``_codecs.encode``, which
-    protocol 2 pickles written by Python 3 use for bytes; none of them can run code."""
+    numpy's names are mapped to small constructors here that check type, shape and byte count before an
+    array exists (a view of the pickle's bytes); every other global is refused, so no code runs.
+    ``_codecs.encode`` (protocol 2 pickles written by Python 3 use it for bytes) may only make latin-1
+    bytes, no more in all than the file's size (a memoised string encoded again and again)."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
-               ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+    def __init__(self, f, budget: int):
+        super().__init__(f, encoding="bytes")
+        self.budget = budget
+        self.names = {"_reconstruct": self._reconstruct, "ndarray": _NDARRAY, "dtype": self._dtype,
+                      "_frombuffer": self._frombuffer}
 
     def find_class(self, module: str, name: str):
-        if (module, name) in self.ALLOWED:
-            return getattr(importlib.import_module(module), name)
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct" \
+                or module == "numpy" and name in ("ndarray", "dtype") \
+                or module in ("numpy.core.numeric", "numpy._core.numeric") and name == "_frombuffer":
+            return self.names[name]
+        if (module, name) == ("_codecs", "encode"):
+            return self._encode
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
+
+    @staticmethod
+    def _dtype(name, align=False, copy=True) -> _Dtype:
+        if _text(name) not in _INT_DTYPES:
+            raise pickle.UnpicklingError(f"dtype {name!r} is not allowed in a CIFAR batch (integers only)")
+        return _Dtype(np.dtype(_text(name)))
+
+    @staticmethod
+    def _reconstruct(cls, shape, typecode) -> _Array:
+        if cls is not _NDARRAY:
+            raise pickle.UnpicklingError("only plain numpy arrays are allowed in a CIFAR batch")
+        return _Array()
+
+    @staticmethod
+    def _frombuffer(buf, dtype, shape, order) -> np.ndarray:
+        return _array_from(buf, dtype, shape, order)
+
+    def _encode(self, text, encoding="latin1") -> bytes:
+        if type(text) is not str or encoding not in ("latin1", "latin-1") or len(text) > self.budget:
+            raise pickle.UnpicklingError("_codecs.encode is allowed only for latin-1 bytes within the file's size")
+        self.budget -= len(text)
+        return text.encode("latin1")
 
 
 def read_cifar_batch(path: Path) -> dict:
-    """Read a CIFAR python batch (a pickled dict of arrays and lists) without running code."""
-    try:
-        with open(path, "rb") as f:
-            obj = _ArraysOnly(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, OSError) as e:
-        raise DataError(f"{path}: refused or damaged CIFAR batch ({e})") from None
+    """Read a CIFAR python batch (a pickled dict of arrays, lists and strings) without running code.
+
+    Keys come back as bytes; values are integer ndarrays, ints, bytes, str or lists of ints and strings."""
+    with open_regular(path) as f:
+        try:
+            obj = _ArraysOnly(f, os.fstat(f.fileno()).st_size).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+                OverflowError, MemoryError, RecursionError, OSError) as e:
+            raise DataError(f"{path}: refused or damaged CIFAR batch ({one_line(e, 200)})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: not a CIFAR batch (holds {type(obj).__name__})")
-    return obj
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, _Array):
+            v = v.array
+        odd = [type(e).__name__ for e in v if type(e) not in (int, bytes, str)] if type(v) is list else \
+            [] if type(v) in (int, bytes, str) or isinstance(v, np.ndarray) else [type(v).__name__]
+        if type(k) not in (bytes, str) or odd:
+            what = f"key {k!r:.40}" if type(k) not in (bytes, str) else \
+                f"entry {k!r:.40} holds {'a list of ' if type(v) is list else ''}{odd[0]}"
+            raise DataError(f"{path}: refused CIFAR batch ({what}; a batch holds arrays, numbers and strings)")
+        out[k.encode("latin1", "replace") if type(k) is str else k] = v
+    return out
 
 
 def _svhn(root: Path, download: bool, adapt: _Adapt) -> _Source:
@@ -257,16 +491,41 @@ def _svhn(root: Path, download: bool, adapt: _Adapt) -> _Source:
         except ImportError:
             raise DataError("svhn's .mat files need scipy: pip install scipy") from None
         try:
-            mat = scipy.io.loadmat(str(path), variable_names=["X", "y"])
+            with open_regular(path) as f:
+                _check_mat(path, f, scipy.io.whosmat(f))
+                f.seek(0)
+                mat = scipy.io.loadmat(f, variable_names=["X", "y"])
             x = np.ascontiguousarray(np.transpose(mat["X"], (3, 2, 0, 1)), dtype=np.uint8)  # HWCN -> NCHW
             y = mat["y"].astype(np.int64).reshape(-1)
-        except (KeyError, ValueError, TypeError, NotImplementedError, OSError) as e:
+        except DataError:
+            raise
+        except MemoryError:
+            raise DataError(f"{path}: not enough memory to load it") from None
+        except Exception as e:  # scipy's MatReadError and friends: a damaged or foreign file
             raise DataError(f"{path}: not an SVHN .mat file ({one_line(e, 200)})") from None
         y[y == 10] = 0
         if len(x) != len(y):
             raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
         return _array_pool(x, y, adapt, str(path))
     return _Source("svhn", "svhn", lambda: pool("train"), lambda: pool("test"), str(root), 10)
+
+
+_MAT_ITEMSIZE = {"uint8": 1, "int8": 1, "uint16": 2, "int16": 2, "uint32": 4, "int32": 4, "uint64": 8,
+                 "int64": 8, "single": 4, "double": 8}
+
+
+def _check_mat(path: Path, f, variables: list) -> None:
+    """SVHN's X (32, 32, 3, N) uint8 and y (N, 1) numbers, sizes checked against the file before loading."""
+    size = os.fstat(f.fileno()).st_size
+    found = {name: (shape, cls) for name, shape, cls in variables}
+    for key in ("X", "y"):
+        if key not in found:
+            raise DataError(f"{path}: not an SVHN .mat file (no variable {key!r}; found {sorted(found)})")
+        shape, cls = found[key]
+        if cls not in _MAT_ITEMSIZE or (key == "X") != (cls == "uint8" and len(shape) == 4):
+            raise DataError(f"{path}: not an SVHN .mat file ({key!r} is {cls} {shape})")
+        # the variable may be stored zlib-compressed (MAT 5): allow the ratio deflate can reach
+        check_declared(path, f"{key!r} {shape}", math.prod(shape) * _MAT_ITEMSIZE[cls], size, compressed=True)
 
 
 MNIST_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -295,21 +554,31 @@ def _mnist(name: str, root: Path, download: bool, adapt: _Adapt) -> _Source:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An idx file (MNIST's format: big-endian header, unsigned bytes), plain or ``.gz``."""
+    """An idx file (MNIST's format: big-endian header, unsigned bytes), plain or ``.gz``.
+
+    The header's dimensions are checked against the file's size (a ``.gz`` is inflated only as far as the
+    header declares, within the expansion limit: a gzip bomb stops there)."""
     path = path if path.exists() else path.with_name(path.name + ".gz")
-    try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-            data = f.read()
-        if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-            raise ValueError("not an idx file of unsigned bytes")
-        ndim = data[3]
-        dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-        arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-        if arr.size != math.prod(dims):
-            raise ValueError(f"header says {dims}, file holds {arr.size} values")
-    except (OSError, ValueError, struct.error, EOFError) as e:
-        raise DataError(f"{path}: cannot read idx file ({one_line(e, 200)})") from None
-    return arr.reshape(dims)
+    zipped = path.suffix == ".gz"
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            with (gzip.GzipFile(fileobj=f, mode="rb") if zipped else contextlib.nullcontext(f)) as s:
+                head = s.read(4)
+                if len(head) < 4 or head[:3] != b"\0\0\x08" or head[3] == 0:
+                    raise ValueError("not an idx file of unsigned bytes")
+                ndim = head[3]
+                dims = struct.unpack(f">{ndim}I", s.read(4 * ndim))
+                count = math.prod(dims)
+                check_declared(path, f"the header ({'x'.join(map(str, dims))})", count,
+                               size if zipped else size - 4 - 4 * ndim, zipped)
+                data = s.read(count)
+                if len(data) != count or s.read(1):
+                    raise ValueError(f"header says {dims}, file holds {'more' if len(data) == count else len(data)} "
+                                     "values")
+        except (OSError, ValueError, struct.error, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: cannot read idx file ({one_line(e, 200)})") from None
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _corrupted(kind: str, root: Path, download: bool, adapt: _Adapt, corruption, severity) -> _Source:
@@ -333,11 +602,8 @@ def _corrupted(kind: str, root: Path, download: bool, adapt: _Adapt, corruption,
     if not names:
         raise DataError(f"{base} holds labels.npy but no <corruption>.npy files")
     severities = _severities(severity)
-    try:
-        labels = np.load(base / "labels.npy", allow_pickle=False)
-        arrays = {c: np.load(base / f"{c}.npy", mmap_mode="r", allow_pickle=False) for c in names}
-    except (OSError, ValueError) as e:
-        raise DataError(f"{base}: cannot read the corrupted set ({one_line(e, 200)})") from None
+    labels = load_npy(base / "labels.npy")
+    arrays = {c: load_npy(base / f"{c}.npy", mmap=True) for c in names}
     total = len(labels)
     if labels.ndim != 1 or total % 5:
         raise DataError(f"{base / 'labels.npy'}: expected 5 severities of labels stacked, got shape {labels.shape}")
@@ -360,6 +626,24 @@ def _corrupted(kind: str, root: Path, download: bool, adapt: _Adapt, corruption,
         return adapt_images(torch.from_numpy(out), adapt.resize, adapt.channels, str(base))
     info = {"corruption": names, "severity": severities}
     return _Source(kind, kind, lambda: _Pool(y, take), None, str(base), NUM_CLASSES[kind], info, test_only=True)
+
+
+def load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """A plain-number .npy file, its header checked against its size first; ``mmap``: mapped, not read."""
+    with open_regular(path) as f:
+        try:
+            shape, fortran, dtype = _npy_header(f)
+            if not _plain_dtype(dtype, "uif"):
+                raise DataError(f"{shown(path)}: holds {dtype}, not plain numbers; write it with numpy.save")
+            count, offset = math.prod(shape), f.tell()
+            stored = os.fstat(f.fileno()).st_size - offset
+            check_declared(path, f"the header ({dtype} {shape})", count * dtype.itemsize, stored, False)
+            order = "F" if fortran else "C"
+            if mmap and count:
+                return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+            return np.fromfile(f, dtype=dtype, count=count).reshape(shape, order=order)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{shown(path)}: cannot read .npy file ({one_line(e, 200)})") from None
 
 
 def _severities(severity) -> list[int]:
