@@ -760,6 +760,23 @@ def _few(items: list[str], n: int = 5) -> str:
 # Saving (atomic: temp file in the same folder + rename)
 
 
+_FILE_MODE: list[int] = []
+
+
+def _file_mode() -> int:
+    """The mode open() gives a new file (0o666 less the umask), read once. /proc tells the umask without
+    changing it; elsewhere os.umask must set it to read it, so it is set straight back."""
+    if not _FILE_MODE:
+        try:
+            with open("/proc/self/status", encoding="ascii") as f:
+                umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            umask = os.umask(0o022)
+            os.umask(umask)
+        _FILE_MODE.append(0o666 & ~umask)
+    return _FILE_MODE[0]
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temp path for ``path``; rename it over ``path`` only if the block succeeds.
@@ -778,6 +795,8 @@ def atomic_path(path: str | os.PathLike):
         raise OutputError(f"cannot write {path} ({e.strerror}); choose another --out") from None
     try:
         yield folder / path.name
+        # Writers that make their own temp file (mkstemp) leave it 0600: outputs follow the umask instead.
+        os.chmod(folder / path.name, _file_mode())
         os.replace(folder / path.name, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

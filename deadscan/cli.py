@@ -6,6 +6,7 @@ Only commands that load a model import torch (through deadscan.pipeline, inside 
 from __future__ import annotations
 
 import importlib
+import os
 import shlex
 import sys
 import warnings
@@ -121,18 +122,9 @@ class _Group(click.Group):
             # outside strip's training loop (loading, the final scan, writing)
             raise _Error(f"interrupted; completed epochs are kept in {out}; resume with: {_resume_command()}") from None
         except BrokenPipeError:  # e.g. `deadscan inspect ... | head -1`: the reader left; nothing to say
-            sys.stdout = _Discard()
+            # what stdout still buffers goes to /dev/null, so the final flush prints no traceback either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
-
-
-class _Discard:
-    """stdout after a broken pipe: the interpreter's final flush must not print a traceback."""
-
-    def write(self, text):
-        return len(text)
-
-    def flush(self):
-        pass
 
 
 def _error_message(ctx: click.Context, e: DeadscanError) -> str:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import stat
+import subprocess
+import sys
 from importlib.metadata import version
+
+import click
 
 import numpy as np
 import pytest
@@ -11,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 import deadscan
-from deadscan.cli import SAMPLE_MODEL, main
+from deadscan.cli import _INSPECT_SECTIONS, _STRIP_SECTIONS, SAMPLE_MODEL, _LaterChoice, main
 from deadscan.data import resource_path
 from deadscan.defaults import DEFAULTS
 
@@ -262,3 +267,121 @@ def test_demo_runs_on_bundled_model(runner, tmp_path):
     assert s["totals"]["sites"] >= 1
     assert 0 <= s["totals"]["dead"] <= s["totals"]["neurons"]
     assert f"sites {s['totals']['sites']}  neurons {s['totals']['neurons']}  dead {s['totals']['dead']} (" in res.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Help: -h, bare deadscan, examples kept whole, metavars and help on every option, strip's sections
+
+
+def _commands():
+    return [(name, cmd) for name, cmd in main.commands.items()]
+
+
+def test_bare_deadscan_and_h_print_the_help(runner):
+    bare, short, long = (runner.invoke(main, args) for args in ([], ["-h"], ["--help"]))
+    assert bare.exit_code == short.exit_code == long.exit_code == 0
+    assert bare.stdout == short.stdout == long.stdout
+    assert bare.stdout.split("\n")[2] == "  Start with `deadscan demo` (a bundled model and data; no download, no GPU)."
+
+
+@pytest.mark.parametrize("name", list(main.commands))
+def test_help_examples_are_not_rewrapped(runner, name):
+    cmd = main.commands[name]
+    res = runner.invoke(main, [name, "-h"])
+    assert res.exit_code == 0, res.output
+    examples = [line.strip() for line in cmd.help.split("\n") if line.strip().startswith("deadscan ")]
+    assert examples
+    printed = [line.strip() for line in res.stdout.split("\n")]
+    for example in examples:
+        assert example in printed, res.stdout
+
+
+def test_strip_example_is_one_line(runner):
+    res = runner.invoke(main, ["strip", "--help"])
+    line = "    deadscan strip sample_models/mlp_digits.safetensors --data digits --finetune 5 --warmup 0"
+    assert line + "\n" in res.stdout
+
+
+def test_every_option_has_help_and_says_what_its_value_is():
+    for name, cmd in [("", main), *_commands()]:
+        for p in cmd.params:
+            if not isinstance(p, click.Option):
+                continue
+            assert p.help, f"{name} {p.opts[0]} has no help"
+            if not p.is_flag and not p.count and not isinstance(p.type, (click.Choice, _LaterChoice)):
+                assert p.metavar, f"{name} {p.opts[0]} has no metavar"
+
+
+@pytest.mark.parametrize("name, sections", [("inspect", _INSPECT_SECTIONS), ("strip", _STRIP_SECTIONS)])
+def test_long_helps_are_in_sections(runner, name, sections):
+    cmd = main.commands[name]
+    listed = [n for names in sections.values() for n in names]
+    assert len(listed) == len(set(listed))
+    assert sorted(listed) == sorted(p.name for p in cmd.params if isinstance(p, click.Option) and p.name != "help")
+    out = runner.invoke(main, [name, "-h"]).stdout
+    heads = [line for line in out.split("\n") if line.endswith(":") and not line.startswith(" ")]
+    assert heads == [f"{title}:" for title in sections] + ["Other options:"]
+
+
+def test_inspect_and_strip_share_the_data_options():
+    ins, st = main.commands["inspect"], main.commands["strip"]
+    shared = ["data", "arch", "data_root", "download", "val_fraction", "mean", "std", "resize", "channels",
+              "corruption", "severity"]
+    a = {p.name: p for p in ins.params}
+    b = {p.name: p for p in st.params}
+    for name in shared:
+        assert a[name].opts == b[name].opts and a[name].metavar == b[name].metavar
+        assert type(a[name].type) is type(b[name].type)
+        if name != "download":  # strip's unset options come from the inspect it reuses
+            assert b[name].default in (None, getattr(click.core, "UNSET", None))  # click >= 8.3: no default
+    assert a["data"].required and not b["data"].required
+
+
+# ---------------------------------------------------------------------------------------------
+# One error boundary
+
+
+def test_interrupt_outside_strip_says_nothing_was_written(runner, monkeypatch, mlp_file, npz_data, tmp_path):
+    from deadscan import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "inspect", interrupted)
+    res = _inspect(runner, mlp_file, "--data", npz_data, "--out", tmp_path / "out")
+    assert (res.exit_code, res.stdout, res.stderr) == (1, "", "Error: interrupted; nothing was written\n")
+
+
+def test_library_error_in_report_is_one_line(runner, tmp_path):
+    bad = tmp_path / "stats.h5"
+    bad.write_bytes(b"not hdf5")
+    res = runner.invoke(main, ["report", str(bad)])
+    assert res.exit_code == 1 and res.stdout == ""
+    assert res.stderr.startswith("Error: ") and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_closed_stdout_is_a_quiet_exit(mlp_file, npz_data, tmp_path):
+    cmd = [sys.executable, "-m", "deadscan", "inspect", str(mlp_file), "--data", str(npz_data), "--json",
+           "--out", str(tmp_path / "out")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # like `| head -0`: the reader is gone before anything is printed
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 1
+    assert err == b""
+    assert (tmp_path / "out" / "summary.json").is_file()  # the run itself completed
+
+
+# ---------------------------------------------------------------------------------------------
+# Every output follows the umask (safetensors' own temp files are 0600)
+
+
+def test_outputs_follow_the_umask(mlp_file, npz_data, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "deadscan", "strip", str(mlp_file), "--data", str(npz_data), "--finetune", "1",
+           "--warmup", "0", "--device", "cpu", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, umask=0o022, timeout=300)
+    assert res.returncode == 0, res.stderr
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    for name in ("stripped.safetensors", "masks.safetensors", "summary.json", "stats.h5", "report.html"):
+        assert modes.pop(name) == 0o644, name
+    assert all(mode == 0o644 for mode in modes.values()), modes
