@@ -87,7 +87,7 @@ class _Command(click.Command):
         for title, records in rows.items():
             if records:  # in the section's order, terms padded alike so the help columns line up
                 with formatter.section(title):
-                    formatter.write_dl([(term.ljust(width), text) for _, (term, text) in sorted(records, key=lambda r: r[0])])
+                    formatter.write_dl([(term.ljust(width), text) for _, (term, text) in sorted(records)])
 
 
 def _echo(text: str = "", err: bool = False) -> None:
