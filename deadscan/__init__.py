@@ -35,8 +35,13 @@ def load(path, arch=None, *, trust_pickle=False, allow_globals=()):
 
 def __getattr__(name: str):
     module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'deadscan' has no attribute {name!r}")
+    if module is None:  # a submodule (deadscan.data, deadscan.zoo, ...), as eager imports used to bind them
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'deadscan' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     # Importing a submodule binds it on the package ("strip", "scan", "capacity" share the names of
     # their modules), so the public function must be bound after the import, replacing the module.
