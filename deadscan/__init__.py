@@ -9,8 +9,8 @@ import types
 
 __version__ = "0.1.0"
 
-# Public name -> the module defining it. Imported on first use (PEP 562): `import deadscan` and the
-# command line's help, report and compare never pay for importing torch.
+# Public name -> the module defining it. Imported on first use (PEP 562): `import deadscan`, and with it
+# the command line's help and --version, never pay for importing torch.
 _LAZY = {
     "Capacity": "capacity", "capacity": "capacity",
     "load_checkpoint": "checkpoint", "load_masks": "checkpoint", "save_masks": "checkpoint",

@@ -98,3 +98,15 @@ def test_compare_without_torch(no_torch, inspected, tmp_path):
     res = _deadscan(no_torch, "compare", inspected / "stats.h5", inspected, "--out", tmp_path / "cmp")
     assert res.returncode == 0, res.stderr
     assert res.stdout == f"wrote {tmp_path / 'cmp' / 'compare.html'}\n"
+
+
+def test_public_names_resolve_on_first_use(no_torch):
+    # A fresh interpreter: importing the submodules first must not leave deadscan.scan etc. as modules.
+    code = ("import deadscan, deadscan.scan, deadscan.strip, deadscan.capacity, types\n"
+            "assert all(hasattr(deadscan, n) for n in deadscan.__all__)\n"
+            "assert not any(isinstance(getattr(deadscan, n), types.ModuleType) for n in deadscan.__all__)\n"
+            "from deadscan import scan, strip, capacity, Stripper\n"
+            "assert callable(scan) and callable(strip) and callable(capacity)\n"
+            "assert deadscan.data.resource_path and not hasattr(deadscan, 'no_such_name')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
