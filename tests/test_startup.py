@@ -100,7 +100,7 @@ def test_compare_without_torch(no_torch, inspected, tmp_path):
     assert res.stdout == f"wrote {tmp_path / 'cmp' / 'compare.html'}\n"
 
 
-def test_public_names_resolve_on_first_use(no_torch):
+def test_public_names_resolve_on_first_use():
     # A fresh interpreter: importing the submodules first must not leave deadscan.scan etc. as modules.
     code = ("import deadscan, deadscan.scan, deadscan.strip, deadscan.capacity, types\n"
             "assert all(hasattr(deadscan, n) for n in deadscan.__all__)\n"
