@@ -284,7 +284,7 @@ CLI_CASES = {
     "h5_unwritten_chunks": (_h5_unwritten, "unwritten chunks"),
     "h5_external_link": (_h5_external_link, "is a ExternalLink"),
     "mnist_gzip_bomb": (_mnist_bomb, "file holds more values"),
-    "eps_named_png": (lambda t: _imagefolder_with(t, "a.png", EPS), "a.png: cannot read image"),
+    "eps_named_png": (lambda t: _imagefolder_with(t, "a.png", EPS), "a.png: cannot read image (cannot identify"),
     "png_30000_squared": (lambda t: _imagefolder_with(t, "000.png", png_bytes(30000, 30000)), "decompression bomb"),
     "fifo_and_loop_in_tree": (_fifo_in_tree, "pipe.png: not a regular file"),
 }
