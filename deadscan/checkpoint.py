@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -34,7 +33,8 @@ from torch import nn
 
 from . import hf
 from .defaults import DEFAULTS
-from .errors import ArchError, CheckpointError, DeadscanWarning, OutputError, one_line, printable
+from .errors import ArchError, CheckpointError, DeadscanWarning, one_line, printable
+from .outputs import atomic_path, check_out_dir, write_text_atomic  # re-exported: they lived here (no torch there)
 from .pickles import PickleScan, is_dangerous_global, scan_pickle, torch_allows
 from .zoo import SHAPES_KEY, ArchSpec, apply_shapes, build, check_file_spec, parse_spec
 
@@ -758,89 +758,6 @@ def _few(items: list[str], n: int = 5) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Saving (atomic: temp file in the same folder + rename)
-
-
-_FILE_MODE: list[int] = []
-
-
-def _file_mode() -> int:
-    """The mode open() gives a new file (0o666 less the umask), read once. /proc tells the umask without
-    changing it; elsewhere os.umask must set it to read it, so it is set straight back."""
-    if not _FILE_MODE:
-        try:
-            with open("/proc/self/status", encoding="ascii") as f:
-                umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-        except (OSError, StopIteration, ValueError, IndexError):
-            umask = os.umask(0o022)
-            os.umask(umask)
-        _FILE_MODE.append(0o666 & ~umask)
-    return _FILE_MODE[0]
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temp path for ``path``; rename it over ``path`` only if the block succeeds.
-
-    The temp path lies in a private folder ``.NAME.XXXX.tmp/`` beside ``path`` (same file system, so the
-    rename is atomic): a process killed at any moment leaves the old file or the new one, never a torn
-    one, and whatever it leaves behind is hidden and ends in ``.tmp`` -- including temp files the writer
-    makes next to its own target (the safetensors library does)."""
-    import shutil
-
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    except OSError as e:
-        raise OutputError(f"cannot write {path} ({e.strerror}); choose another --out") from None
-    try:
-        yield folder / path.name
-        # Writers that make their own temp file (mkstemp) leave it 0600: outputs follow the umask instead.
-        os.chmod(folder / path.name, _file_mode())
-        os.replace(folder / path.name, path)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def check_out_dir(out: str | os.PathLike, outputs, *, overwrite: bool = False, inputs=(),
-                  replaceable=()) -> Path:
-    """Before any work: ``out`` must be (or become) a writable folder, none of ``outputs`` written there may
-    be an input file, and outputs already there are refused unless ``overwrite`` (a run never silently
-    replaces an earlier one). ``replaceable``: names that may be replaced anyway (e.g. a strip reusing its
-    own inspect folder). Creates nothing."""
-    out = Path(out)
-    for name in outputs:
-        target = out / name
-        for src in inputs:
-            if src is not None and _same_file(target, Path(src)):
-                raise OutputError(f"--out {out} would overwrite the input {src} (as {name}); choose another --out")
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        where = "is a file" if existing == out else f"cannot be created: {existing} is a file"
-        raise OutputError(f"--out {out} {where}, not a folder; choose another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"--out {out}: {existing} is not writable; choose another --out")
-    if overwrite:
-        return out
-    found = [name for name in outputs if (out / name).exists() and name not in replaceable]
-    if found:
-        raise OutputError(f"--out {out} already holds {', '.join(found)} from an earlier run; pass --overwrite to "
-                          "replace them, or choose another --out")
-    return out
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def save_safetensors(model: nn.Module, path: str | os.PathLike, arch: str, metadata: dict[str, str] | None = None) -> None:

@@ -327,7 +327,7 @@ def demo(out, device, overwrite):
       deadscan demo --out demo-out
     """
     from . import pipeline
-    from .data import resource_path
+    from .resources import resource_path
 
     model = resource_path("sample_models", SAMPLE_MODEL)
     _echo(f"deadscan demo: the paper's MLP trained on sklearn's digits ({model.name})\n")

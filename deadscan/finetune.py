@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from torch import nn
 
-from .checkpoint import atomic_path, load_torch_file
+from .checkpoint import load_torch_file
+from .outputs import atomic_path
 from .data import Dataset
 from .errors import DataError, DeadscanError, one_line
 from .runfolder import ANY, COUNT, HISTORY_ROW, STR, MapOf, check

@@ -111,7 +111,7 @@ def build_summary(scan: ScanResult, cap: Capacity, *, command: str, checkpoint: 
 
 
 def write_summary(summary: dict, out_dir: str | Path) -> Path:
-    from .checkpoint import write_text_atomic
+    from .outputs import write_text_atomic
 
     path = Path(out_dir) / "summary.json"
     write_text_atomic(path, summary_json(summary, indent=2) + "\n")
@@ -162,7 +162,7 @@ PLOTLYJS_FILE = "plotly.min.js"
 
 def templates_dir() -> Path:
     """The folder holding the templates: inside an installed wheel, or the source checkout."""
-    from .data import resource_path
+    from .resources import resource_path
     from .errors import DeadscanError
 
     template = resource_path("templates", "report.html.j2")
@@ -300,7 +300,7 @@ def _rendered(source: str) -> str:
 
 
 def _write_html(html: str, path: Path, plotlyjs: str) -> Path:
-    from .checkpoint import write_text_atomic
+    from .outputs import write_text_atomic
 
     write_text_atomic(path, html)
     if plotlyjs == "directory":
@@ -342,7 +342,7 @@ def _stats_file(path: str | Path) -> Path:
 
 def _check_not_inputs(out_dir: Path, names: list[str], plotlyjs: str, inputs: list[Path]) -> None:
     """Before reading anything: no output may replace one of the command's own inputs."""
-    from .checkpoint import check_out_dir
+    from .outputs import check_out_dir
 
     outputs = names + ([PLOTLYJS_FILE] if plotlyjs == "directory" else [])
     check_out_dir(out_dir, outputs, overwrite=True, inputs=inputs)  # a report replaces its own earlier render

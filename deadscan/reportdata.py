@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .scan import PerNeuron
+from .neurons import PerNeuron
 
 if TYPE_CHECKING:  # torch is imported by the functions that build from a live model, not by readers
     import torch

@@ -57,7 +57,7 @@ def write_stats(data: ReportData, path: str | Path) -> Path:
     """Write ``data`` to ``path`` atomically."""
     import h5py
 
-    from .checkpoint import atomic_path  # imports torch: reading stats.h5 does not need it
+    from .outputs import atomic_path
 
     path = Path(path)
     s = data.summary

@@ -74,7 +74,7 @@ def _no_stray_files(folder: Path, outputs: set[str]) -> None:
 
 WRITER = """
 import sys, time
-from deadscan.checkpoint import atomic_path
+from deadscan.outputs import atomic_path
 target, chunks = sys.argv[1], int(sys.argv[2])
 block = b"NEW-" * (1 << 18)  # 1 MiB
 with atomic_path(target) as tmp:
@@ -154,7 +154,7 @@ def test_killed_safetensors_saver_leaves_a_loadable_file(tmp_path):
 
 
 def test_failed_block_keeps_the_old_file_and_removes_its_temp(tmp_path):
-    from deadscan.checkpoint import atomic_path
+    from deadscan.outputs import atomic_path
 
     target = tmp_path / "report.html"
     target.write_text("old")

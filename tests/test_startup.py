@@ -71,12 +71,6 @@ def test_import_deadscan_does_not_import_torch(no_torch):
     assert res.returncode == 0 and res.stdout == f"{deadscan.__version__}\n", res.stderr
 
 
-# report and compare read stats.h5 through deadscan.scan (PerNeuron), deadscan.checkpoint (the atomic
-# writers) and deadscan.data (resource_path), which still import torch at module level.
-TORCH_BOUND = pytest.mark.xfail(strict=True, reason="scan.PerNeuron, checkpoint's writers and data.resource_path "
-                                                     "live in modules importing torch")
-
-
 @pytest.fixture
 def inspected(tmp_path, mlp_file, npz_data):
     out = tmp_path / "run"
@@ -85,7 +79,6 @@ def inspected(tmp_path, mlp_file, npz_data):
     return out
 
 
-@TORCH_BOUND
 def test_report_without_torch(no_torch, inspected, tmp_path):
     res = _deadscan(no_torch, "report", inspected / "stats.h5", "--out", tmp_path / "again")
     assert res.returncode == 0, res.stderr
@@ -93,7 +86,6 @@ def test_report_without_torch(no_torch, inspected, tmp_path):
     assert (tmp_path / "again" / "report.html").stat().st_size > 0
 
 
-@TORCH_BOUND
 def test_compare_without_torch(no_torch, inspected, tmp_path):
     res = _deadscan(no_torch, "compare", inspected / "stats.h5", inspected, "--out", tmp_path / "cmp")
     assert res.returncode == 0, res.stderr

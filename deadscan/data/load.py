@@ -11,6 +11,7 @@ import torch
 
 from ..defaults import DEFAULTS
 from ..errors import DataError
+from ..resources import resource_path
 from .dataset import Dataset
 from .images import _imagefolder, _tiny_imagenet
 from .presets import ALIASES, AUGMENT_DEFAULTS, AUTOAUGMENT_POLICY, CORRUPTED, LUMA, NAMES, NORMALISATION, SPLITS
@@ -20,12 +21,15 @@ from .sources import _Adapt, _Source, _arrays_source, _cifar, _corrupted, _fake,
 def load_data(spec: str, split: str = DEFAULTS.split, *, root: str | os.PathLike | None = None,
               download: bool = False, limit: int | None = None, seed: int = DEFAULTS.seed,
               val_fraction: float = DEFAULTS.val_fraction, mean=None, std=None, resize: int | None = None,
-              channels: int | None = None, corruption: str | None = None, severity=None) -> Dataset:
+              channels: int | None = None, corruption: str | None = None, severity=None,
+              seq_len: int | None = None, tokenizer=None, text_field: str | None = None, model_folder=None):
     """Load one split of a dataset named by ``spec`` (a name, ``imagefolder:PATH``, ``fake:...`` or a file).
 
     ``mean``/``std``: per-channel values (a sequence, or a comma-separated string; one value applies to
     every channel) replacing the dataset's preset. ``resize``: N for N x N images. ``channels``: 1 or 3.
     ``corruption``/``severity``: for cifar10-c / cifar100-c (comma-separated lists, default all).
+    Token data (a text corpus, or an array file holding ``input_ids``) gives a :class:`TokenDataset`
+    (``seq_len``, ``tokenizer``, ``text_field``, ``model_folder``: see ``deadscan.data.tokens``).
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
@@ -33,6 +37,19 @@ def load_data(spec: str, split: str = DEFAULTS.split, *, root: str | os.PathLike
         raise DataError(f"--val-fraction {val_fraction} must be at least 0 and below 1")
     if limit is not None and limit < 1:
         raise DataError(f"--limit {limit} must be at least 1")
+    from .tokens import is_token_data, load_tokens
+
+    if is_token_data(spec):
+        image_only = {"--mean": mean, "--std": std, "--resize": resize, "--channels": channels,
+                      "--corruption": corruption, "--severity": severity}
+        given = [flag for flag, v in image_only.items() if v is not None]
+        if given:
+            raise DataError(f"{', '.join(given)} apply to images; --data {spec} is token data")
+        return load_tokens(spec, split, seed=seed, val_fraction=val_fraction, limit=limit, seq_len=seq_len,
+                           tokenizer=tokenizer, text_field=text_field, model_folder=model_folder)
+    if seq_len is not None or tokenizer is not None or text_field is not None:
+        raise DataError("--seq-len, --tokenizer and --text-field apply to token data (a .txt/.jsonl/.parquet corpus, "
+                        "or a .npz/.h5 file holding input_ids)")
     root = Path(root).expanduser() if root else default_root()
     kind, arg = parse_spec(spec)
     adapt = _Adapt(_positive(resize, "--resize"), _channel_count(channels))
@@ -131,19 +148,6 @@ def split_indices(n: int, split: str, seed: int, val_fraction: float = DEFAULTS.
     n_val = int(round(n * val_fraction))
     parts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
     return np.sort(parts[split])
-
-
-def resource_path(folder: str, name: str) -> Path:
-    """A file shipped with deadscan: inside the installed package, or the source checkout."""
-    from importlib import resources
-
-    try:
-        p = Path(str(resources.files(f"deadscan.{folder}") / name))
-        if p.exists():
-            return p
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parents[2] / folder / name  # deadscan/data/load.py -> the checkout
 
 
 def _positive(value, flag: str) -> int | None:
