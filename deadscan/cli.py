@@ -176,7 +176,12 @@ def _print_inspection(result, as_json: bool) -> None:
     s = result.summary
     ck = s["checkpoint"]
     _echo(f"checkpoint {ck['path']} ({ck['format']}, arch {ck['arch'] or 'pickled module'})")
-    _echo(f"data {s['data']['name']} split {s['data']['split']}: {s['data']['samples']} samples on {s['device']}")
+    d = s["data"]
+    if d.get("kind") == "tokens":  # padded positions are not part of the scanned data
+        _echo(f"data {d['name']} split {d['split']}: {d['samples']} sequences of {d.get('seq_len')}, "
+              f"{d.get('tokens')} tokens (padding excluded) on {s['device']}")
+    else:
+        _echo(f"data {d['name']} split {d['split']}: {d['samples']} samples on {s['device']}")
     _echo("")
     _echo(format_table(s))
     _echo("")
@@ -232,7 +237,8 @@ def _data_options(*, reuse: bool, corrupted: str):
         click.option("--data", metavar="DATA", required=not reuse,
                      help=("dataset (default: the one the inspect in --from used): " if reuse else "dataset: ")
                      + "digits, cifar10, cifar100, svhn, mnist, fashion-mnist, tiny-imagenet, cifar10-c, cifar100-c, "
-                       "imagefolder:PATH, fake[:CxHxW[:CLASSES[:N]]], or a .npz/.h5 file (arrays x, y)"),
+                       "imagefolder:PATH, fake[:CxHxW[:CLASSES[:N]]], a .npz/.h5 file (arrays x, y; or input_ids "
+                       "and attention_mask for a language model), or a .txt/.jsonl/.parquet text corpus"),
         click.option("--arch", metavar="SPEC", default=None,
                      help="architecture for plain state dicts, e.g. 'mlp(depth=2, width=256)' or torchvision:resnet18"
                           + (" (default: the checkpoint's own, or the inspect's)" if reuse else "")),
@@ -255,6 +261,12 @@ def _data_options(*, reuse: bool, corrupted: str):
                      help=f"corruptions of {corrupted}, comma-separated (default: all)"),
         click.option("--severity", metavar="LEVELS", default=None,
                      help=f"severities 1-5 of {corrupted}, comma-separated (default: all)"),
+        click.option("--seq-len", metavar="N", type=click.IntRange(min=1), default=None,
+                     help="text data: tokens per packed sequence (default: 512, or the tokenizer's maximum)"),
+        click.option("--tokenizer", metavar="DIR", default=None,
+                     help="text data: folder holding the tokenizer (default: the model folder's own)"),
+        click.option("--text-field", metavar="NAME", default=None,
+                     help="text data (.jsonl, .parquet): the field holding the text (default: text)"),
     ]
 
     def decorate(f):
@@ -266,7 +278,7 @@ def _data_options(*, reuse: bool, corrupted: str):
 
 _INSPECT_SECTIONS = {
     "Data": ("data", "split", "limit", "seed", "val_fraction", "data_root", "download", "mean", "std", "resize",
-             "channels", "corruption", "severity"),
+             "channels", "corruption", "severity", "seq_len", "tokenizer", "text_field"),
     "Model": ("arch", "trust_pickle", "allow_global", "list_globals"),
     "Scan": ("batch_size", "device", "tau"),
     "Output": ("out", "as_json", "plotlyjs", "overwrite"),
@@ -343,7 +355,7 @@ def demo(out, device, overwrite):
 _STRIP_SECTIONS = {
     "Input": ("from_dir", "arch", "trust_pickle", "allow_global"),
     "Data": ("data", "data_root", "download", "val_fraction", "mean", "std", "resize", "channels", "augment",
-             "test_corrupted", "corruption", "severity"),
+             "test_corrupted", "corruption", "severity", "seq_len", "tokenizer", "text_field"),
     "Training": ("epochs", "optimizer", "lr", "weight_decay", "warmup", "schedule", "final_lr", "batch_size",
                  "seed", "device", "baseline", "resume"),
     "Stripping": ("every", "rate", "criterion", "method", "compact"),
@@ -400,7 +412,7 @@ _STRIP_SECTIONS = {
 def strip(ctx, checkpoint, data, arch, from_dir, epochs, every, rate, criterion, method, optimizer, lr, weight_decay,
           warmup, schedule, final_lr, batch_size, seed, baseline, resume, compact, augment, val_fraction, mean, std,
           resize, channels, test_corrupted, corruption, severity, device, data_root, download, out, trust_pickle,
-          plotlyjs, allow_global, overwrite):
+          plotlyjs, allow_global, overwrite, seq_len, tokenizer, text_field):
     """Revive dead neurons with Synaptic Stripping while fine-tuning.
 
     After each epoch: scan the validation split, prune the most negative remaining incoming
@@ -419,7 +431,8 @@ def strip(ctx, checkpoint, data, arch, from_dir, epochs, every, rate, criterion,
     cfg = TrainConfig(epochs=epochs, every=every, rate=rate, criterion=criterion, method=method, optimizer=optimizer,
                       lr=lr, weight_decay=weight_decay, warmup=warmup, schedule=schedule, final_lr=final_lr,
                       batch_size=batch_size, seed=seed, augment=augment)
-    data_options = {"val_fraction": val_fraction, "mean": mean, "std": std, "resize": resize, "channels": channels}
+    data_options = {"val_fraction": val_fraction, "mean": mean, "std": std, "resize": resize, "channels": channels,
+                    "seq_len": seq_len, "tokenizer": tokenizer, "text_field": text_field}
 
     def on_epoch(row):
         _echo(f"epoch {row['epoch']:>3}  dead {row['dead']:>5}  revived {row['revived']:>4}  "

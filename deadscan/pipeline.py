@@ -39,25 +39,37 @@ def inspect(checkpoint: str | Path, data: str, *, out: str | Path = DEFAULTS.out
             command: str = "", progress: bool = False, val_fraction: float = DEFAULTS.val_fraction,
             mean=None, std=None, resize: int | None = None, channels: int | None = None,
             corruption: str | None = None, severity=None, plotlyjs: str = "inline", overwrite: bool = False,
-            allow_globals: tuple[str, ...] = ()) -> Inspection:
+            allow_globals: tuple[str, ...] = (), seq_len: int | None = None, tokenizer: str | None = None,
+            text_field: str | None = None) -> Inspection:
     start = time.perf_counter()
     with claim_out_dir(out, INSPECT_OUTPUTS, overwrite=overwrite, inputs=(checkpoint, data)):  # before any work
         dev = resolve_device(device)
         ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, allow_globals=allow_globals)
         ds = load_data(data, split, root=data_root, download=download, limit=limit, seed=seed,
                        val_fraction=val_fraction, mean=mean, std=std, resize=resize, channels=channels,
-                       corruption=corruption, severity=severity)
+                       corruption=corruption, severity=severity, seq_len=seq_len, tokenizer=tokenizer,
+                       text_field=text_field, model_folder=_hf_folder(checkpoint))
         model = ckpt.model.to(dev)
         check_fits(model, ds, dev)
         sitemap = find_sites(model)
         result = scan(model, ds, sitemap=sitemap, batch_size=batch_size, device=dev, tau=tau, progress=progress,
                       input_means=True)
         cap = capacity(model, result)
-        summary = build_summary(result, cap, command=command, checkpoint=ckpt.info, data={**ds.describe(), "root": data_root},
+        data_info = {**ds.describe(), "root": data_root}
+        if result.tokens is not None:
+            data_info["tokens"] = result.tokens  # real tokens scanned: padded positions never count
+        summary = build_summary(result, cap, command=command, checkpoint=ckpt.info, data=data_info,
                                 elapsed=time.perf_counter() - start)
         path = write_summary(summary, out)
         files = write_outputs(collect(summary, result, model), out, plotlyjs=plotlyjs)  # stats.h5, report.html
         return Inspection(ckpt, ds, result, cap, summary, path, files)
+
+
+def _hf_folder(checkpoint) -> str | None:
+    """The checkpoint if it is a Hugging Face model folder (its tokenizer tokenises text data), else None."""
+    from .hf import is_folder
+
+    return str(checkpoint) if is_folder(checkpoint) else None
 
 
 # What each command writes to --out: an existing one is refused unless --overwrite (strip --resume reuses its own).
@@ -116,6 +128,9 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
             shifted = load_data(corrupted, "test", root=data_root, download=download,
                                 **{k: v for k, v in {**options, **(corrupted_options or {})}.items()
                                    if k not in ("val_fraction",)})
+        if getattr(splits["val"], "kind", None) == "tokens":
+            raise DataError(f"--data {data}: fine-tuning language models on token data is not supported yet; "
+                            "deadscan inspect scans them")
         model = ckpt.model.to(dev)
         check_fits(model, splits["val"], dev)
         sitemap = find_sites(model)

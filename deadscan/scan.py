@@ -21,6 +21,7 @@ from torch import fx, nn
 from .defaults import DEFAULTS
 from . import layers
 from .errors import DataError, DeadscanError, DeadscanWarning, TraceError, one_line
+from .neurons import PerNeuron
 from .trace import Site, SiteMap, copy_graph, effective_affine, find_sites
 
 
@@ -28,11 +29,41 @@ from .trace import Site, SiteMap, copy_graph, effective_affine, find_sites
 # Per-site statistics
 
 
+class ValidPositions:
+    """The current batch's real token positions (attention_mask 1), shared by every site's statistics.
+
+    ``idx`` holds the flat (batch-major) indices of the valid positions; ``None``: every position counts
+    (images, or token batches without padding information)."""
+
+    def __init__(self):
+        self.idx: torch.Tensor | None = None
+        self.rows = 0  # positions in the batch (B * T)
+        self.count = 0  # valid positions in the batch (host int)
+
+    def set(self, mask: torch.Tensor | None) -> None:
+        if mask is None:
+            self.idx, self.rows, self.count = None, 0, 0
+            return
+        flat = mask.reshape(-1)
+        self.rows = flat.numel()
+        self.idx = flat.nonzero().squeeze(1)  # one sync per batch (not per site): the count must be known anyway
+        self.count = int(self.idx.numel())
+
+    def select(self, x: torch.Tensor, axis: int) -> torch.Tensor | None:
+        """``x`` (neurons on ``axis``) as (valid positions, neurons), or None if its positions are not the
+        batch's token positions (e.g. a pooled (B, F) activation)."""
+        if axis != x.ndim - 1 or x.ndim < 2 or x.numel() // max(x.shape[-1], 1) != self.rows:
+            return None
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.idx)
+
+
 class SiteStats:
     """Running per-neuron statistics of one site, on the activation's device."""
 
-    def __init__(self, site: Site):
+    def __init__(self, site: Site, valid: ValidPositions | None = None):
         self.site = site
+        self.valid = valid  # padded positions never count (token data)
+        self.unmasked = 0  # calls whose activation was not shaped by token positions: every element counted
         self.sum: torch.Tensor | None = None  # sum of outputs (float64)
         self.active: torch.Tensor | None = None  # count of elements > 0 (int64)
         self.pre_max: torch.Tensor | None = None  # max pre-activation (float32)
@@ -50,6 +81,12 @@ class SiteStats:
             x = x.unsqueeze(0)
             y = None if y is None else y.unsqueeze(0)
         axis = self._axis(x)
+        if self.valid is not None and self.valid.idx is not None:
+            kept = self.valid.select(x, axis)
+            if kept is None:
+                self.unmasked += 1
+            else:  # only real tokens: a neuron firing on padding alone stays dead
+                x, y, axis = kept, None if y is None else self.valid.select(y, axis), 1
         dims = [d for d in range(x.ndim) if d != axis]
         n = x.shape[axis]
         if self.sum is None:
@@ -86,13 +123,18 @@ def _act(activation: str, x: torch.Tensor, inplace: bool) -> torch.Tensor:
 class InputStats:
     """Running per-input-feature sum of a feeding layer's input (for the contribution criterion)."""
 
-    def __init__(self, axis: int):
+    def __init__(self, axis: int, valid: ValidPositions | None = None):
         self.axis = axis  # the layer kind's feature axis: -1 (Linear, HF Conv1D) or 1 (Conv)
+        self.valid = valid
         self.sum: torch.Tensor | None = None
         self.elements = 0
 
     def update(self, x: torch.Tensor) -> None:
         axis = self.axis % x.ndim
+        if self.valid is not None and self.valid.idx is not None:
+            kept = self.valid.select(x, axis)
+            if kept is not None:
+                x, axis = kept, 1
         dims = [d for d in range(x.ndim) if d != axis]
         if self.sum is None:
             self.sum = torch.zeros(x.shape[axis], dtype=torch.float64, device=x.device)
@@ -121,16 +163,17 @@ class _Probe(nn.Module):
 
 
 @contextlib.contextmanager
-def instrument(model: nn.Module, sitemap: SiteMap, inputs: dict[str, InputStats] | None = None
-               ) -> Iterator[tuple[nn.Module, list[SiteStats]]]:
+def instrument(model: nn.Module, sitemap: SiteMap, inputs: dict[str, InputStats] | None = None,
+               valid: ValidPositions | None = None) -> Iterator[tuple[nn.Module, list[SiteStats]]]:
     """Yield (runner, stats): calling ``runner`` runs ``model`` with every site recorded.
 
-    ``inputs`` (feeding layer name -> InputStats) also records those layers' mean inputs.
+    ``inputs`` (feeding layer name -> InputStats) also records those layers' mean inputs. ``valid``: the
+    token positions that count, set by the caller before each batch (padding never counts).
 
     Traced parts become GraphModules sharing the model's parameters; untraced parts are swapped
     in place for the duration and restored afterwards. The model's weights are never copied.
     """
-    stats = [SiteStats(s) for s in sitemap.sites]
+    stats = [SiteStats(s, valid) for s in sitemap.sites]
     by_part: dict[int, dict[str, SiteStats]] = {}
     for st in stats:
         if not st.site.hooked:
@@ -140,7 +183,9 @@ def instrument(model: nn.Module, sitemap: SiteMap, inputs: dict[str, InputStats]
     handles = []
     try:
         for i, part in enumerate(sitemap.parts):
-            gm = _instrumented_graph_module(part.module, part.graph, by_part.get(i, {}))
+            if i not in by_part:  # nothing to record there: the part runs as written (a graph traced on one
+                continue          # control-flow path, e.g. an optional argument left None, may not hold for another)
+            gm = _instrumented_graph_module(part.module, part.graph, by_part[i])
             if part.path == "":
                 runner = gm
             else:
@@ -196,30 +241,6 @@ def _plain_call(module: nn.Module, *args, **kwargs):
 # Results
 
 
-class PerNeuron:
-    """What follows from the per-neuron counts alone; shared by scan results and stats.h5 readers.
-    Needs ``active``, ``elements``, ``pre_max`` and an ``activation`` (relu | relu6)."""
-
-    @property
-    def neurons(self) -> int:
-        return int(self.active.shape[0])
-
-    @property
-    def dead(self) -> np.ndarray:
-        """Output exactly zero on every element scanned."""
-        return self.active == 0
-
-    @property
-    def frequency(self) -> np.ndarray:
-        """Fraction of elements where the neuron fired."""
-        return self.active / max(self.elements, 1)
-
-    @property
-    def out_max(self) -> np.ndarray:
-        top = 6.0 if self.activation == "relu6" else np.inf
-        return np.clip(self.pre_max, 0.0, top)
-
-
 @dataclass
 class SiteResult(PerNeuron):
     """Per-neuron statistics of one site over the scanned data (numpy, on the host)."""
@@ -261,6 +282,7 @@ class ScanResult:
     device: str
     tau: float
     batch_size: int | None = None  # the batch size the scan ended with (halved after running out of memory)
+    tokens: int | None = None  # token data: real (unpadded) tokens scanned; None for other data
 
     def __getitem__(self, name: str) -> SiteResult:
         for r in self.sites:
@@ -302,8 +324,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _input_batches(data, batch_size: int, device: torch.device) -> tuple[Iterable[torch.Tensor], int | None]:
-    """Batches of model inputs from a deadscan Dataset, a tensor, or an iterable of batches."""
+def _input_batches(data, batch_size: int, device: torch.device) -> tuple[Iterable, int | None]:
+    """Batches of model inputs from a deadscan Dataset or TokenDataset, a tensor, or an iterable of
+    batches (tensors, ``(x, y, ...)`` tuples, or token dicts with ``input_ids`` and ``attention_mask``)."""
     if hasattr(data, "batches"):
         return data.batches(batch_size, device), len(data)
     if (isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
@@ -315,9 +338,26 @@ def _input_batches(data, batch_size: int, device: torch.device) -> tuple[Iterabl
 
     def from_iterable():
         for item in data:
+            if isinstance(item, dict):  # a token batch: ids stay integers
+                yield {k: v.to(device, non_blocking=True) for k, v in item.items() if k in TOKEN_KEYS}
+                continue
             xb = item[0] if isinstance(item, (tuple, list)) else item
             yield xb.to(device, non_blocking=True)
     return from_iterable(), None
+
+
+TOKEN_KEYS = ("input_ids", "attention_mask")
+
+
+def _batch_len(xb) -> int:
+    return len(xb["input_ids"]) if isinstance(xb, dict) else len(xb)
+
+
+def _split(xb, chunk: int) -> list:
+    if isinstance(xb, dict):
+        pieces = {k: v.split(chunk) for k, v in xb.items()}
+        return [{k: v[i] for k, v in pieces.items()} for i in range(len(pieces["input_ids"]))]
+    return list(xb.split(chunk))
 
 
 def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: int = DEFAULTS.batch_size,
@@ -325,8 +365,11 @@ def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: 
          input_means: bool = False) -> ScanResult:
     """Scan ``data`` through ``model`` and return per-site, per-neuron statistics.
 
-    ``data``: a :class:`deadscan.data.Dataset`, a tensor of inputs, or any iterable of input
-    batches (or ``(x, y, ...)`` tuples, e.g. a DataLoader). The model runs in eval mode under
+    ``data``: a :class:`deadscan.data.Dataset`, a :class:`deadscan.data.TokenDataset`, a tensor of inputs,
+    or any iterable of input batches (or ``(x, y, ...)`` tuples, e.g. a DataLoader, or token dicts
+    ``{"input_ids", "attention_mask"}``). Token batches are passed as ``model(input_ids=...,
+    attention_mask=...)`` (an encoder-decoder also gets the ids shifted right as ``decoder_input_ids``)
+    and padded positions (attention_mask 0) are never part of the statistics. The model runs in eval mode under
     ``torch.inference_mode``; its training flag is restored afterwards. ``input_means=True`` also
     records each feeding layer's mean input (for the contribution criterion).
 
@@ -338,18 +381,20 @@ def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: 
     generator) cannot be started over: its out-of-memory error is one clear line instead.
     """
     dev = resolve_device(device)
+    model.to(dev)
     if sitemap is None:
         sitemap = find_sites(model)
-    model.to(dev)
     was_training = model.training
     model.eval()
     chunk = None  # after running out of memory: the most samples run through the model at once
+    valid = ValidPositions()
     try:
         while True:
-            inputs = {s.feeding.layer: InputStats(_feature_axis(model, s.feeding.layer))
+            inputs = {s.feeding.layer: InputStats(_feature_axis(model, s.feeding.layer), valid)
                       for s in sitemap.sites if input_means and s.feeding is not None}
             try:
-                stats, samples, forwards = _scan_pass(model, data, sitemap, inputs, batch_size, chunk, dev, progress)
+                stats, samples, forwards, tokens = _scan_pass(model, data, sitemap, inputs, batch_size, chunk, dev,
+                                                              progress, valid)
                 break
             except _OutOfMemory as oom:
                 if oom.batch <= 1:
@@ -372,7 +417,7 @@ def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: 
     for r in results:
         if r.site.feeding is not None and r.site.feeding.layer in inputs:
             r.mean_input = inputs[r.site.feeding.layer].mean()
-    return ScanResult(results, sitemap, samples, str(dev), tau, batch_size if chunk is None else chunk)
+    return ScanResult(results, sitemap, samples, str(dev), tau, batch_size if chunk is None else chunk, tokens)
 
 
 def _feature_axis(model: nn.Module, name: str) -> int:
@@ -407,20 +452,32 @@ def _free_cached(dev: torch.device) -> None:
 
 
 def _scan_pass(model: nn.Module, data, sitemap: SiteMap, inputs: dict, batch_size: int, chunk: int | None,
-               dev: torch.device, progress: bool) -> tuple[list[SiteStats], int, int]:
-    """One pass over the data with fresh statistics; ``chunk``: split batches larger than this."""
+               dev: torch.device, progress: bool, valid: ValidPositions
+               ) -> tuple[list[SiteStats], int, int, int | None]:
+    """One pass over the data with fresh statistics; ``chunk``: split batches larger than this.
+    Returns (stats, samples, forwards, real tokens or None)."""
     samples = forwards = 0
+    tokens = None
     request = batch_size if chunk is None else min(batch_size, chunk)
     batches, total = _input_batches(data, request, dev)
-    with instrument(model, sitemap, inputs) as (runner, stats), torch.inference_mode():
+    with instrument(model, sitemap, inputs, valid) as (runner, stats), torch.inference_mode():
         bar = _progress(total, progress)
         try:
             for xb in batches:
-                parts = (xb,) if chunk is None or len(xb) <= chunk else xb.split(chunk)
+                parts = (xb,) if chunk is None or _batch_len(xb) <= chunk else _split(xb, chunk)
                 for part in parts:
                     failed = None
                     try:
-                        runner(part)
+                        if isinstance(part, dict):
+                            from .data.tokens import model_kwargs
+
+                            valid.set(part.get("attention_mask"))
+                            kwargs = model_kwargs(model, part)
+                            tokens = (tokens or 0) + (valid.count if valid.idx is not None
+                                                      else kwargs["input_ids"].numel())
+                            runner(**kwargs)
+                        else:
+                            runner(part)
                     except DeadscanError:
                         raise
                     except Exception as e:  # the user's model failed: say where, not a traceback
@@ -429,12 +486,13 @@ def _scan_pass(model: nn.Module, data, sitemap: SiteMap, inputs: dict, batch_siz
                         failed = len(part)  # handled below, once the exception (and its activations) is freed
                     if failed is not None:
                         raise _OutOfMemory(failed)
-                    samples += len(part)
+                    samples += _batch_len(part)
                     forwards += 1
-                    bar.update(len(part))
+                    bar.update(_batch_len(part))
         finally:
             bar.close()
-    return stats, samples, forwards
+            valid.set(None)
+    return stats, samples, forwards, tokens
 
 
 def nothing_to_strip(sitemap: SiteMap, what: str | object = "the model") -> str | None:
@@ -519,6 +577,8 @@ def _result(model: nn.Module, st: SiteStats, tau: float, forwards: int) -> SiteR
         return SiteResult(site, empty, empty.astype(np.int64), 0, empty.astype(np.float32), empty.astype(bool), tau)
     if site.hooked and st.calls != forwards:
         site = _with_note(site, f"called {st.calls / forwards:g} times per forward: calls merged into one site")
+    if st.unmasked:
+        site = _with_note(site, "its activation is not laid out by token positions: padded positions counted too")
     n = st.sum.shape[0]
     provable = provably_dead(model, site, n)
     return SiteResult(site, st.sum.cpu().numpy(), st.active.cpu().numpy(), st.elements,
@@ -549,7 +609,8 @@ def merge(a: ScanResult, b: ScanResult) -> ScanResult:
     if [r.site.name for r in a.sites] != [r.site.name for r in b.sites]:
         raise TraceError("cannot merge scans of different models (site lists differ)")
     sites = [_merge_site(ra, rb) for ra, rb in zip(a.sites, b.sites)]
-    return ScanResult(sites, a.sitemap, a.samples + b.samples, a.device, a.tau)
+    tokens = None if a.tokens is None and b.tokens is None else (a.tokens or 0) + (b.tokens or 0)
+    return ScanResult(sites, a.sitemap, a.samples + b.samples, a.device, a.tau, tokens=tokens)
 
 
 def _merge_site(ra: SiteResult, rb: SiteResult) -> SiteResult:

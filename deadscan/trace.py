@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from numbers import Number
 
 import torch
+import torch.utils._pytree
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -187,16 +188,26 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path and name else path or name
 
 
-def find_sites(model: nn.Module) -> SiteMap:
-    """Trace ``model`` (eval mode) and return its ReLU sites in execution order."""
+def find_sites(model: nn.Module, example: dict | None = None) -> SiteMap:
+    """Trace ``model`` (eval mode) and return its ReLU sites in execution order.
+
+    Sites of ReLU modules still missing a feeding or consumer layer after tracing (inside a forward fx
+    cannot trace, or at the edge of a traced part) are completed by following tensors through one real
+    forward on ``example`` (keyword inputs; a language model gets a 4-token example by default): see
+    :func:`_follow_tensors`."""
     was_training = model.training
     model.eval()  # trace the inference graph (e.g. no auxiliary heads)
     try:
         finder = _Finder(model)
         finder.discover(model, "")
+        sites = finder.sites
+        if example is None:
+            example = _token_example(model)
+        if example is not None and any(_followable(s) for s in sites):
+            sites = _follow_tensors(model, sites, example)
     finally:
         model.train(was_training)
-    return SiteMap(finder.sites, finder.opaque, finder.parts)
+    return SiteMap(sites, finder.opaque, finder.parts)
 
 
 class _Finder:
@@ -532,3 +543,162 @@ def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
     return copy.deepcopy(graph)
+
+
+# ---------------------------------------------------------------------------------------------
+# Following tensors through one forward (forwards fx cannot trace, edges of traced parts)
+
+HOOKED_NOTE = "called inside an opaque forward: watched by a hook"
+
+
+def _followable(s: Site) -> bool:
+    return s.call.startswith("nn.") and (s.feeding is None or s.consumer is None)
+
+
+def _token_example(model: nn.Module) -> dict | None:
+    """A 4-token input for a language model (a module with an input embedding and a config), else None."""
+    from .data.tokens import model_kwargs, vocab_size
+
+    if getattr(model, "config", None) is None or vocab_size(model) is None:
+        return None
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        return None
+    if device.type == "meta":
+        return None
+    ids = torch.arange(1, 5, device=device).remainder(vocab_size(model)).unsqueeze(0)
+    return model_kwargs(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+
+class _Reads(torch.overrides.TorchFunctionMode):
+    """Counts, per tensor, the ops that read its values: an op counts when it returns a tensor that is not
+    the argument itself (size(), shape and dim() return no tensor; eval dropout or a no-op .to() returns its
+    input). Tensors are kept alive until the pass ends, so ids are never reused."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: dict[int, int] = {}
+        self.ops: dict[int, list] = {}  # tensor id -> [(func, args, outputs)] of ops reading it
+        self.keep: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        leaves = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        if outs:
+            self.keep.append((leaves, outs))
+            for a in leaves:
+                if not any(o is a for o in outs):
+                    self.reads[id(a)] = self.reads.get(id(a), 0) + 1
+                    self.ops.setdefault(id(a), []).append((func, leaves, outs))
+        return out
+
+
+def _follow_tensors(model: nn.Module, sites: list[Site], example: dict) -> list[Site]:
+    """Feeding and consumer layers of ReLU-module sites from one real forward.
+
+    Every Linear/Conv/Conv1D records the tensor it returns and the tensor it reads; every activation module
+    the tensors it reads and returns; a torch-function mode counts the ops reading each tensor. A site is
+    fed by layer L when its input *is* L's output (exclusive when nothing else reads it), and consumed by
+    layer C when its output is read by C alone. A gated site (relu(gate(x)) * up(x) read by down, Llama's
+    MLP) is named in the note; its consumer stays unset until capacity and compaction count the partner.
+    Exact by construction: only tensor identity is used, no shapes or names."""
+    named = {name: m for name, m in model.named_modules()}
+    wanted: dict[str, list[int]] = {}
+    for i, s in enumerate(sites):
+        if _followable(s):
+            wanted.setdefault(s.name.split("#")[0], []).append(i)
+    produced: dict[int, str] = {}  # tensor id -> layer that returned it
+    read_by: dict[int, list[str]] = {}  # tensor id -> layers that read it
+    calls: dict[str, list[tuple]] = {}  # activation module -> [(input, output)] per call
+    keep: list = []
+    handles = []
+
+    def layer_hooks(name):
+        def pre(_m, args):
+            if args and isinstance(args[0], torch.Tensor):
+                keep.append(args[0])
+                read_by.setdefault(id(args[0]), []).append(name)
+
+        def post(_m, _args, out):
+            if isinstance(out, torch.Tensor):
+                keep.append(out)
+                produced[id(out)] = name
+        return pre, post
+
+    try:
+        for name, m in named.items():
+            if layers.kind_of(m) is not None:
+                pre, post = layer_hooks(name)
+                handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+        for base in wanted:
+            m = named.get(base)
+            if m is None:
+                continue
+
+            def act_hook(_m, args, out, base=base):
+                if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                    keep.append((args[0], out))
+                    calls.setdefault(base, []).append((args[0], out))
+            handles.append(m.register_forward_hook(act_hook))
+        mode = _Reads()
+        with torch.inference_mode(), mode:
+            model(**example)
+    except Exception:  # the example does not run this model: sites stay as tracing found them
+        return sites
+    finally:
+        for h in handles:
+            h.remove()
+
+    def resolve(x, y):
+        feeding = consumer = None
+        gated = None
+        src = produced.get(id(x))
+        if src is not None:
+            kind = layers.kind_of(named[src])
+            feeding = Feeding(src, kind.name, (), mode.reads.get(id(x), 0) == 1)
+        readers = read_by.get(id(y), [])
+        if mode.reads.get(id(y), 0) == 1 and len(readers) == 1:
+            c = layers.kind_of(named[readers[0]])
+            consumer = Consumer(readers[0], c.name, 1, True)
+        elif mode.reads.get(id(y), 0) == 1:  # gated: y * up(x), the product read by one layer alone
+            func, args, outs = mode.ops[id(y)][0]
+            other = [a for a in args if a is not y]
+            if (getattr(func, "__name__", "") in ("mul", "__mul__", "__rmul__") and len(other) == 1 and len(outs) == 1
+                    and id(other[0]) in produced and other[0].shape == y.shape
+                    and mode.reads.get(id(outs[0]), 0) == 1 and len(read_by.get(id(outs[0]), [])) == 1):
+                gated = (produced[id(other[0])], read_by[id(outs[0])][0])
+        return feeding, consumer, gated
+
+    out = list(sites)
+    for base, idxs in wanted.items():
+        found = [resolve(x, y) for x, y in calls.get(base, [])]
+        for i in idxs:
+            s = sites[i]
+            if s.hooked:  # calls merged into one site: use what every call agrees on
+                if not found or any(f != found[0] for f in found):
+                    continue
+                feeding, consumer, gated = found[0]
+            else:
+                k = int(s.name.split("#")[1]) if "#" in s.name else 1
+                if k > len(found):
+                    continue
+                feeding, consumer, gated = found[k - 1]
+            feeding = s.feeding or feeding
+            consumer = s.consumer or consumer
+            note = s.note
+            if s.feeding is None and feeding is not None:
+                note = (f"{HOOKED_NOTE}; feeding and consumer layers found by following tensors through one forward"
+                        if s.hooked else "")
+            if gated is not None and consumer is None:
+                extra = (f"gated site: relu({feeding.layer if feeding else '?'}) * {gated[0]}, read by {gated[1]}; "
+                         "consumer not counted yet")
+                note = f"{note}; {extra}" if note else extra
+            axis = s.axis if s.feeding is not None else (layers.kind_of(named[feeding.layer]).feature_axis
+                                                         if feeding is not None else s.axis)
+            out[i] = Site(name=s.name, activation=s.activation, call=s.call, inplace=s.inplace, axis=axis,
+                          feeding=feeding, consumer=consumer, input_nonneg=s.input_nonneg, note=note,
+                          hooked=s.hooked, part=s.part, node=s.node)
+    return out

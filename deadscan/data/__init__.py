@@ -36,6 +36,12 @@ before allocating: at most ``DEFAULTS.max_expand_ratio`` times more if compresse
 ``DEFAULTS.max_decoded_bytes`` (``$DEADSCAN_MAX_BYTES``). Images are decoded only by raster formats
 (``RASTER_FORMATS``), and one above PIL's pixel limit is refused as a decompression bomb.
 
+Token data for language models (``deadscan.data.tokens``): ``FILE.npz``/``FILE.h5`` holding ``input_ids``
+(N, T) and optionally ``attention_mask`` (N, T) of 0/1, or a text corpus (``.txt``, ``.jsonl`` with
+``--text-field``, ``.parquet``) tokenised with the model folder's tokenizer (or ``--tokenizer DIR``) and
+packed into ``--seq-len`` blocks. A :class:`TokenDataset` yields ``{"input_ids", "attention_mask"}`` batches;
+padded positions are never scanned.
+
 Splits (``--split``): ``test`` is the official test set where there is one; ``train`` and ``val`` cut the
 training set by a seeded permutation, ``val`` being ``--val-fraction`` of it (default 10%). A set without
 its own test split (digits, arrays, fake, a single image folder) is cut 80/10/10 train/val/test. ``all`` is
@@ -65,11 +71,12 @@ from .fit import check_fits, model_input
 from .images import LazyImages
 from .load import load_data, parse_spec, resource_path, split_indices
 from .presets import AUGMENT_DEFAULTS, NAMES, NORMALISATION, SPLITS
+from .tokens import TokenDataset, load_tokens
 from .sources import adapt_images, default_root, read_cifar_batch, read_idx
 
 __all__ = [
     "Augment", "AutoAugment", "default_padding", "parse_augment", "random_crop_flip", "Dataset", "fingerprint",
     "check_fits", "model_input", "LazyImages", "load_data", "parse_spec", "resource_path", "split_indices",
     "AUGMENT_DEFAULTS", "NAMES", "NORMALISATION", "SPLITS", "adapt_images", "default_root", "read_cifar_batch",
-    "read_idx",
+    "read_idx", "TokenDataset", "load_tokens",
 ]

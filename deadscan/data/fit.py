@@ -43,6 +43,8 @@ def _fix_hint(expect, shape: tuple) -> str:
 
 def check_fits(model: nn.Module, ds: Dataset, device: torch.device) -> None:
     """One forward on two samples: a clear line if the data's shape or labels do not fit the model."""
+    if getattr(ds, "kind", None) == "tokens":
+        return _check_tokens_fit(model, ds, device)
     shape = tuple(int(s) for s in ds.x.shape[1:])
     shown = "x".join(map(str, shape))
     xb = ds.prepare(ds.x[:2].to(device))
@@ -72,3 +74,36 @@ def check_fits(model: nn.Module, ds: Dataset, device: torch.device) -> None:
         raise DataError(
             f"--data {ds.name} has labels up to {ds.classes - 1} but the model outputs {out.shape[1]} classes"
         )
+
+
+def _check_tokens_fit(model: nn.Module, ds, device: torch.device) -> None:
+    """Token ids inside the model's vocabulary, a tokenizer no larger than it, sequences its positions
+    cover; then one forward on two sequences. A language model's outputs are not class scores: no label check."""
+    from .tokens import max_positions, model_kwargs, vocab_size
+
+    vocab = vocab_size(model)
+    if vocab is None:
+        raise DataError(f"--data {ds.name} is token data but the model has no token embedding (no "
+                        "get_input_embeddings, no config.vocab_size); token data is for language models")
+    if ds.tokenizer_size is not None and ds.tokenizer_size > vocab:
+        raise DataError(f"the tokenizer ({ds.info.get('tokenizer')}) has {ds.tokenizer_size} tokens but the model's "
+                        f"vocabulary has {vocab}: it does not belong to this model; pass the model's own --tokenizer")
+    if ds.max_id >= vocab:
+        raise DataError(f"--data {ds.name}: token id {ds.max_id} is outside the model's vocabulary of {vocab} "
+                        f"(ids 0 to {vocab - 1}); tokenise with the model's own tokenizer")
+    limit = max_positions(model)
+    if limit is not None and ds.seq_len > limit:
+        raise DataError(f"--data {ds.name}: sequences of {ds.seq_len} tokens but the model takes at most {limit} "
+                        f"positions; pass --seq-len {limit} or less")
+    batch = {k: v.to(device) for k, v in ds.example(2).items()}
+    was_training = model.training
+    try:
+        with torch.inference_mode():
+            model.eval()(**model_kwargs(model, batch))
+    except Exception as e:
+        from ..scan import raised_in
+
+        raise DataError(f"the model cannot take --data {ds.name} token batches of shape {tuple(batch['input_ids'].shape)} "
+                        f"({type(e).__name__}{raised_in(e, model)}: {one_line(e, 160)}); is it a language model?") from None
+    finally:
+        model.train(was_training)
