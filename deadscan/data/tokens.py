@@ -173,7 +173,11 @@ def is_token_data(spec) -> bool:
         return True
     if suffix not in ARRAY_SUFFIXES or not os.path.lexists(path):
         return False
-    _regular(path)  # a FIFO would block the peek below
+    try:  # a FIFO would block the peek below: the array reader refuses it in its own words
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+    except OSError:
+        return False
     try:
         if suffix == ".npz":
             with zipfile.ZipFile(path) as zf:
@@ -195,7 +199,8 @@ def _regular(path: Path) -> int:
     except OSError as e:
         raise DataError(f"{_shown(path)}: cannot read ({one_line(e, 200)})") from None
     if not stat.S_ISREG(st.st_mode):
-        raise DataError(f"{_shown(path)}: not a regular file (a FIFO, device, socket or folder); give a regular file")
+        raise DataError(f"{_shown(path)}: not a regular file (a FIFO, device, socket, folder or broken link); "
+                        "give a regular file")
     return st.st_size
 
 
