@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from .defaults import DEFAULTS
 from .errors import ArchError, DataError, one_line
+from .files import open_regular
 
 SUMMARY = "summary.json"
 DATA_OPTIONS = ("seed", "val_fraction", "mean", "std", "resize", "channels")  # load_data keywords a strip reuses
@@ -195,36 +195,22 @@ def check_summary(obj, where: str) -> dict:
     return obj
 
 
-def regular_file(path: Path, what: str) -> os.stat_result:
-    """stat ``path``: a regular file, or one DataError line (a FIFO would block the read forever)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise DataError(f"{path}: not a regular file (a folder, pipe, socket or device); expected {what}")
-    return st
-
-
 def read_summary(path: str | os.PathLike) -> dict:
     """A run folder's summary.json (or the file itself), checked."""
     path = Path(path)
     if path.is_dir():
         path = path / SUMMARY
-    st = regular_file(path, f"a deadscan {SUMMARY}")
-    if st.st_size > DEFAULTS.max_json_bytes:
-        raise DataError(f"{path}: {st.st_size} bytes, more than a summary.json holds ({DEFAULTS.max_json_bytes}); "
-                        "damaged or crafted")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(DEFAULTS.max_json_bytes + 1)
-        text = raw.decode("utf-8")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; not a deadscan summary") from None
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > DEFAULTS.max_json_bytes:
+            raise DataError(f"{path}: {size} bytes, more than a summary.json holds ({DEFAULTS.max_json_bytes}); "
+                            "damaged or crafted")
+        try:
+            text = f.read(DEFAULTS.max_json_bytes + 1).decode("utf-8")
+        except OSError as e:
+            raise DataError(f"{path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text; not a deadscan summary") from None
     return parse_summary(text, str(path))
 
 

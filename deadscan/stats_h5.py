@@ -39,7 +39,8 @@ from . import __version__
 from .defaults import DEFAULTS, MAX_BYTES_ENV
 from .errors import DataError, one_line
 from .reportdata import Hist, ReportData, SiteData
-from .runfolder import parse_summary, regular_file, summary_json
+from .files import open_regular, regular_size
+from .runfolder import parse_summary, summary_json
 
 SCHEMA_VERSION = 1
 HISTORY_FIELDS = (  # (name, dtype); None in a row is stored as NaN (floats) or -1 (ints)
@@ -165,16 +166,18 @@ def read_stats(path: str | Path) -> ReportData:
     path = Path(path)
     if path.is_dir():  # a run folder
         path = path / "stats.h5"
-    st = regular_file(path, "a stats.h5 written by deadscan inspect or strip")
-    if st.st_size > DEFAULTS.max_decoded_bytes:
-        raise DataError(f"{path}: {st.st_size} bytes, more than deadscan reads ({DEFAULTS.max_decoded_bytes}; "
+    size = regular_size(path)
+    if size > DEFAULTS.max_decoded_bytes:
+        raise DataError(f"{path}: {size} bytes, more than deadscan reads ({DEFAULTS.max_decoded_bytes}; "
                         f"raise it with {MAX_BYTES_ENV})")
+    raw = open_regular(path)  # h5py reads through this checked descriptor: no FIFO swapped in after the check
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(raw, "r")
     except Exception:  # h5py raises OSError, and others on damaged bytes
+        raw.close()
         raise DataError(f"{path}: not an HDF5 file; pass a stats.h5 written by deadscan inspect or strip") from None
     try:
-        with f:
+        with raw, f:
             return _read(f, path)
     except DataError:
         raise

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import deadscan
+from deadscan import files
 from deadscan.data import load_data, read_cifar_batch, sources
 from deadscan.errors import DataError
 from deadscan.zoo import build
@@ -478,7 +479,7 @@ def test_npz_declared_sizes(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"declares 800,000,000 bytes but the file stores \d+ compressed"):
         load_data(str(tmp_path / "d.npz"), "all")
     np.savez_compressed(tmp_path / "ok.npz", x=np.zeros((6, 4), np.float32), y=np.zeros(6, np.int64))
-    monkeypatch.setattr(sources, "DEFAULTS", sources.DEFAULTS.__class__(max_decoded_bytes=64))
+    monkeypatch.setattr(files, "DEFAULTS", files.DEFAULTS.__class__(max_decoded_bytes=64))
     with pytest.raises(DataError, match=r"'x' \(6, 4\) float32 declares 96 bytes, above the 64-byte limit; "
                                         r"if the file is trusted, raise it with DEADSCAN_MAX_BYTES"):
         load_data(str(tmp_path / "ok.npz"), "all")
@@ -499,7 +500,7 @@ def test_h5_declared_sizes(tmp_path, monkeypatch):
         load_data(_h5(tmp_path / "c.h5", x=contiguous_unwritten, y=y), "all")
     with pytest.raises(DataError, match=r"'x' \(100, 4\) has unwritten chunks"):
         load_data(_h5(tmp_path / "k.h5", x=chunked_unwritten, y=y), "all")
-    monkeypatch.setattr(sources, "DEFAULTS", sources.DEFAULTS.__class__(max_decoded_bytes=1000))
+    monkeypatch.setattr(files, "DEFAULTS", files.DEFAULTS.__class__(max_decoded_bytes=1000))
     with pytest.raises(DataError, match="declares 1,600 bytes, above the 1,000-byte limit"):
         load_data(_h5(tmp_path / "ok.h5", x=lambda f, n: f.create_dataset(n, data=np.ones((100, 4), np.float32),
                                                                              chunks=(10, 4), compression="gzip"), y=y),

@@ -264,8 +264,8 @@ def test_fifo_as_stats_or_summary_is_refused(base, tmp_path):
     run_dir.mkdir()
     os.mkfifo(run_dir / "summary.json")
     line = assert_refused(run_deadscan(["strip", "--from", str(run_dir), "--finetune", "0"], tmp_path, timeout=30))
-    assert line == f"Error: {run_dir / 'summary.json'}: not a regular file (a folder, pipe, socket or device); " \
-                   "expected a deadscan summary.json"
+    assert line == f"Error: {run_dir / 'summary.json'}: not a regular file (a FIFO, device, socket, folder or " \
+                   "broken link); give a regular file"
 
 
 def test_a_per_neuron_array_that_declares_more_than_it_stores_is_refused(base, tmp_path):

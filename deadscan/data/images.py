@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from ..errors import DataError, one_line
+from ..files import not_regular, open_regular, shown
 from .presets import HOST_BYTES_LIMIT, IMAGE_SUFFIXES, TINY_IMAGENET_URL
-from .sources import _Adapt, _Pool, _Source, _fetch_archive, _missing, not_regular, open_regular, shown
+from .sources import _Adapt, _Pool, _Source, _fetch_archive, _missing
 
 # The decoders an image file may reach: raster formats only, whatever its bytes say (PIL would hand an EPS
 # to Ghostscript). PPM also reads .pgm.

@@ -8,10 +8,8 @@ import math
 import os
 import pickle
 import re
-import stat
 import struct
 import sys
-import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,61 +18,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..defaults import DEFAULTS, MAX_BYTES_ENV
 from ..errors import DataError, one_line
+from ..files import check_declared, npy_header, open_regular, plain_dtype, read_array_file, shown
 from .presets import CORRUPTED, LUMA, NUM_CLASSES
 
 
 def default_root() -> Path:
     return Path(os.environ.get("DEADSCAN_DATA", Path.home() / ".cache" / "deadscan" / "data"))
-
-
-def shown(path) -> str:
-    """A path for an error line: quoted and escaped if it holds control characters (names come from files)."""
-    text = str(path)
-    return text if text.isprintable() else repr(text)
-
-
-def not_regular(path) -> DataError:
-    return DataError(f"{shown(path)}: not a regular file (a FIFO, device, socket, folder or broken link); "
-                     "give a regular file")
-
-
-def open_regular(path):
-    """Open ``path`` for binary reading if it is a regular file: a FIFO or device would block or never end.
-
-    Checked by stat before opening, and again on the open descriptor (O_NONBLOCK: a FIFO swapped in
-    between cannot block the open)."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise not_regular(path)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except FileNotFoundError:
-        raise DataError(f"{shown(path)}: no such file") from None
-    except OSError as e:
-        raise DataError(f"{shown(path)}: cannot open ({one_line(e, 200)})") from None
-    f = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
-        raise not_regular(path)
-    return f
-
-
-def check_declared(path, what: str, nbytes: int, stored: int, compressed: bool) -> None:
-    """Refuse a declared size before allocating it: above the limit, or more than ``stored`` bytes can hold
-    (as they are, or inflated by at most ``max_expand_ratio``)."""
-    if nbytes > DEFAULTS.max_decoded_bytes:
-        raise DataError(f"{shown(path)}: {what} declares {nbytes:,} bytes, above the "
-                        f"{DEFAULTS.max_decoded_bytes:,}-byte limit; if the file is trusted, raise it with "
-                        f"{MAX_BYTES_ENV}")
-    if nbytes > stored * (DEFAULTS.max_expand_ratio if compressed else 1):
-        raise DataError(f"{shown(path)}: {what} declares {nbytes:,} bytes but the file stores {stored:,}"
-                        f"{' compressed' if compressed else ''}; the file is truncated or crafted, write it again")
-
-
-def _plain_dtype(dtype: np.dtype, kinds: str) -> bool:
-    """A plain number type of ``kinds`` ('u', 'i', 'f'), at most 8 bytes: no objects, fields or subarrays."""
-    return dtype.fields is None and dtype.subdtype is None and dtype.kind in kinds and dtype.itemsize <= 8
 
 
 @dataclass(frozen=True)
@@ -154,110 +104,20 @@ def _arrays_source(name: str, path: Path, adapt: _Adapt, kind: str = "arrays") -
 
 def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``x`` and ``y`` of a .npz or HDF5 file; shapes, types and sizes checked before anything is read."""
-    with open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        try:
-            x, y = (_read_npz if path.suffix.lower() == ".npz" else _read_h5)(path, f, size)
-        except DataError:
-            raise
-        except MemoryError:
-            raise DataError(f"{path}: not enough memory to load the arrays; use a smaller file") from None
-        except (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError, NotImplementedError,
-                zipfile.BadZipFile, zlib.error) as e:  # damaged files fail in many ways
-            raise DataError(f"{path}: cannot read arrays ({one_line(e, 200)}); write the file again") from None
-    return _check_arrays(path, x, y)
-
-
-def _read_npz(path: Path, f, size: int) -> tuple[np.ndarray, np.ndarray]:
-    with zipfile.ZipFile(f) as zf:
-        members = {n[:-4] if n.endswith(".npy") else n: zf.getinfo(n) for n in zf.namelist()}
-        if "x" not in members or "y" not in members:
-            raise DataError(f"{path}: expected arrays 'x' (inputs) and 'y' (labels), found {list(members)}")
-        out = []
-        for key in ("x", "y"):
-            info = members[key]
-            with zf.open(info) as m:
-                shape, _, dtype = _npy_header(m)
-                header = m.tell()
-            _check_meta(path, key, shape, dtype)
-            packed = info.compress_type != zipfile.ZIP_STORED
-            stored = info.compress_size if info.compress_size <= size else 0  # a size the archive cannot hold
-            check_declared(path, f"'{key}' {shape} {dtype}", math.prod(shape) * dtype.itemsize,
-                           stored if packed else max(stored - header, 0), packed)
-            with zf.open(info) as m:
-                out.append(np.lib.format.read_array(m, allow_pickle=False))
-    return out[0], out[1]
-
-
-def _npy_header(f) -> tuple[tuple, bool, np.dtype]:
-    """(shape, fortran_order, dtype) of the .npy stream ``f``, left at the first data byte."""
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    else:
-        raise ValueError(f"unsupported .npy version {version}")
-    if any(d < 0 for d in shape):
-        raise ValueError(f"negative size in shape {shape}")
-    return shape, fortran, dtype
-
-
-def _read_h5(path: Path, f, size: int) -> tuple[np.ndarray, np.ndarray]:
-    import h5py
-
-    with h5py.File(f, "r") as h:
-        keys = list(h.keys())
-        if "x" not in keys or "y" not in keys:
-            raise DataError(f"{path}: expected datasets 'x' (inputs) and 'y' (labels), found {keys}")
-        out = []
-        for key in ("x", "y"):
-            link = h.get(key, getlink=True)
-            if not isinstance(link, h5py.HardLink):  # soft and external links lead to other places or files
-                raise DataError(f"{path}: '{key}' is a {type(link).__name__}, not data stored under that name; "
-                                "store the dataset itself in the file")
-            d = h[key]
-            if not isinstance(d, h5py.Dataset):
-                raise DataError(f"{path}: '{key}' is a group, not a dataset; store the array itself as '{key}'")
-            if d.is_virtual or d.external:
-                raise DataError(f"{path}: '{key}' keeps its data in other files (a virtual or external dataset); "
-                                "store the array in the file itself")
-            if d.shape is None:
-                raise DataError(f"{path}: '{key}' is an empty (null) dataset; store an array")
-            _check_meta(path, key, d.shape, d.dtype)
-            _check_h5_storage(path, key, d, size)
-            out.append(d[()])
-    return out[0], out[1]
-
-
-def _check_h5_storage(path: Path, key: str, d, size: int) -> None:
-    """What ``d`` declares against what the file stores: unwritten data (fill values) costs memory for nothing."""
-    stored = d.id.get_storage_size()
-    stored = stored if stored <= size else 0
-    shape = d.shape
-    if d.chunks is None:
-        nbytes = math.prod(shape) * d.dtype.itemsize
-        compressed = False
-    else:  # whole chunks are decoded: count their padded size
-        per_dim = [math.ceil(s / c) for s, c in zip(shape, d.chunks)]
-        nbytes = math.prod(n * c for n, c in zip(per_dim, d.chunks)) * d.dtype.itemsize
-        compressed = True
-        if nbytes and d.id.get_num_chunks() < math.prod(per_dim):
-            raise DataError(f"{path}: '{key}' {shape} has unwritten chunks (fill values only); "
-                            "write every sample into the file")
-    check_declared(path, f"'{key}' {shape} {d.dtype}", nbytes, stored, compressed)
+    found = read_array_file(path, ("x", "y"), ("x", "y"), _check_meta, "'x' (inputs) and 'y' (labels)")
+    return _check_arrays(path, found["x"], found["y"])
 
 
 def _check_meta(path, key: str, shape: tuple, dtype: np.dtype) -> None:
     """Type and rank of ``x`` or ``y``, from a header: checked before the data is read."""
     if key == "x":
-        if not (_plain_dtype(dtype, "f") or _plain_dtype(dtype, "u") and dtype.itemsize == 1):
+        if not (plain_dtype(dtype, "f") or plain_dtype(dtype, "u") and dtype.itemsize == 1):
             raise DataError(f"{path}: 'x' must be uint8 or float (16, 32 or 64 bit), got {dtype}")
         if not 2 <= len(shape) <= 4:
             raise DataError(f"{path}: 'x' must be shaped (N, C, H, W) or (N, D), got {shape}")
         if 0 in shape[1:]:
             raise DataError(f"{path}: 'x' samples are empty (shape {shape}); store non-empty samples")
-    elif len(shape) != 1 or not _plain_dtype(dtype, "iu"):
+    elif len(shape) != 1 or not plain_dtype(dtype, "iu"):
         raise DataError(f"{path}: 'y' must be integer labels of shape (N,), got {dtype} {shape}")
 
 
@@ -632,8 +492,8 @@ def load_npy(path: Path, mmap: bool = False) -> np.ndarray:
     """A plain-number .npy file, its header checked against its size first; ``mmap``: mapped, not read."""
     with open_regular(path) as f:
         try:
-            shape, fortran, dtype = _npy_header(f)
-            if not _plain_dtype(dtype, "uif"):
+            shape, fortran, dtype = npy_header(f)
+            if not plain_dtype(dtype, "uif"):
                 raise DataError(f"{shown(path)}: holds {dtype}, not plain numbers; write it with numpy.save")
             count, offset = math.prod(shape), f.tell()
             stored = os.fstat(f.fileno()).st_size - offset

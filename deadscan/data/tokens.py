@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
-import stat
 import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +27,8 @@ import numpy as np
 import torch
 
 from ..defaults import DEFAULTS, MAX_BYTES_ENV
-from ..errors import DataError, one_line, printable
+from ..errors import DataError, one_line
+from ..files import open_regular, read_array_file, regular_size, shown
 
 ARRAY_SUFFIXES = (".npz", ".h5", ".hdf5")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -173,66 +171,17 @@ def is_token_data(spec) -> bool:
         return True
     if suffix not in ARRAY_SUFFIXES or not os.path.lexists(path):
         return False
-    try:  # a FIFO would block the peek below: the array reader refuses it in its own words
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return False
-    except OSError:
+    try:  # a peek through a checked descriptor; anything unreadable (a FIFO...) is left to the array reader
+        with open_regular(path) as f:
+            if suffix == ".npz":
+                with zipfile.ZipFile(f) as zf:
+                    return "input_ids.npy" in zf.namelist() or "input_ids" in zf.namelist()
+            import h5py
+
+            with h5py.File(f, "r") as h:
+                return "input_ids" in h.keys()
+    except Exception:
         return False
-    try:
-        if suffix == ".npz":
-            with zipfile.ZipFile(path) as zf:
-                return "input_ids.npy" in zf.namelist() or "input_ids" in zf.namelist()
-        import h5py
-
-        with h5py.File(path, "r") as h:
-            return "input_ids" in h.keys()
-    except Exception:  # unreadable: the array reader says why in its own words
-        return False
-
-
-def _regular(path: Path) -> int:
-    """The size of ``path`` if it is a regular file; a FIFO or device would block or never end."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise DataError(f"{_shown(path)}: no such file") from None
-    except OSError as e:
-        raise DataError(f"{_shown(path)}: cannot read ({one_line(e, 200)})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise DataError(f"{_shown(path)}: not a regular file (a FIFO, device, socket, folder or broken link); "
-                        "give a regular file")
-    return st.st_size
-
-
-def _open(path: Path):
-    """Open a regular file without blocking (O_NONBLOCK: a FIFO swapped in after the stat cannot block)."""
-    _regular(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except OSError as e:
-        raise DataError(f"{_shown(path)}: cannot open ({one_line(e, 200)})") from None
-    f = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
-        raise DataError(f"{_shown(path)}: not a regular file; give a regular file")
-    return f
-
-
-def _shown(path) -> str:
-    return printable(str(path))
-
-
-def _check_declared(path, what: str, nbytes: int, stored: int, compressed: bool) -> None:
-    if nbytes > DEFAULTS.max_decoded_bytes:
-        raise DataError(f"{_shown(path)}: {what} declares {nbytes:,} bytes, above the {DEFAULTS.max_decoded_bytes:,}-byte "
-                        f"limit; if the file is trusted, raise it with {MAX_BYTES_ENV}")
-    if nbytes > stored * (DEFAULTS.max_expand_ratio if compressed else 1):
-        raise DataError(f"{_shown(path)}: {what} declares {nbytes:,} bytes but the file stores {stored:,}"
-                        f"{' compressed' if compressed else ''}; the file is truncated or crafted, write it again")
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
 
 
 def load_tokens(spec, split: str = DEFAULTS.split, *, seed: int = DEFAULTS.seed,
@@ -254,13 +203,13 @@ def load_tokens(spec, split: str = DEFAULTS.split, *, seed: int = DEFAULTS.seed,
             raise DataError("--tokenizer applies to text corpora; token arrays are already tokenised")
         ids, mask = _read_token_arrays(path)
         if seq_len is not None and seq_len != ids.shape[1]:
-            raise DataError(f"--seq-len {seq_len}: {_shown(path)} holds sequences of {ids.shape[1]} tokens; "
+            raise DataError(f"--seq-len {seq_len}: {shown(path)} holds sequences of {ids.shape[1]} tokens; "
                             "--seq-len applies to text corpora (omit it for token arrays)")
     else:
-        _regular(path)  # before loading a tokenizer: the data itself may be a FIFO or missing
+        regular_size(path)  # before loading a tokenizer: the data itself may be a FIFO or missing
         tokenizer = tokenizer if tokenizer is not None else model_folder
         if tokenizer is None:
-            raise DataError(f"--data {_shown(path)} is text: it needs a tokenizer; pass --tokenizer DIR, or a model "
+            raise DataError(f"--data {shown(path)} is text: it needs a tokenizer; pass --tokenizer DIR, or a model "
                             "folder holding one")
         tok = _load_tokenizer(tokenizer)
         field_name = text_field or "text"
@@ -276,41 +225,32 @@ def load_tokens(spec, split: str = DEFAULTS.split, *, seed: int = DEFAULTS.seed,
     if limit is not None:
         idx = idx[:limit]
     if len(idx) == 0:
-        raise DataError(f"--data {_shown(spec)} split {split!r} is empty ({len(ids)} sequences); use --split all, "
+        raise DataError(f"--data {shown(spec)} split {split!r} is empty ({len(ids)} sequences); use --split all, "
                         "more text, or a shorter --seq-len")
     ids_t = torch.from_numpy(np.ascontiguousarray(ids[idx], dtype=np.int64))
     mask_t = torch.from_numpy(np.ascontiguousarray(mask[idx], dtype=np.int64))
     if int(mask_t.sum()) == 0:
-        raise DataError(f"--data {_shown(spec)} split {split!r}: every position is padding (attention_mask 0); "
+        raise DataError(f"--data {shown(spec)} split {split!r}: every position is padding (attention_mask 0); "
                         "nothing to scan")
     return TokenDataset(str(spec), split, ids_t, mask_t, seed, None if split == "all" else val_fraction,
                         None if split == "all" else DEFAULTS.test_fraction, idx, str(path), tok_size, info)
 
 
 def _read_token_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with _open(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        try:
-            found = (_read_npz if path.suffix.lower() == ".npz" else _read_h5)(path, f, size)
-        except DataError:
-            raise
-        except MemoryError:
-            raise DataError(f"{_shown(path)}: not enough memory to load the token arrays; use a smaller file") from None
-        except (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError, NotImplementedError,
-                zipfile.BadZipFile, zlib.error) as e:  # damaged files fail in many ways
-            raise DataError(f"{_shown(path)}: cannot read token arrays ({one_line(e, 200)}); write the file again") from None
+    found = read_array_file(path, KEYS, ("input_ids",), _check_meta, "'input_ids' (and optionally 'attention_mask')",
+                            what="token arrays")
     ids = found["input_ids"]
     mask = found.get("attention_mask")
     if mask is None:
         mask = np.ones(ids.shape, dtype=np.int64)
     elif mask.shape != ids.shape:
-        raise DataError(f"{_shown(path)}: 'attention_mask' has shape {mask.shape} but 'input_ids' {ids.shape}; "
+        raise DataError(f"{shown(path)}: 'attention_mask' has shape {mask.shape} but 'input_ids' {ids.shape}; "
                         "give one 0/1 entry per token")
     elif mask.size and not np.isin(mask, (0, 1)).all():
         bad = mask[~np.isin(mask, (0, 1))].flat[0]
-        raise DataError(f"{_shown(path)}: 'attention_mask' must hold only 0 (padding) and 1 (token), found {bad}")
+        raise DataError(f"{shown(path)}: 'attention_mask' must hold only 0 (padding) and 1 (token), found {bad}")
     if ids.size and int(ids.min()) < 0:
-        raise DataError(f"{_shown(path)}: 'input_ids' must be 0 or more, found {int(ids.min())}")
+        raise DataError(f"{shown(path)}: 'input_ids' must be 0 or more, found {int(ids.min())}")
     return ids, mask
 
 
@@ -319,80 +259,10 @@ def _check_meta(path, key: str, shape: tuple, dtype: np.dtype) -> None:
     plain = dtype.fields is None and dtype.subdtype is None and dtype.itemsize <= 8
     kinds = "iu" if key == "input_ids" else "iub"
     if not plain or dtype.kind not in kinds:
-        raise DataError(f"{_shown(path)}: '{key}' must hold integers, got {dtype}"
+        raise DataError(f"{shown(path)}: '{key}' must hold integers, got {dtype}"
                         + ("; token ids are never floats" if dtype.kind == "f" else ""))
     if len(shape) != 2 or 0 in shape:
-        raise DataError(f"{_shown(path)}: '{key}' must be shaped (sequences, tokens) with both above 0, got {shape}")
-
-
-def _read_npz(path: Path, f, size: int) -> dict:
-    out = {}
-    with zipfile.ZipFile(f) as zf:
-        members = {n[:-4] if n.endswith(".npy") else n: zf.getinfo(n) for n in zf.namelist()}
-        if "input_ids" not in members:
-            raise DataError(f"{_shown(path)}: expected 'input_ids' (and optionally 'attention_mask'), found {list(members)}")
-        for key in KEYS:
-            if key not in members:
-                continue
-            info = members[key]
-            with zf.open(info) as m:
-                shape, _, dtype = _npy_header(m)
-                header = m.tell()
-            _check_meta(path, key, shape, dtype)
-            packed = info.compress_type != zipfile.ZIP_STORED
-            stored = info.compress_size if info.compress_size <= size else 0  # a size the archive cannot hold
-            _check_declared(path, f"'{key}' {shape} {dtype}", math.prod(shape) * dtype.itemsize,
-                            stored if packed else max(stored - header, 0), packed)
-            with zf.open(info) as m:
-                out[key] = np.lib.format.read_array(m, allow_pickle=False)
-    return out
-
-
-def _npy_header(f) -> tuple[tuple, bool, np.dtype]:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    else:
-        raise ValueError(f"unsupported .npy version {version}")
-    if any(d < 0 for d in shape):
-        raise ValueError(f"negative size in shape {shape}")
-    return shape, fortran, dtype
-
-
-def _read_h5(path: Path, f, size: int) -> dict:
-    import h5py
-
-    out = {}
-    with h5py.File(f, "r") as h:
-        keys = list(h.keys())
-        if "input_ids" not in keys:
-            raise DataError(f"{_shown(path)}: expected datasets 'input_ids' (and optionally 'attention_mask'), found {keys}")
-        for key in KEYS:
-            if key not in keys:
-                continue
-            link = h.get(key, getlink=True)
-            if not isinstance(link, h5py.HardLink):  # soft and external links lead elsewhere
-                raise DataError(f"{_shown(path)}: '{key}' is a {type(link).__name__}; store the dataset itself in the file")
-            d = h[key]
-            if not isinstance(d, h5py.Dataset) or d.shape is None:
-                raise DataError(f"{_shown(path)}: '{key}' is not an array dataset; store the array as '{key}'")
-            if d.is_virtual or d.external:
-                raise DataError(f"{_shown(path)}: '{key}' keeps its data in other files; store it in the file itself")
-            _check_meta(path, key, d.shape, d.dtype)
-            stored = d.id.get_storage_size()
-            stored = stored if stored <= size else 0
-            if d.chunks is None:
-                nbytes, compressed = math.prod(d.shape) * d.dtype.itemsize, False
-            else:  # whole chunks are decoded: count their padded size; unwritten chunks cost memory for nothing
-                per_dim = [math.ceil(s / c) for s, c in zip(d.shape, d.chunks)]
-                nbytes, compressed = math.prod(n * c for n, c in zip(per_dim, d.chunks)) * d.dtype.itemsize, True
-                if nbytes and d.id.get_num_chunks() < math.prod(per_dim):
-                    raise DataError(f"{_shown(path)}: '{key}' has unwritten chunks; write every sequence into the file")
-            _check_declared(path, f"'{key}' {d.shape} {d.dtype}", nbytes, stored, compressed)
-            out[key] = d[()]
-    return out
+        raise DataError(f"{shown(path)}: '{key}' must be shaped (sequences, tokens) with both above 0, got {shape}")
 
 
 def _load_tokenizer(folder):
@@ -402,23 +272,23 @@ def _load_tokenizer(folder):
         raise DataError("text data needs transformers' tokenizers: pip install 'deadscan[hf]'") from None
     where = Path(str(folder)).expanduser()
     if not where.is_dir():
-        raise DataError(f"--tokenizer {_shown(folder)}: not a folder; give the folder a tokenizer was saved to "
+        raise DataError(f"--tokenizer {shown(folder)}: not a folder; give the folder a tokenizer was saved to "
                         "(tokenizer.json, tokenizer_config.json)")
     # transformers may build an empty tokenizer from a config alone: ask for the files a saved one holds
     if not any(os.path.lexists(where / name) for name in TOKENIZER_FILES):
-        raise DataError(f"no tokenizer in {_shown(folder)} (none of {', '.join(TOKENIZER_FILES[:3])}, ...); "
+        raise DataError(f"no tokenizer in {shown(folder)} (none of {', '.join(TOKENIZER_FILES[:3])}, ...); "
                         "pass --tokenizer DIR with the model's tokenizer")
     for name in TOKENIZER_FILES:  # a FIFO among them would block the reader
         if os.path.lexists(where / name):
-            _regular(where / name)
+            regular_size(where / name)
     try:
         # local files only, and never code from the folder
         tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # missing files, remote code, damaged json: one line
-        raise DataError(f"no usable tokenizer in {_shown(folder)} ({type(e).__name__}: {one_line(e, 200)}); "
+        raise DataError(f"no usable tokenizer in {shown(folder)} ({type(e).__name__}: {one_line(e, 200)}); "
                         "pass --tokenizer DIR with the model's tokenizer") from None
     if len(tok) == 0:
-        raise DataError(f"the tokenizer in {_shown(folder)} has no tokens; pass --tokenizer DIR with the model's tokenizer")
+        raise DataError(f"the tokenizer in {shown(folder)} has no tokens; pass --tokenizer DIR with the model's tokenizer")
     return tok
 
 
@@ -428,33 +298,33 @@ def _model_max(tok) -> int:
 
 
 def _read_texts(path: Path, suffix: str, text_field: str) -> list[str]:
-    size = _regular(path)
+    size = regular_size(path)
     if size > DEFAULTS.max_decoded_bytes:
-        raise DataError(f"{_shown(path)}: {size:,} bytes, above the {DEFAULTS.max_decoded_bytes:,}-byte limit; "
+        raise DataError(f"{shown(path)}: {size:,} bytes, above the {DEFAULTS.max_decoded_bytes:,}-byte limit; "
                         f"raise it with {MAX_BYTES_ENV} if the file is trusted")
     if suffix == ".parquet":
         try:
             import pandas as pd
             import pyarrow  # noqa: F401
         except ImportError:
-            raise DataError(f"{_shown(path)}: reading parquet needs pandas and pyarrow (pip install pandas pyarrow); "
+            raise DataError(f"{shown(path)}: reading parquet needs pandas and pyarrow (pip install pandas pyarrow); "
                             "or give the text as .txt or .jsonl") from None
-        with _open(path) as f:
+        with open_regular(path) as f:
             try:
                 frame = pd.read_parquet(f)
             except Exception as e:
-                raise DataError(f"{_shown(path)}: cannot read parquet ({one_line(e, 200)})") from None
+                raise DataError(f"{shown(path)}: cannot read parquet ({one_line(e, 200)})") from None
         if text_field not in frame.columns:
-            raise DataError(f"{_shown(path)}: no column {text_field!r} (found {list(frame.columns)[:20]}); "
+            raise DataError(f"{shown(path)}: no column {text_field!r} (found {list(frame.columns)[:20]}); "
                             "pass --text-field NAME")
         texts = [t for t in frame[text_field].tolist() if isinstance(t, str)]
     else:
-        with _open(path) as f:
+        with open_regular(path) as f:
             raw = f.read()
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{_shown(path)}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+            raise DataError(f"{shown(path)}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         if suffix == ".txt":
             texts = text.splitlines()
         else:
@@ -465,15 +335,15 @@ def _read_texts(path: Path, suffix: str, text_field: str) -> list[str]:
                 try:
                     row = json.loads(line)
                 except ValueError as e:
-                    raise DataError(f"{_shown(path)}: line {i} is not JSON ({one_line(e, 120)})") from None
+                    raise DataError(f"{shown(path)}: line {i} is not JSON ({one_line(e, 120)})") from None
                 if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
                     keys = list(row)[:20] if isinstance(row, dict) else type(row).__name__
-                    raise DataError(f"{_shown(path)}: line {i} has no text field {text_field!r} (found {keys}); "
+                    raise DataError(f"{shown(path)}: line {i} has no text field {text_field!r} (found {keys}); "
                                     "pass --text-field NAME")
                 texts.append(row[text_field])
     texts = [t for t in texts if t.strip()]
     if not texts:
-        raise DataError(f"{_shown(path)}: no text in the file (empty or whitespace only); give a corpus with text")
+        raise DataError(f"{shown(path)}: no text in the file (empty or whitespace only); give a corpus with text")
     return texts
 
 
@@ -487,7 +357,7 @@ def _pack(texts: list[str], tok, seq_len: int, path: Path) -> tuple[np.ndarray, 
             if isinstance(eos, int):
                 pieces.append(np.asarray([eos], dtype=np.int64))
     if not pieces:
-        raise DataError(f"{_shown(path)}: the tokenizer made no tokens of the text; check the tokenizer")
+        raise DataError(f"{shown(path)}: the tokenizer made no tokens of the text; check the tokenizer")
     flat = np.concatenate(pieces)
     if isinstance(eos, int) and len(flat) > 1:
         flat = flat[:-1]  # no separator after the last document
