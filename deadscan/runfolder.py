@@ -60,7 +60,9 @@ SUMMARY_SCHEMA = {
     "data": {"name": STR, "split?": STR, "samples?": COUNT, "seed?": INT, "val_fraction?": Opt(NUM),
              "test_fraction?": Opt(NUM), "mean?": Opt([NUM]), "std?": Opt([NUM]), "resize?": Opt(COUNT),
              "channels?": Opt(COUNT), "root?": Opt(STR), "source?": Opt(STR), "classes?": Opt(COUNT),
-             "shape?": Opt([COUNT]), "indices_sha256?": Opt(STR)},
+             "shape?": Opt([COUNT]), "indices_sha256?": Opt(STR),
+             # token data (language models)
+             "kind?": STR, "sequences?": COUNT, "tokens?": COUNT, "seq_len?": Opt(COUNT)},
     "totals": {"sites": COUNT, "neurons": COUNT, "dead": COUNT, "provably_dead": COUNT, "dormant": COUNT,
                "hidden_params": COUNT, "inactive_params": COUNT, "active_percent": Opt(NUM),
                "active_percent_feeding_weights": Opt(NUM), "pruned_weights": COUNT, "tau": NUM},
