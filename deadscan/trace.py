@@ -77,6 +77,17 @@ class Consumer:
 
 
 @dataclass(frozen=True)
+class GatePartner:
+    """The layer whose output multiplies the site's output elementwise (a gated MLP: relu(gate(x)) * up(x),
+    Llama/Mistral with hidden_act relu). A dead neuron zeroes the product whatever this layer computes, so
+    its row here is inactive too; the gate (the feeding layer) alone decides dead or alive."""
+
+    layer: str
+    kind: str
+    exclusive: bool = True  # nothing but the product reads its output
+
+
+@dataclass(frozen=True)
 class Site:
     name: str
     activation: str  # relu | relu6
@@ -90,10 +101,16 @@ class Site:
     hooked: bool = False  # watched by a module hook inside an opaque forward
     part: int = -1  # index into SiteMap.parts (traced sites)
     node: str = ""  # node name in that part's graph
+    gate: GatePartner | None = None  # gated site: the layer multiplied with the ReLU's output
 
     @property
     def strippable(self) -> bool:
         return self.feeding is not None
+
+    @property
+    def form(self) -> str:
+        """"gated" (relu(gate(x)) * up(x) read by the consumer) or "plain"."""
+        return "gated" if self.gate is not None else "plain"
 
 
 @dataclass(frozen=True)
@@ -274,13 +291,17 @@ class _Finder:
     def _site(self, node, root, path, part, activation, call, inplace) -> Site:
         x = node.args[0] if node.args else node.kwargs.get("input")
         feeding, axis = _find_feeding(x, root, path)
-        consumer = _find_consumer(node, root, path, axis) if isinstance(x, fx.Node) else None
+        layer_node = _layer_node(x, feeding, root, path) if feeding is not None else None
+        consumer, gate = (_find_consumer(node, root, path, axis, layer_node) if isinstance(x, fx.Node)
+                          else (None, None))
         note = "" if feeding else _why_no_feeding(x, root)
-        nonneg = feeding is not None and _input_nonneg(_layer_node(x, feeding, root, path), root)
+        if gate is not None:
+            note = _gated_note(feeding.layer, gate.layer, consumer)
+        nonneg = feeding is not None and _input_nonneg(layer_node, root)
         return Site(
             name=self._name(node, path, call), activation=activation, call=call, inplace=inplace,
             axis=axis, feeding=feeding, consumer=consumer, input_nonneg=nonneg, note=note,
-            part=part, node=node.name,
+            part=part, node=node.name, gate=gate,
         )
 
 
@@ -440,29 +461,34 @@ def _nonneg(n, root: nn.Module) -> bool:
     return False
 
 
-def _find_consumer(node: fx.Node, root: nn.Module, path: str, axis: int | None) -> Consumer | None:
+def _find_consumer(node: fx.Node, root: nn.Module, path: str, axis: int | None,
+                   layer_node: fx.Node | None = None) -> tuple[Consumer | None, GatePartner | None]:
     """Follow the site's single reader through per-feature ops to a Linear/Conv.
 
     A conv site may reach a Linear only through an adaptive pool then a flatten; each neuron then
-    feeds ``h*w`` consecutive input columns.
+    feeds ``h*w`` consecutive input columns. One elementwise product with a layer reading the feeding
+    layer's own input (``relu(gate(x)) * up(x)``) is a gated site: (consumer, that layer).
     """
     n, cells, group = node, None, None  # cells: spatial positions per channel after an adaptive pool
     keeps_zero = True
+    gate = None
     while True:
         users = list(n.users)
         if len(users) != 1:
-            return None
+            return None, None
         u = users[0]
         m = root.get_submodule(u.target) if u.op == "call_module" else None
         kind = layers.kind_of(m) if m is not None else None
         if kind is not None:
             if u.args[0] is not n or getattr(m, "groups", 1) != 1:
-                return None
+                return None, None
             if kind.feature_axis == -1:  # Linear-like: reads the last axis
                 if axis == 1 and group is None:
-                    return None  # a conv output reaching a Linear without a known flatten
-                return Consumer(_join(path, u.target), kind.name, group or 1, keeps_zero)
-            return Consumer(_join(path, u.target), kind.name, 1, keeps_zero) if group is None and axis != -1 else None
+                    return None, None  # a conv output reaching a Linear without a known flatten
+                return Consumer(_join(path, u.target), kind.name, group or 1, keeps_zero), gate
+            if group is None and axis != -1:
+                return Consumer(_join(path, u.target), kind.name, 1, keeps_zero), gate
+            return None, None
         if m is not None and isinstance(m, PASS_MODULES + POOLS):
             pass
         elif m is not None and _is_eval_bn(m):
@@ -471,13 +497,45 @@ def _find_consumer(node: fx.Node, root: nn.Module, path: str, axis: int | None) 
             cells = _adaptive_cells(m)
         elif _is_flatten(u, m):
             if axis != 1 or cells is None:
-                return None
+                return None, None
             group = cells
         elif u.op in ("call_function", "call_method") and u.target in (F.dropout, "contiguous"):
             pass
+        elif u.target in MUL and u.op in ("call_function", "call_method"):
+            if gate is not None or cells is not None or not keeps_zero:
+                return None, None
+            gate = _gate_partner(u, n, root, path, layer_node)
+            if gate is None:
+                return None, None
         else:
-            return None
+            return None, None
         n = u
+
+
+def _gate_partner(mul: fx.Node, n: fx.Node, root: nn.Module, path: str,
+                  layer_node: fx.Node | None) -> GatePartner | None:
+    """The partner of ``n`` in ``mul`` if it is a layer's output on the feeding layer's input, as wide as the
+    feeding layer and on the same feature axis (so the product is elementwise per neuron), else None."""
+    if layer_node is None or len(mul.args) != 2 or mul.kwargs:
+        return None
+    a, b = mul.args
+    other = b if a is n else a if b is n else None
+    if not isinstance(other, fx.Node) or other is n or other.op != "call_module" or not other.args:
+        return None
+    if other.args[0] is not layer_node.args[0] or len(other.args) != 1 or other.kwargs:
+        return None
+    m, feed = root.get_submodule(other.target), root.get_submodule(layer_node.target)
+    k, fk = layers.kind_of(m), layers.kind_of(feed)
+    if k is None or fk is None or getattr(m, "groups", 1) != 1 or k.feature_axis != fk.feature_axis:
+        return None
+    if k.out_features(m) != fk.out_features(feed):
+        return None
+    return GatePartner(_join(path, other.target), k.name, len(other.users) == 1)
+
+
+def _gated_note(feeding: str, partner: str, consumer: Consumer | None) -> str:
+    read = f", read by {consumer.layer}" if consumer is not None else ""
+    return f"gated site: relu({feeding}) * {partner}{read}"
 
 
 def _is_flatten(u: fx.Node, m: nn.Module | None) -> bool:
@@ -603,14 +661,15 @@ def _follow_tensors(model: nn.Module, sites: list[Site], example: dict) -> list[
     the tensors it reads and returns; a torch-function mode counts the ops reading each tensor. A site is
     fed by layer L when its input *is* L's output (exclusive when nothing else reads it), and consumed by
     layer C when its output is read by C alone. A gated site (relu(gate(x)) * up(x) read by down, Llama's
-    MLP) is named in the note; its consumer stays unset until capacity and compaction count the partner.
-    Exact by construction: only tensor identity is used, no shapes or names."""
+    MLP) gets the partner layer when it reads the very tensor the feeding layer reads, and the layer reading
+    the product as its consumer. Exact by construction: only tensor identity is used, no shapes or names."""
     named = {name: m for name, m in model.named_modules()}
     wanted: dict[str, list[int]] = {}
     for i, s in enumerate(sites):
         if _followable(s):
             wanted.setdefault(s.name.split("#")[0], []).append(i)
     produced: dict[int, str] = {}  # tensor id -> layer that returned it
+    layer_input: dict[int, int] = {}  # id of a layer's output -> id of the tensor it read
     read_by: dict[int, list[str]] = {}  # tensor id -> layers that read it
     calls: dict[str, list[tuple]] = {}  # activation module -> [(input, output)] per call
     keep: list = []
@@ -622,10 +681,12 @@ def _follow_tensors(model: nn.Module, sites: list[Site], example: dict) -> list[
                 keep.append(args[0])
                 read_by.setdefault(id(args[0]), []).append(name)
 
-        def post(_m, _args, out):
+        def post(_m, args, out):
             if isinstance(out, torch.Tensor):
                 keep.append(out)
                 produced[id(out)] = name
+                if args and isinstance(args[0], torch.Tensor):
+                    layer_input[id(out)] = id(args[0])
         return pre, post
 
     try:
@@ -666,10 +727,14 @@ def _follow_tensors(model: nn.Module, sites: list[Site], example: dict) -> list[
         elif mode.reads.get(id(y), 0) == 1:  # gated: y * up(x), the product read by one layer alone
             func, args, outs = mode.ops[id(y)][0]
             other = [a for a in args if a is not y]
+            # the partner must read the feeding layer's own input: relu(gate(x)) * up(x)
             if (getattr(func, "__name__", "") in ("mul", "__mul__", "__rmul__") and len(other) == 1 and len(outs) == 1
-                    and id(other[0]) in produced and other[0].shape == y.shape
+                    and id(other[0]) in produced and other[0].shape == y.shape == outs[0].shape
+                    and id(x) in layer_input and layer_input.get(id(other[0])) == layer_input[id(x)]
                     and mode.reads.get(id(outs[0]), 0) == 1 and len(read_by.get(id(outs[0]), [])) == 1):
-                gated = (produced[id(other[0])], read_by[id(outs[0])][0])
+                p = produced[id(other[0])]
+                gate = GatePartner(p, layers.kind_of(named[p]).name, mode.reads.get(id(other[0]), 0) == 1)
+                gated = (gate, read_by[id(outs[0])][0])
         return feeding, consumer, gated
 
     out = list(sites)
@@ -692,13 +757,16 @@ def _follow_tensors(model: nn.Module, sites: list[Site], example: dict) -> list[
             if s.feeding is None and feeding is not None:
                 note = (f"{HOOKED_NOTE}; feeding and consumer layers found by following tensors through one forward"
                         if s.hooked else "")
-            if gated is not None and consumer is None:
-                extra = (f"gated site: relu({feeding.layer if feeding else '?'}) * {gated[0]}, read by {gated[1]}; "
-                         "consumer not counted yet")
+            gate = s.gate
+            if gated is not None and consumer is None and feeding is not None:
+                gate = gated[0]
+                c = layers.kind_of(named[gated[1]])
+                consumer = Consumer(gated[1], c.name, 1, True)
+                extra = _gated_note(feeding.layer, gate.layer, consumer)
                 note = f"{note}; {extra}" if note else extra
             axis = s.axis if s.feeding is not None else (layers.kind_of(named[feeding.layer]).feature_axis
                                                          if feeding is not None else s.axis)
             out[i] = Site(name=s.name, activation=s.activation, call=s.call, inplace=s.inplace, axis=axis,
                           feeding=feeding, consumer=consumer, input_nonneg=s.input_nonneg, note=note,
-                          hooked=s.hooked, part=s.part, node=s.node)
+                          hooked=s.hooked, part=s.part, node=s.node, gate=gate)
     return out

@@ -45,8 +45,9 @@ FAMILIES = {
          "encoder.block.{i}.layer.1.DenseReluDense.wo"),
         ("decoder.block.{i}.layer.2.DenseReluDense.act", "decoder.block.{i}.layer.2.DenseReluDense.wi",
          "decoder.block.{i}.layer.2.DenseReluDense.wo")],
-    # gated: relu(gate_proj(x)) * up_proj(x) read by down_proj; the consumer is not counted yet (see README)
-    "LlamaForCausalLM": [("model.layers.{i}.mlp.act_fn", "model.layers.{i}.mlp.gate_proj", None)],
+    # gated: relu(gate_proj(x)) * up_proj(x) read by down_proj (tests/test_gated.py)
+    "LlamaForCausalLM": [("model.layers.{i}.mlp.act_fn", "model.layers.{i}.mlp.gate_proj",
+                          "model.layers.{i}.mlp.down_proj")],
 }
 
 
@@ -141,7 +142,8 @@ def test_llama_gated_site_is_named():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(CONFIGS["LlamaForCausalLM"]())
     site = find_sites(model)["model.layers.0.mlp.act_fn"]
-    assert site.feeding.layer == "model.layers.0.mlp.gate_proj" and site.consumer is None
+    assert site.feeding.layer == "model.layers.0.mlp.gate_proj"
+    assert site.consumer.layer == "model.layers.0.mlp.down_proj" and site.gate.layer == "model.layers.0.mlp.up_proj"
     assert "model.layers.0.mlp.up_proj" in site.note and "model.layers.0.mlp.down_proj" in site.note
 
 
