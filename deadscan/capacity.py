@@ -2,7 +2,9 @@
 
 Hidden parameters P: weight and bias of every feeding layer, plus the weights of consumer layers
 that read those neurons. Inactive: pruned weights; a dead neuron's incoming weights and bias; the
-consumer weights reading a dead neuron. Totals count each parameter once; per-site figures count
+consumer weights reading a dead neuron. A gated site (relu(gate(x)) * up(x)) adds its partner layer
+(up) to P like a second feeding layer: a dead neuron's partner row and bias are inactive too, since the
+product is zero whatever they hold. The reference figure (feeding-layer weights only) leaves it out. Totals count each parameter once; per-site figures count
 a layer shared by two sites (consumer of one, feeder of the next) in both.
 """
 
@@ -62,6 +64,7 @@ class _Layer:
         self.rows = np.zeros(self.out, dtype=bool)  # set when this layer feeds a site
         self.cols = np.zeros(self.inp, dtype=bool)  # set when this layer consumes a site
         self.feeds = self.consumes = False
+        self.partner = False  # set when this layer is a gated site's partner (rows like a feeding layer)
         self.bias = module.bias.numel() if getattr(module, "bias", None) is not None else 0
 
     def mask_rows(self, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -100,17 +103,27 @@ def capacity(model: nn.Module, scan: ScanResult, masks: dict[str, torch.Tensor] 
             cons.cols |= cols
             hidden += cons.out * cons.inp * cons.kernel
             inactive += int(cols.sum()) * cons.out * cons.kernel
+        g = r.site.gate
+        if g is not None:
+            neuron_rows(model.get_submodule(g.layer), g.layer, r.neurons)
+            up = layer(g.layer)
+            up.partner = True
+            up.rows |= r.dead
+            hidden += up.out * up.inp * up.kernel + up.bias
+            inactive += dead * (up.inp * up.kernel + (1 if up.bias else 0))
+            inactive += _pruned_outside(up.mask_rows(masks.get(g.layer)), r.dead, None)
         per_site[r.site.name] = SiteCapacity(hidden, inactive)
 
     hidden = inactive = feeding_w = inactive_fw = pruned = 0
     for name, L in layers.items():
-        if not (L.feeds or L.consumes):
+        if not (L.feeds or L.consumes or L.partner):
             continue
         weights = L.out * L.inp * L.kernel
         r, c = int(L.rows.sum()), int(L.cols.sum())
-        hidden += weights + (L.bias if L.feeds else 0)
+        rows_owner = L.feeds or L.partner  # its bias is hidden and a dead row's bias inactive
+        hidden += weights + (L.bias if rows_owner else 0)
         # rows + columns - overlap, plus pruned weights outside them
-        inactive += (r * L.inp + c * L.out - r * c) * L.kernel + (r if L.feeds and L.bias else 0)
+        inactive += (r * L.inp + c * L.out - r * c) * L.kernel + (r if rows_owner and L.bias else 0)
         mask = L.mask_rows(masks.get(name))
         inactive += _pruned_outside(mask, L.rows, L.cols)
         pruned += int(mask.sum()) if mask is not None else 0

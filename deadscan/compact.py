@@ -2,6 +2,9 @@
 the matching input features of the consumer layer (``layers`` knows which weight dimension each is). Outputs are checked equal on the scanned data
 before anything is written.
 
+A gated site (relu(gate(x)) * up(x) read by down) also loses its partner's rows: the product of a
+dead neuron is exactly zero whatever up computes.
+
 Only where the structure allows: the feeding layer's output reaches nothing but the site, the
 per-feature ops between are BatchNorms, dropouts or scalars, and a dead neuron reaches the
 consumer as an exact zero (no BatchNorm after the ReLU). Other sites are left whole, with the
@@ -73,6 +76,12 @@ def _why_not(model: nn.Module, r, uses: dict[tuple[str, str], int]) -> str | Non
         return "a grouped convolution feeds the site (its channels are tied to its inputs)"
     if uses[("feeds", s.feeding.layer)] > 1 or uses[("reads", s.consumer.layer)] > 1:
         return "a layer feeds or reads several sites"
+    g = s.gate
+    if g is not None:
+        if not g.exclusive:
+            return "the gate partner's output is also read elsewhere"
+        if uses[("feeds", g.layer)] > 1:
+            return "a layer feeds or reads several sites"
     if any(op == "bias" for op, _ in s.feeding.chain):
         return "a per-feature bias parameter sits between layer and ReLU"
     if not s.consumer.keeps_zero:
@@ -92,6 +101,8 @@ def compact(model: nn.Module, scan: ScanResult) -> Compacted:
     for r in scan.sites:
         if r.site.feeding:
             uses["feeds", r.site.feeding.layer] += 1
+        if r.site.gate:  # the partner's rows are removed too: it counts as feeding
+            uses["feeds", r.site.gate.layer] += 1
         if r.site.consumer:
             uses["reads", r.site.consumer.layer] += 1
     for r in scan.sites:
@@ -111,6 +122,11 @@ def compact(model: nn.Module, scan: ScanResult) -> Compacted:
             if op == "bn":
                 set_submodule(new, name, prune_bn(new.get_submodule(name), keep))
                 out.shapes[name] = widths(new.get_submodule(name))
+        g = r.site.gate
+        if g is not None:
+            neuron_rows(new.get_submodule(g.layer), g.layer, r.neurons)
+            set_submodule(new, g.layer, prune_out(new.get_submodule(g.layer), keep))
+            out.shapes[g.layer] = widths(new.get_submodule(g.layer))
         set_submodule(new, c.layer, prune_in(new.get_submodule(c.layer), c.columns(keep)))
         out.shapes[f.layer] = widths(new.get_submodule(f.layer))
         out.shapes[c.layer] = widths(new.get_submodule(c.layer))

@@ -63,6 +63,7 @@ def build_summary(scan: ScanResult, cap: Capacity, *, command: str, checkpoint: 
             "name": s.name,
             "feeding_layer": s.feeding.layer if s.feeding else None,
             "consumer_layer": s.consumer.layer if s.consumer else None,
+            "gate_partner": s.gate.layer if s.gate else None,  # gated site: the layer multiplied with the ReLU
             "kind": s.activation,
             "call": s.call,
             "layer_kind": s.feeding.kind if s.feeding else None,

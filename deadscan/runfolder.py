@@ -48,7 +48,8 @@ HISTORY_ROW = {
 }
 RESULT = {"loss": Opt(NUM), "acc": Opt(NUM)}
 SITE = {
-    "name": STR, "feeding_layer": Opt(STR), "consumer_layer": Opt(STR), "kind": STR, "call?": Opt(STR),
+    "name": STR, "feeding_layer": Opt(STR), "consumer_layer": Opt(STR), "gate_partner?": Opt(STR), "kind": STR,
+    "call?": Opt(STR),
     "layer_kind?": Opt(STR), "neurons": COUNT, "dead": COUNT, "dead_indices": [COUNT], "provably_dead": COUNT,
     "dormant": COUNT, "strippable": BOOL, "hidden_params": COUNT, "inactive_params": COUNT,
     "active_percent": Opt(NUM), "note?": Opt(STR),

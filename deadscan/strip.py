@@ -128,7 +128,10 @@ class Masks:
 
 def strip(model: nn.Module, scan: ScanResult, masks: Masks, *, rate: float = 0.1, criterion: str = "weight",
           optimizer: torch.optim.Optimizer | None = None) -> StripStats:
-    """One strip step over every dead neuron that has a feeding layer."""
+    """One strip step over every dead neuron that has a feeding layer.
+
+    A gated site (relu(gate(x)) * up(x)) is stripped in its gate, the feeding layer, alone: the gate decides
+    dead or alive, and up's weights cannot wake it."""
     if not 0 < rate <= 1:
         raise ValueError(f"rate must be in (0, 1], got {rate}")
     if criterion not in CRITERIA:
