@@ -357,7 +357,7 @@ _STRIP_SECTIONS = {
     "Data": ("data", "data_root", "download", "val_fraction", "mean", "std", "resize", "channels", "augment",
              "test_corrupted", "corruption", "severity", "seq_len", "tokenizer", "text_field"),
     "Training": ("epochs", "optimizer", "lr", "weight_decay", "warmup", "schedule", "final_lr", "batch_size",
-                 "seed", "device", "baseline", "resume"),
+                 "grad_accum", "seed", "device", "baseline", "resume"),
     "Stripping": ("every", "rate", "criterion", "method", "compact"),
     "Output": ("out", "plotlyjs", "overwrite"),
 }
@@ -392,6 +392,8 @@ _STRIP_SECTIONS = {
               help="learning rate at the end of the cosine schedule")
 @click.option("--batch-size", metavar="N", type=click.IntRange(min=1), default=_train("batch_size"),
               show_default=True, help="samples per training batch")
+@click.option("--grad-accum", metavar="N", type=click.IntRange(min=1), default=_train("grad_accum"),
+              show_default=True, help="micro-batches of --batch-size per optimizer step (gradient accumulation)")
 @click.option("--seed", metavar="N", type=int, default=_train("seed"), show_default=True,
               help="seed of training (initial shuffling, augmentation, ReDo re-initialisation)")
 @click.option("--baseline", is_flag=True, help="also run the same fine-tuning without stripping, for a side-by-side")
@@ -410,15 +412,16 @@ _STRIP_SECTIONS = {
 @_plotlyjs_option
 @click.pass_context
 def strip(ctx, checkpoint, data, arch, from_dir, epochs, every, rate, criterion, method, optimizer, lr, weight_decay,
-          warmup, schedule, final_lr, batch_size, seed, baseline, resume, compact, augment, val_fraction, mean, std,
-          resize, channels, test_corrupted, corruption, severity, device, data_root, download, out, trust_pickle,
+          warmup, schedule, final_lr, batch_size, grad_accum, seed, baseline, resume, compact, augment, val_fraction,
+          mean, std, resize, channels, test_corrupted, corruption, severity, device, data_root, download, out, trust_pickle,
           plotlyjs, allow_global, overwrite, seq_len, tokenizer, text_field):
     """Revive dead neurons with Synaptic Stripping while fine-tuning.
 
     After each epoch: scan the validation split, prune the most negative remaining incoming
     weights of every dead neuron (a fraction --rate), log a history row. Writes
-    stripped.safetensors (+ masks.safetensors), summary.json with the history, stats.h5 and
-    report.html to --out.
+    stripped.safetensors (a Hugging Face folder: the folder stripped/) + masks.safetensors,
+    summary.json with the history, stats.h5 and report.html to --out. On token data a causal
+    language model is fine-tuned on next-token prediction.
 
     \b
     Examples:
@@ -430,14 +433,15 @@ def strip(ctx, checkpoint, data, arch, from_dir, epochs, every, rate, criterion,
 
     cfg = TrainConfig(epochs=epochs, every=every, rate=rate, criterion=criterion, method=method, optimizer=optimizer,
                       lr=lr, weight_decay=weight_decay, warmup=warmup, schedule=schedule, final_lr=final_lr,
-                      batch_size=batch_size, seed=seed, augment=augment)
+                      batch_size=batch_size, grad_accum=grad_accum, seed=seed, augment=augment)
     data_options = {"val_fraction": val_fraction, "mean": mean, "std": std, "resize": resize, "channels": channels,
                     "seq_len": seq_len, "tokenizer": tokenizer, "text_field": text_field}
 
     def on_epoch(row):
         _echo(f"epoch {row['epoch']:>3}  dead {row['dead']:>5}  revived {row['revived']:>4}  "
               f"pruned {row['pruned_weights']:>7}  %A {row['active_percent']:6.2f}  "
-              f"train loss {row['train_loss']:.4f}  val acc {row['val_acc']:.2f}")
+              f"train loss {row['train_loss']:.4f}  val acc {_fmt(row['val_acc'])}"
+              + (f"  val ppl {_fmt(row['val_perplexity'])}" if "val_perplexity" in row else ""))
 
     ctx.meta[_STRIP_OUT] = out  # from here an interrupt keeps the completed epochs
     run = pipeline.strip_checkpoint(checkpoint, data, cfg=cfg, out=out, from_dir=from_dir, arch=arch,

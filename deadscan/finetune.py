@@ -7,6 +7,7 @@ strip, evaluate, log a history row, save a resumable checkpoint atomically.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import signal
 import sys
@@ -51,6 +52,8 @@ class TrainConfig:
     eval_batch_size: int = 512
     augment: str = "default"  # crop+flip for CIFAR-like images; see deadscan.data.parse_augment
     seed: int = 0
+    grad_accum: int = 1  # micro-batches per optimizer step (the schedule and strip steps count optimizer steps)
+    task: str = "classification"  # classification | causal_lm (see TASKS)
 
 
 class Interrupted(DeadscanError):
@@ -80,22 +83,160 @@ def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def evaluate(model: nn.Module, ds: Dataset | None, device: torch.device, batch_size: int) -> dict:
-    """Mean NLL and accuracy (%) over a split; one host sync at the end."""
-    if ds is None or len(ds) == 0:
-        return {"loss": None, "acc": None}
-    model.eval()
-    loss = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    y_all = ds.y.to(device)
-    with torch.inference_mode():
-        for i, xb in enumerate(ds.batches(batch_size, device)):
-            yb = y_all[i * batch_size:(i + 1) * batch_size]
-            out = model(xb)
-            loss += F.cross_entropy(out.float(), yb, reduction="sum").double()
-            correct += (out.argmax(1) == yb).sum()
-    n = len(ds)
-    return {"loss": float(loss) / n, "acc": 100.0 * float(correct) / n}  # sync point
+class Task:
+    """What training minimises and evaluation reports. ``loss(model, batch)``: the mean loss of one training
+    batch (a scalar tensor); ``weight(batch)``: how many terms that mean is over (samples, or predicted
+    tokens), known without a forward, so accumulated micro-batches weigh as one big batch. ``evaluate``:
+    {"loss", "acc"} over a split (mean NLL per term, accuracy in %), one host sync at the end."""
+
+    name = ""
+    autocast = False  # bf16 autocast on CUDA when True (language models); image training stays float32
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight(self, batch) -> torch.Tensor | int:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, ds, device: torch.device, batch_size: int, amp=None) -> dict:
+        raise NotImplementedError
+
+
+class Classification(Task):
+    """Cross-entropy on integer labels; batches are ``(x, y)``."""
+
+    name = "classification"
+
+    def loss(self, model, batch):
+        xb, yb = batch
+        return F.cross_entropy(model(xb), yb)
+
+    def weight(self, batch):
+        return len(batch[1])
+
+    def evaluate(self, model, ds, device, batch_size, amp=None):
+        if ds is None or len(ds) == 0:
+            return {"loss": None, "acc": None}
+        model.eval()
+        loss = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        y_all = ds.y.to(device)
+        with torch.inference_mode():
+            for i, xb in enumerate(ds.batches(batch_size, device)):
+                yb = y_all[i * batch_size:(i + 1) * batch_size]
+                out = model(xb)
+                loss += F.cross_entropy(out.float(), yb, reduction="sum").double()
+                correct += (out.argmax(1) == yb).sum()
+        n = len(ds)
+        return {"loss": float(loss) / n, "acc": 100.0 * float(correct) / n}  # sync point
+
+
+class CausalLM(Task):
+    """Next-token prediction on token batches (``{"input_ids", "attention_mask"}``): position t predicts token
+    t + 1, counted only when both are real (attention_mask 1), so padding never enters the loss, as input or
+    as target. ``evaluate`` adds the perplexity, exp(mean NLL per predicted token)."""
+
+    name = "causal_lm"
+    autocast = True
+
+    @staticmethod
+    def _sums(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(summed NLL, correct predictions, predicted tokens) of one batch, as tensors (no host sync)."""
+        from .data.tokens import model_kwargs
+
+        logits = _logits(model(**model_kwargs(model, batch)))[:, :-1]
+        labels = batch["input_ids"][:, 1:]
+        real = CausalLM._real(batch)
+        labels = labels.masked_fill(~real, -100)  # ignored by cross_entropy
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        correct = ((logits.argmax(-1) == labels) & real).sum()
+        return nll, correct, real.sum()
+
+    @staticmethod
+    def _real(batch) -> torch.Tensor:
+        """Which next-token predictions count: input position and target both real."""
+        mask = batch.get("attention_mask")
+        if mask is None:
+            return torch.ones_like(batch["input_ids"][:, 1:], dtype=torch.bool)
+        return (mask[:, :-1] > 0) & (mask[:, 1:] > 0)
+
+    def loss(self, model, batch):
+        nll, _, count = self._sums(model, batch)
+        return nll / count.clamp(min=1)
+
+    def weight(self, batch):
+        return self._real(batch).sum()
+
+    def evaluate(self, model, ds, device, batch_size, amp=None):
+        if ds is None or len(ds) == 0:
+            return {"loss": None, "acc": None}
+        model.eval()
+        loss = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        count = torch.zeros((), device=device, dtype=torch.long)
+        with torch.inference_mode(), (amp or contextlib.nullcontext()):
+            for batch in ds.batches(batch_size, device):
+                nll, ok, n = self._sums(model, batch)
+                loss += nll.double()
+                correct += ok
+                count += n
+        n = int(count)  # sync point
+        if n == 0:  # one-token sequences: nothing to predict
+            return {"loss": None, "acc": None}
+        mean = float(loss) / n
+        return {"loss": mean, "acc": 100.0 * float(correct) / n,
+                "perplexity": math.exp(mean) if mean < 700 else math.inf}
+
+
+def _logits(out) -> torch.Tensor:
+    """The logits of a model's output (a Hugging Face ModelOutput, a tuple, or a tensor)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out[0]
+
+
+TASKS = {t.name: t for t in (Classification(), CausalLM())}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise DeadscanError(f"unknown task {name!r}; one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def autocast_context(device: torch.device, task: Task):
+    """bf16 autocast on CUDA for tasks that take it (resolved once per run); float32 everywhere else."""
+    if task.autocast and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def evaluate(model: nn.Module, ds: Dataset | None, device: torch.device, batch_size: int,
+             task: Task | None = None) -> dict:
+    """Mean NLL and accuracy (%) over a split; one host sync at the end. ``task`` defaults to next-token
+    prediction for token data, classification otherwise."""
+    if task is None:
+        task = TASKS["causal_lm" if getattr(ds, "kind", None) == "tokens" else "classification"]
+    return task.evaluate(model, ds, device, batch_size, autocast_context(torch.device(device), task))
+
+
+def accumulate(model: nn.Module, task: Task, group: list, amp=None) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """Backward through the micro-batches of one optimizer step, one at a time, each mean loss weighted by
+    its share of the step's terms, so the gradient is that of one batch holding them all. Returns (summed
+    loss, terms) for the epoch's mean, as tensors: no host sync."""
+    amp = amp or contextlib.nullcontext()
+    weights = [task.weight(batch) for batch in group]
+    total = sum(weights)
+    share = total.clamp(min=1) if isinstance(total, torch.Tensor) else max(total, 1)
+    summed = 0
+    for batch, weight in zip(group, weights):
+        with amp:
+            loss = task.loss(model, batch)
+        # one micro-batch: the plain step, unchanged (its share is 1)
+        (loss if len(group) == 1 else loss * (weight / share)).backward()  # hooks zero pruned weights' grads
+        summed = summed + loss.detach().double() * weight
+    return summed, total
 
 
 def _history_row(epoch: int, report: StepReport, train_loss, val: dict) -> dict:
@@ -108,6 +249,7 @@ def _history_row(epoch: int, report: StepReport, train_loss, val: dict) -> dict:
         "revived_neurons": report.revived, "died_neurons": report.died,
         # dead neurons with no negative incoming weight left: only their bias holds them down
         "held_by_bias": report.stripped.without_negative if report.stripped else 0,
+        **({"val_perplexity": val["perplexity"]} if "perplexity" in val else {}),  # language models
     }
 
 
@@ -184,6 +326,10 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
     ``source`` (e.g. the input checkpoint's sha256) is saved with the state; ``resume`` refuses a
     state saved from another source or with another configuration."""
     torch.manual_seed(cfg.seed)
+    task = get_task(cfg.task)
+    if cfg.grad_accum < 1:
+        raise DeadscanError(f"--grad-accum {cfg.grad_accum} must be at least 1")
+    amp = autocast_context(torch.device(device), task)  # resolved once: bf16 on CUDA for language models
     model.to(device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     opt = _optimizer(cfg, model)
@@ -212,19 +358,23 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
             raise DeadscanError(f"{state_path}: cannot resume: the saved state does not fit this run "
                                 f"({type(e).__name__}: {one_line(e, 200)}); drop --resume or choose another --out") from None
 
+    def assess(ds):
+        return task.evaluate(model, ds, device, cfg.eval_batch_size, amp)
+
     if cfg.epochs == 0:  # one strip step, then a re-scan to see what it did
         stripper.every = 1  # the one step strips whatever --every says (epoch 1 % every may be non-zero)
         report = stripper.step(val)
-        result.history.append(_history_row(0, report, None, evaluate(model, val, device, cfg.eval_batch_size)))
+        result.history.append(_history_row(0, report, None, assess(val)))
         stripper.enabled = False
         after = stripper.step(val)
         stripper.enabled, stripper.every = cfg.strip, cfg.every
-        result.history.append(_history_row(1, after, None, evaluate(model, val, device, cfg.eval_batch_size)))
-        result.test = evaluate(model, test, device, cfg.eval_batch_size)
+        result.history.append(_history_row(1, after, None, assess(val)))
+        result.test = assess(test)
         result.history[-1]["test_acc"] = result.test["acc"]  # as the training path does
         return result
 
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    micro_batches = math.ceil(len(train) / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum)  # optimizer steps: what the schedule counts
     # Only on a terminal (not in logs or CI); and no bar object at all otherwise: a signal arriving
     # while tqdm builds even a disabled bar makes it print an error from its destructor.
     show_bar = progress and sys.stderr.isatty()
@@ -234,21 +384,28 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
                 t0 = time.perf_counter()
                 model.train()
                 total = torch.zeros((), device=device, dtype=torch.float64)
-                batches = train.train_batches(cfg.batch_size, device, gen, augment=cfg.augment)
+                terms = 0
+                batches = bar = train.train_batches(cfg.batch_size, device, gen, augment=cfg.augment)
                 if show_bar:
-                    batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}", unit="batch",
-                                   leave=False, dynamic_ncols=True)
-                for i, (xb, yb) in enumerate(batches):
-                    for group in opt.param_groups:
-                        group["lr"] = _lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
-                    loss = F.cross_entropy(model(xb), yb)
+                    batches = bar = tqdm(batches, total=micro_batches, desc=f"epoch {epoch + 1}", unit="batch",
+                                         leave=False, dynamic_ncols=True)
+                batches = iter(batches)
+                for i in range(steps_per_epoch):
+                    group = list(itertools.islice(batches, cfg.grad_accum))
+                    if not group:
+                        break
+                    for g in opt.param_groups:
+                        g["lr"] = _lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()  # gradient hooks zero the pruned weights' gradients
+                    summed, weight = accumulate(model, task, group, amp)
                     opt.step()
-                    total += loss.detach().double() * len(yb)
-                train_loss = float(total) / len(train)  # sync point: once per epoch
+                    total += summed
+                    terms = terms + weight  # a tensor for token data: summed on the device
+                if show_bar:
+                    bar.close()
+                train_loss = float(total) / max(int(terms), 1)  # sync point: once per epoch
                 report = stripper.step(val)
-                row = _history_row(epoch + 1, report, train_loss, evaluate(model, val, device, cfg.eval_batch_size))
+                row = _history_row(epoch + 1, report, train_loss, assess(val))
                 row["seconds"] = round(time.perf_counter() - t0, 3)
                 result.history.append(row)
                 if state_path is not None:
@@ -259,7 +416,7 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
             done = len(result.history)
             raise Interrupted(f"interrupted during epoch {done + 1}; {done} epoch(s) saved"
                               + (f" in {state_path}" if state_path else "")) from None
-    result.test = evaluate(model, test, device, cfg.eval_batch_size)
+    result.test = assess(test)
     if result.history:
         result.history[-1]["test_acc"] = result.test["acc"]
     return result

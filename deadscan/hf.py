@@ -395,4 +395,58 @@ def _rename(state: dict[str, torch.Tensor], expected, prefix: str) -> dict[str, 
     return out
 
 
-__all__ = ["is_folder", "plan", "load_folder", "manifest", "Plan"]
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_folder(model, dest: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+    """Write ``model`` as a Hugging Face folder at ``dest``: config.json and model.safetensors by transformers'
+    own ``save_pretrained`` (the original tensor names; tied weights stored once and tied again on load), plus
+    the tokenizer files of ``source`` when it holds them. Atomic: written into a hidden temp folder beside
+    ``dest``, then renamed over it; a run killed midway leaves only ``.stripped.*.tmp``."""
+    import shutil
+    import tempfile
+
+    from .errors import OutputError
+    from .files import open_regular
+
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write {dest} ({e.strerror}); choose another --out") from None
+    try:
+        new = tmp / dest.name  # made by save_pretrained with the umask's mode (mkdtemp's is 0700)
+        _save_pretrained(model, new)
+        if source is not None:
+            from .data.tokens import TOKENIZER_FILES
+
+            for name in TOKENIZER_FILES:
+                src = Path(source) / name
+                if os.path.lexists(src) and not os.path.lexists(new / name):
+                    with open_regular(src) as f, open(new / name, "wb") as g:  # regular files only
+                        shutil.copyfileobj(f, g)
+        if os.path.lexists(dest):  # an earlier run's folder (--overwrite): moved aside, removed with tmp
+            os.replace(dest, tmp / "old")
+        os.replace(new, dest)
+    except OSError as e:
+        raise OutputError(f"cannot write {dest} ({e.strerror or one_line(e)}); choose another --out") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _save_pretrained(model, folder: Path) -> None:
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its shard bar is noise next to deadscan's own output
+    try:
+        model.save_pretrained(str(folder))  # safetensors (transformers 5 writes nothing else)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+__all__ = ["is_folder", "plan", "load_folder", "save_folder", "manifest", "Plan"]

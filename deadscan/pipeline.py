@@ -74,7 +74,8 @@ def _hf_folder(checkpoint) -> str | None:
 
 # What each command writes to --out: an existing one is refused unless --overwrite (strip --resume reuses its own).
 INSPECT_OUTPUTS = ("summary.json", "stats.h5", "report.html")
-STRIP_OUTPUTS = INSPECT_OUTPUTS + ("stripped.safetensors", "masks.safetensors", "compact.safetensors", STATE_FILE)
+STRIP_OUTPUTS = INSPECT_OUTPUTS + ("stripped.safetensors", "stripped", "masks.safetensors", "compact.safetensors",
+                                   STATE_FILE)  # stripped/: the Hugging Face folder a language model is saved as
 
 
 @dataclass
@@ -82,6 +83,7 @@ class StripRun:
     summary: dict
     out: Path
     files: dict[str, Path]
+    model: object = None  # the stripped model, in memory (on the training device)
 
 
 def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: TrainConfig,
@@ -100,14 +102,19 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
     reusing = checkpoint is None  # the documented flow: strip into the folder of the inspect it reuses
     arch_source = expected_sha = None
     if checkpoint is None:
-        last = previous_run(from_dir)
+        last = _previous_run(from_dir)
         checkpoint, expected_sha = last.checkpoint, last.sha256
         if arch is None and last.arch is not None:  # a spec that names no code (checked when read)
             arch, arch_source = last.arch, str(last.summary_path)
         data, data_root = data or last.data, data_root or last.data_root
-        data_options = {**last.data_options, **{k: v for k, v in data_options.items() if v is not None}}
+        data_options = {**last.data_options, **_token_options(from_dir),
+                        **{k: v for k, v in data_options.items() if v is not None}}
     if data is None:
         raise DataError("--data is required with a checkpoint")
+    hf_folder = _hf_folder(checkpoint)
+    if compact and hf_folder is not None:  # before any work
+        raise OutputError(f"{checkpoint}: --compact is not supported for Hugging Face folders yet; drop --compact "
+                          "(stripped/ keeps every neuron, pruned weights exactly zero)")
     out = Path(out)
     if not (resume or overwrite) and (out / STATE_FILE).exists():
         raise OutputError(f"--out {out} holds {STATE_FILE} from an earlier strip run; pass --resume to continue it, "
@@ -122,15 +129,16 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
             raise DataError(f"{checkpoint}: changed since the run in {from_dir} scanned it (sha256 differs); "
                             "pass the checkpoint and --data yourself")
         options = {k: v for k, v in data_options.items() if v is not None}
-        splits = {s: load_data(data, s, root=data_root, download=download, **options) for s in ("train", "val", "test")}
+        splits = {s: load_data(data, s, root=data_root, download=download, model_folder=hf_folder, **options)
+                  for s in ("train", "val", "test")}
         shifted = None
         if corrupted is not None:
             shifted = load_data(corrupted, "test", root=data_root, download=download,
                                 **{k: v for k, v in {**options, **(corrupted_options or {})}.items()
                                    if k not in ("val_fraction",)})
-        if getattr(splits["val"], "kind", None) == "tokens":
-            raise DataError(f"--data {data}: fine-tuning language models on token data is not supported yet; "
-                            "deadscan inspect scans them")
+        cfg = replace(cfg, task=_task(ckpt.model, splits["val"], data, checkpoint))
+        if shifted is not None and cfg.task != "classification":
+            raise DataError(f"--test-corrupted {corrupted}: corrupted test sets are images; a language model has none")
         model = ckpt.model.to(dev)
         check_fits(model, splits["val"], dev)
         sitemap = find_sites(model)
@@ -157,8 +165,15 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
         final = scan(model, splits["val"], sitemap=stripper.sitemap, batch_size=cfg.eval_batch_size, device=dev,
                      input_means=True)
         cap = capacity(model, final, stripper.masks.masks)
-        files = {"stripped": out / "stripped.safetensors", "masks": out / "masks.safetensors"}
-        save_safetensors(model, files["stripped"], ckpt.info.arch or "", {"deadscan_source_sha256": ckpt.info.sha256})
+        if hf_folder is not None:  # a Hugging Face folder again: config, weights under their own names, tokenizer
+            from .hf import save_folder
+
+            files = {"stripped": out / "stripped", "masks": out / "masks.safetensors"}
+            save_folder(model, files["stripped"], source=hf_folder)
+        else:
+            files = {"stripped": out / "stripped.safetensors", "masks": out / "masks.safetensors"}
+            save_safetensors(model, files["stripped"], ckpt.info.arch or "",
+                             {"deadscan_source_sha256": ckpt.info.sha256})
         save_masks(stripper.masks.state_dict(), files["masks"])
         if compact:
             summary_compact = _compact(model, final, splits["val"], cfg, out, ckpt.info.arch or "")
@@ -166,7 +181,7 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
         data_info = {**splits["val"].describe(), "root": data_root}
         summary = build_summary(final, cap, command=command, checkpoint=ckpt.info, data=data_info,
                                 elapsed=time.perf_counter() - start)
-        summary["config"] = asdict(cfg)
+        summary["config"] = asdict(cfg)  # task and grad_accum included
         summary["history"] = res.history
         summary["test"] = res.test
         if shifted is not None:
@@ -180,7 +195,63 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
         report_data = collect(summary, final, model, masks=stripper.masks.masks, before=before)
         del before
         files.update(write_outputs(report_data, out, plotlyjs=plotlyjs))  # stats.h5, report.html
-        return StripRun(summary, out, files)
+        return StripRun(summary, out, files, model)
+
+
+def _task(model, val, data, checkpoint) -> str:
+    """classification for image data; causal_lm for token data on a Hugging Face causal language model
+    (the only language models fine-tuned yet)."""
+    if getattr(val, "kind", None) != "tokens":
+        return "classification"
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) or not _is_causal_lm(name):
+        what = "a sequence-to-sequence model" if getattr(config, "is_encoder_decoder", False) else "not a causal LM"
+        raise DataError(f"{checkpoint}: {name} is {what}; fine-tuning on token data is supported for causal "
+                        "language models (...ForCausalLM) only, not yet for encoder-only or sequence-to-sequence "
+                        "models; deadscan inspect scans them")
+    return "causal_lm"
+
+
+def _is_causal_lm(name: str) -> bool:
+    if name.endswith("ForCausalLM"):
+        return True
+    try:  # transformers' own list of causal LM heads (GPT-2's is GPT2LMHeadModel)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as names
+    except ImportError:
+        return False
+    return name.endswith("LMHeadModel") and name in set(names.values())
+
+
+def _previous_run(from_dir):
+    """runfolder.previous_run, except that a Hugging Face folder's ``hf:<class>`` is not taken as an --arch
+    spec naming code: the folder's own config.json names the class, and load_folder looks it up among
+    transformers' own classes only, so nothing summary.json says is imported."""
+    from .runfolder import DATA_OPTIONS, SUMMARY, PreviousRun, read_summary
+
+    try:
+        return previous_run(from_dir)
+    except DataError:
+        s = summary_or_empty(from_dir)  # the same checked read
+        ck, d = s.get("checkpoint") or {}, s.get("data") or {}
+        if not str(ck.get("format", "")).startswith("hf-") or not d:
+            raise
+    path = Path(from_dir) / SUMMARY
+    read_summary(path)  # checked again: the file may have changed in between
+    return PreviousRun(path, Path(ck["path"]), ck["sha256"], ck["format"], None, d["name"], d.get("root"),
+                       {k: d[k] for k in DATA_OPTIONS if d.get(k) is not None}, "history" in s)
+
+
+def _token_options(from_dir) -> dict:
+    """How the reused inspect read token data (sequence length, tokenizer, text field), so that a strip
+    reusing it cuts the same sequences."""
+    d = summary_or_empty(Path(from_dir)).get("data") or {}
+    if d.get("kind") != "tokens":
+        return {}
+    options = {"tokenizer": d.get("tokenizer"), "text_field": d.get("text_field")}
+    if d.get("tokenizer") is not None:  # text packed into blocks: their length
+        options["seq_len"] = d.get("seq_len")
+    return {k: v for k, v in options.items() if isinstance(v, (str, int)) and not isinstance(v, bool)}
 
 
 def summary_in(folder: Path) -> dict:

@@ -53,6 +53,7 @@ class TokenDataset:
     source: str | None = None
     tokenizer_size: int | None = None  # len(tokenizer) when the text was tokenised here
     info: dict = field(default_factory=dict)  # tokenizer, text_field: for describe()
+    _device_copy: tuple | None = field(default=None, repr=False, compare=False)  # (device, ids, mask)
     kind = "tokens"
 
     def __len__(self) -> int:
@@ -91,11 +92,42 @@ class TokenDataset:
             yield {"input_ids": self.input_ids[i:i + batch_size].to(dev, non_blocking=True),
                    "attention_mask": self.attention_mask[i:i + batch_size].to(dev, non_blocking=True)}
 
+    def train_batches(self, batch_size: int, device: torch.device | str,
+                      generator: torch.Generator | int | None = None, augment: str | None = "default",
+                      drop_last: bool = False):
+        """One epoch of shuffled ``{"input_ids", "attention_mask"}`` batches for a training loop.
+
+        ``generator`` (a ``torch.Generator``, an int seed, or None for torch's default) draws a permutation of
+        the sequences on ``device``; the same generator state gives the same epoch. Sequences are never cut or
+        re-packed. ``augment``: token data has none (``"default"``, ``"none"`` or None)."""
+        from .dataset import _generator
+
+        if augment not in (None, "default", "none"):
+            raise DataError(f"--augment {augment}: token data has no augmentation; use --augment none")
+        dev = torch.device(device)
+        ids, mask = self._on(dev)
+        n = len(self)
+        perm = torch.randperm(n, generator=_generator(generator, dev), device=dev)
+        for i in range(0, n, batch_size):
+            if drop_last and i + batch_size > n:
+                break
+            idx = perm[i:i + batch_size]
+            yield {"input_ids": ids.index_select(0, idx), "attention_mask": mask.index_select(0, idx)}
+
+    def _on(self, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both arrays on ``dev``, copied once for repeated epochs (ids are small next to the model)."""
+        if dev.type == "cpu":
+            return self.input_ids, self.attention_mask
+        if self._device_copy is None or self._device_copy[0] != dev:
+            self._device_copy = (dev, self.input_ids.to(dev), self.attention_mask.to(dev))
+        return self._device_copy[1], self._device_copy[2]
+
     def example(self, n: int = 2) -> dict:
         return {"input_ids": self.input_ids[:n], "attention_mask": self.attention_mask[:n]}
 
     def release(self) -> None:
-        pass
+        """Drop the device copy kept for repeated epochs."""
+        self._device_copy = None
 
 
 # ---------------------------------------------------------------------------------------------
