@@ -205,11 +205,20 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def autocast_context(device: torch.device, task: Task):
-    """bf16 autocast on CUDA for tasks that take it (resolved once per run); float32 everywhere else."""
+def autocast_dtype(device: torch.device, task: Task) -> torch.dtype | None:
+    """bf16 on CUDA (where supported) for tasks that take it; None (the model's own dtype, float32 for a
+    float32 model) on CPU and for image classifiers, whose training stays as it was."""
     if task.autocast and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        return torch.bfloat16
+    return None
+
+
+def autocast_context(device: torch.device, task: Task):
+    """The autocast context of a run, resolved once from the device and the task."""
+    dtype = autocast_dtype(device, task)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def evaluate(model: nn.Module, ds: Dataset | None, device: torch.device, batch_size: int,

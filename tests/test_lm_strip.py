@@ -332,3 +332,13 @@ def test_encoder_only_and_compact_refused_in_one_line(tmp_path):
     assert res.exit_code == 1 and len(err) == 1, res.output
     assert "--compact is not supported for Hugging Face folders yet" in err[0]
     assert not (tmp_path / "c").exists()
+
+
+def test_autocast_is_bf16_on_cuda_for_language_models_only(monkeypatch):
+    from deadscan.finetune import Classification, autocast_context, autocast_dtype
+
+    assert autocast_dtype(torch.device("cpu"), CausalLM()) is None  # float32 on CPU
+    assert type(autocast_context(torch.device("cpu"), CausalLM())).__name__ == "nullcontext"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert autocast_dtype(torch.device("cuda"), CausalLM()) is torch.bfloat16
+    assert autocast_dtype(torch.device("cuda:0"), Classification()) is None  # images train as before
