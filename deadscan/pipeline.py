@@ -137,6 +137,8 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
                                 **{k: v for k, v in {**options, **(corrupted_options or {})}.items()
                                    if k not in ("val_fraction",)})
         cfg = replace(cfg, task=_task(ckpt.model, splits["val"], data, checkpoint))
+        if cfg.task == "causal_lm":  # logits are (batch, tokens, vocab): evaluate and scan in training-sized batches
+            cfg = replace(cfg, eval_batch_size=min(cfg.eval_batch_size, cfg.batch_size))
         if shifted is not None and cfg.task != "classification":
             raise DataError(f"--test-corrupted {corrupted}: corrupted test sets are images; a language model has none")
         model = ckpt.model.to(dev)
