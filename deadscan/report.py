@@ -32,14 +32,17 @@ DEFINITIONS = {
     "neuron": "one output feature of a Linear (over batch and tokens) or one output channel of a Conv "
               "(over batch and space); Hugging Face's transposed Conv1D (GPT-2) stores its weight as "
               "(in, out), so a neuron is a column",
-    "dead": "output exactly zero for every element of the scanned data",
+    "gated_site": "relu(gate(x)) * up(x) (Llama/Mistral with hidden_act relu): the feeding layer is the gate, "
+                  "whose dead neuron zeroes the product; up is its gate partner and down its consumer",
+    "dead": "output exactly zero for every element of the scanned data; with token data, padded positions "
+            "(attention_mask 0) are never part of the scanned data",
     "provably_dead": "dead whatever the data: inputs come from a ReLU (non-negative) and all incoming weights and "
                      "the bias, signed by the per-feature scale after the layer, are <= 0",
     "dormant": "ReDo score s_i = mean|h_i| / mean_k mean|h_k| <= tau (dead neurons are dormant too)",
-    "hidden_params": "weights and biases of every feeding layer, plus the consumer layers' weights that read "
-                     "those neurons, each counted once",
-    "inactive_params": "pruned weights; a dead neuron's incoming weights and bias; consumer weights reading a "
-                       "dead neuron; each counted once",
+    "hidden_params": "weights and biases of every feeding layer (and of a gated site's partner), plus the "
+                     "consumer layers' weights that read those neurons, each counted once",
+    "inactive_params": "pruned weights; a dead neuron's incoming weights and bias (and its partner row); "
+                       "consumer weights reading a dead neuron; each counted once",
     "active_percent": "100 * (hidden_params - inactive_params) / hidden_params",
     "active_percent_feeding_weights": "the same over feeding-layer weights only (the reference code's figure)",
     "per_site_params": "a layer that consumes one site and feeds the next counts in both sites' figures; "
