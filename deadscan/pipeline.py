@@ -102,12 +102,12 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
     reusing = checkpoint is None  # the documented flow: strip into the folder of the inspect it reuses
     arch_source = expected_sha = None
     if checkpoint is None:
-        last = _previous_run(from_dir)
+        last = previous_run(from_dir)
         checkpoint, expected_sha = last.checkpoint, last.sha256
         if arch is None and last.arch is not None:  # a spec that names no code (checked when read)
             arch, arch_source = last.arch, str(last.summary_path)
         data, data_root = data or last.data, data_root or last.data_root
-        data_options = {**last.data_options, **_token_options(from_dir),
+        data_options = {**last.data_options,
                         **{k: v for k, v in data_options.items() if v is not None}}
     if data is None:
         raise DataError("--data is required with a checkpoint")
@@ -223,37 +223,6 @@ def _is_causal_lm(name: str) -> bool:
     except ImportError:
         return False
     return name.endswith("LMHeadModel") and name in set(names.values())
-
-
-def _previous_run(from_dir):
-    """runfolder.previous_run, except that a Hugging Face folder's ``hf:<class>`` is not taken as an --arch
-    spec naming code: the folder's own config.json names the class, and load_folder looks it up among
-    transformers' own classes only, so nothing summary.json says is imported."""
-    from .runfolder import DATA_OPTIONS, SUMMARY, PreviousRun, read_summary
-
-    try:
-        return previous_run(from_dir)
-    except DataError:
-        s = summary_or_empty(from_dir)  # the same checked read
-        ck, d = s.get("checkpoint") or {}, s.get("data") or {}
-        if not str(ck.get("format", "")).startswith("hf-") or not d:
-            raise
-    path = Path(from_dir) / SUMMARY
-    read_summary(path)  # checked again: the file may have changed in between
-    return PreviousRun(path, Path(ck["path"]), ck["sha256"], ck["format"], None, d["name"], d.get("root"),
-                       {k: d[k] for k in DATA_OPTIONS if d.get(k) is not None}, "history" in s)
-
-
-def _token_options(from_dir) -> dict:
-    """How the reused inspect read token data (sequence length, tokenizer, text field), so that a strip
-    reusing it cuts the same sequences."""
-    d = summary_or_empty(Path(from_dir)).get("data") or {}
-    if d.get("kind") != "tokens":
-        return {}
-    options = {"tokenizer": d.get("tokenizer"), "text_field": d.get("text_field")}
-    if d.get("tokenizer") is not None:  # text packed into blocks: their length
-        options["seq_len"] = d.get("seq_len")
-    return {k: v for k, v in options.items() if isinstance(v, (str, int)) and not isinstance(v, bool)}
 
 
 def summary_in(folder: Path) -> dict:

@@ -63,7 +63,8 @@ SUMMARY_SCHEMA = {
              "channels?": Opt(COUNT), "root?": Opt(STR), "source?": Opt(STR), "classes?": Opt(COUNT),
              "shape?": Opt([COUNT]), "indices_sha256?": Opt(STR),
              # token data (language models)
-             "kind?": STR, "sequences?": COUNT, "tokens?": COUNT, "seq_len?": Opt(COUNT)},
+             "kind?": STR, "sequences?": COUNT, "tokens?": COUNT, "seq_len?": Opt(COUNT), "tokenizer?": Opt(STR),
+             "text_field?": Opt(STR)},
     "totals": {"sites": COUNT, "neurons": COUNT, "dead": COUNT, "provably_dead": COUNT, "dormant": COUNT,
                "hidden_params": COUNT, "inactive_params": COUNT, "active_percent": Opt(NUM),
                "active_percent_feeding_weights": Opt(NUM), "pruned_weights": COUNT, "tau": NUM},
@@ -240,7 +241,7 @@ class PreviousRun:
     arch: str | None  # None: the checkpoint's own metadata names it (safetensors written by deadscan)
     data: str
     data_root: str | None
-    data_options: dict  # load_data keywords: seed, val_fraction, mean, std, resize, channels
+    data_options: dict  # load_data keywords: seed, val_fraction, mean, std, resize, channels (+ token options)
     is_strip: bool  # the run was a strip run (it has a history)
 
 
@@ -259,7 +260,9 @@ def previous_run(from_dir: str | os.PathLike) -> PreviousRun:
     ck, d = s["checkpoint"], s["data"]
     if ck is None:
         raise DataError(f"{path}: records no checkpoint; pass CKPT and --data")
-    arch = ck["arch"] if ck["format"] != "safetensors" else None
+    # A safetensors file written by deadscan names its own spec (the loader checks it); a Hugging Face folder's
+    # class comes from its own config.json, looked up among transformers' classes only.
+    arch = None if ck["format"] == "safetensors" or ck["format"].startswith("hf-") else ck["arch"]
     if arch is not None:
         from .zoo import check_file_spec, parse_spec
 
@@ -273,5 +276,9 @@ def previous_run(from_dir: str | os.PathLike) -> PreviousRun:
         except ArchError as e:
             raise DataError(str(e)) from None
     options = {k: d[k] for k in DATA_OPTIONS if d.get(k) is not None}
+    if d.get("kind") == "tokens":  # how the text was cut into sequences, so a strip cuts the same ones
+        options.update({k: d[k] for k in ("tokenizer", "text_field") if d.get(k) is not None})
+        if d.get("tokenizer") is not None and d.get("seq_len") is not None:
+            options["seq_len"] = d["seq_len"]
     return PreviousRun(path, Path(ck["path"]), ck["sha256"], ck["format"], arch, d["name"], d.get("root"),
                        options, "history" in s)
