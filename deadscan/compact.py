@@ -139,14 +139,30 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _outputs(model: nn.Module, xb) -> torch.Tensor:
+    """What is compared: the output of an image batch; for a token batch (a dict of ``input_ids`` and
+    ``attention_mask``) the logits at real positions only (a dead neuron may fire on padding)."""
+    if not isinstance(xb, dict):
+        return model(xb).float()
+    from .data.tokens import model_kwargs
+    from .finetune import _logits
+
+    logits = _logits(model(**model_kwargs(model, xb))).float()
+    mask = xb.get("attention_mask")
+    return logits[mask.bool()] if mask is not None else logits
+
+
 def compare_outputs(a: nn.Module, b: nn.Module, batches) -> tuple[float, float]:
-    """(largest |a(x) - b(x)|, largest |a(x)|) over ``batches``, in one pass; one sync at the end."""
+    """(largest |a(x) - b(x)|, largest |a(x)|) over ``batches`` (tensors, or token batches: logits at real
+    positions), in one pass; one sync at the end."""
     diff = scale = torch.zeros(())
     a.eval()
     b.eval()
     with torch.inference_mode():
         for xb in batches:
-            ya, yb = a(xb).float(), b(xb).float()
+            ya, yb = _outputs(a, xb), _outputs(b, xb)
+            if ya.numel() == 0:
+                continue
             diff = torch.maximum(diff.to(ya.device), (ya - yb).abs().max())
             scale = torch.maximum(scale.to(ya.device), ya.abs().max())
     return float(diff), float(scale)
@@ -157,15 +173,26 @@ def max_output_diff(a: nn.Module, b: nn.Module, batches) -> float:
     return compare_outputs(a, b, batches)[0]
 
 
-def cpu_latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 20) -> float:
-    """Median CPU latency of one forward on ``example`` (milliseconds)."""
+def cpu_latency_ms(model: nn.Module, example, repeats: int = 20) -> float:
+    """Median CPU latency of one forward on ``example`` (a tensor, or a token batch dict) in milliseconds."""
     m = copy.deepcopy(model).to("cpu").eval()
-    x = example.to("cpu")
+    if isinstance(example, dict):
+        from .data.tokens import model_kwargs
+
+        kwargs = model_kwargs(m, {k: v.to("cpu") for k, v in example.items()})
+
+        def run():
+            return m(**kwargs)
+    else:
+        x = example.to("cpu")
+
+        def run():
+            return m(x)
     times = []
     with torch.inference_mode():
-        m(x)
+        run()
         for _ in range(repeats):
             t = time.perf_counter()
-            m(x)
+            run()
             times.append(time.perf_counter() - t)
     return 1000 * float(np.median(times))

@@ -230,7 +230,7 @@ def load_folder(folder: str | os.PathLike, arch: str | None = None):
                      f"({ARCH_PREFIX}{p.arch}): drop --arch {arch}")
     cls = model_class(p)
     config = _config(p, cls)
-    state = _read_weights(p)
+    state, shapes = _read_weights(p)
     dtype = _dtype(p, config, state)
     try:
         # meta: nothing allocated; the guard stops a config far bigger than the files (layers=10**8) early
@@ -241,10 +241,40 @@ def load_folder(folder: str | os.PathLike, arch: str | None = None):
     except Exception as e:  # a config transformers cannot build (bad sizes, wrong types)
         raise _error(f"{p.folder}: cannot build {p.arch} from config.json ({type(e).__name__}: {one_line(e)}); "
                      "check the config") from None
+    if shapes is not None:  # a compacted folder: narrower layers than config.json builds
+        state = _rename(state, model.state_dict(), model.base_model_prefix)
+        _apply_shapes(model, shapes, state, p)
     _assign(model, state, p)
     info = CheckpointInfo(str(p.folder), manifest(p), p.format, ARCH_PREFIX + p.arch,
                           dtype=str(dtype).removeprefix("torch."))
     return Checkpoint(model.eval(), info)
+
+
+def _apply_shapes(model, text: str, state: dict[str, torch.Tensor], p: Plan) -> None:
+    """Resize the layers named by a compacted folder's ``deadscan_shapes`` metadata (on the meta device), after
+    checking every width against the file's own tensors (so no layer can be made wider than the file holds)."""
+    from .checkpoint import _shapes_from
+    from .errors import ArchError
+    from .layers import HF_CONV1D, kind_of
+    from .zoo import SHAPES_KEY, apply_shapes
+
+    # _shapes_from reads a weight as (out, in); Hugging Face's Conv1D (GPT-2) stores (in, out): seen transposed
+    seen = dict(state)
+    for key, t in state.items():
+        layer = key.removesuffix(".weight")
+        if key.endswith(".weight") and t.ndim == 2:
+            try:
+                m = model.get_submodule(layer)
+            except AttributeError:
+                continue
+            if kind_of(m) is HF_CONV1D:
+                seen[key] = t.t()
+    try:
+        shapes = _shapes_from(text, seen)
+        with torch.device("meta"):
+            apply_shapes(model, shapes)
+    except (ValueError, ArchError) as e:
+        raise _error(f"{p.folder}: {one_line(e)}; damaged or crafted {SHAPES_KEY} metadata") from None
 
 
 def _config(p: Plan, cls):
@@ -273,11 +303,20 @@ def _dtype(p: Plan, config, state: dict[str, torch.Tensor]) -> torch.dtype:
     return dtype
 
 
-def _read_weights(p: Plan) -> dict[str, torch.Tensor]:
+def _read_weights(p: Plan) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The tensors of every weight file, and the ``deadscan_shapes`` metadata of a compacted folder (None if
+    the files hold none; every safetensors file of a compacted folder carries the same)."""
+    from .zoo import SHAPES_KEY
+
     state: dict[str, torch.Tensor] = {}
     owner: dict[str, str] = {}
+    shapes: dict[str, str | None] = {}
     for path in p.files:
-        part = _read_safetensors(path) if p.format in ("hf-safetensors", "hf-sharded") else _read_bin(path)
+        if p.format in ("hf-safetensors", "hf-sharded"):
+            part, metadata = _read_safetensors(path)
+            shapes[path.name] = metadata.get(SHAPES_KEY)
+        else:
+            part = _read_bin(path)
         for key, t in part.items():
             if key in owner:
                 raise _error(f"{p.folder}: tensor {key} is in both {owner[key]} and {path.name}; damaged folder")
@@ -290,16 +329,20 @@ def _read_weights(p: Plan) -> dict[str, torch.Tensor]:
             from .checkpoint import _few
 
             raise _error(f"{p.index}: does not match its shards: {_few(wrong, 3)}; damaged folder: re-save it")
-    return state
+    if len(set(shapes.values())) > 1:
+        raise _error(f"{p.folder}: its weight files disagree on the {SHAPES_KEY} metadata (the widths of a "
+                     "compacted model); damaged or crafted folder")
+    return state, next(iter(shapes.values()), None)
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors memory-mapped from the file (the safetensors library checks the header against the file)."""
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors memory-mapped from the file (the safetensors library checks the header against the file), and
+    the file's metadata."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
+            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise _error(f"{path}: damaged safetensors file ({one_line(e)})") from None
 
@@ -399,11 +442,13 @@ def _rename(state: dict[str, torch.Tensor], expected, prefix: str) -> dict[str, 
 # Saving
 
 
-def save_folder(model, dest: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+def save_folder(model, dest: str | os.PathLike, source: str | os.PathLike | None = None,
+                metadata: dict[str, str] | None = None) -> Path:
     """Write ``model`` as a Hugging Face folder at ``dest``: config.json and model.safetensors by transformers'
     own ``save_pretrained`` (the original tensor names; tied weights stored once and tied again on load), plus
     the tokenizer files of ``source`` when it holds them. Atomic: written into a hidden temp folder beside
-    ``dest``, then renamed over it; a run killed midway leaves only ``.stripped.*.tmp``."""
+    ``dest``, then renamed over it; a run killed midway leaves only ``.stripped.*.tmp``. ``metadata`` (a
+    compacted model's ``deadscan_shapes``) is added to every safetensors file written."""
     import shutil
     import tempfile
 
@@ -419,6 +464,8 @@ def save_folder(model, dest: str | os.PathLike, source: str | os.PathLike | None
     try:
         new = tmp / dest.name  # made by save_pretrained with the umask's mode (mkdtemp's is 0700)
         _save_pretrained(model, new)
+        if metadata:
+            _add_metadata(new, metadata)
         if source is not None:
             from .data.tokens import TOKENIZER_FILES
 
@@ -435,6 +482,21 @@ def save_folder(model, dest: str | os.PathLike, source: str | os.PathLike | None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _add_metadata(folder: Path, metadata: dict[str, str]) -> None:
+    """Rewrite each safetensors file in ``folder`` with ``metadata`` added to its own (tensors unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            meta = {**(f.metadata() or {}), **metadata}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        del tensors
+        os.replace(tmp, path)
 
 
 def _save_pretrained(model, folder: Path) -> None:

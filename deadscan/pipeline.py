@@ -75,7 +75,7 @@ def _hf_folder(checkpoint) -> str | None:
 # What each command writes to --out: an existing one is refused unless --overwrite (strip --resume reuses its own).
 INSPECT_OUTPUTS = ("summary.json", "stats.h5", "report.html")
 STRIP_OUTPUTS = INSPECT_OUTPUTS + ("stripped.safetensors", "stripped", "masks.safetensors", "compact.safetensors",
-                                   STATE_FILE)  # stripped/: the Hugging Face folder a language model is saved as
+                                   "compact", STATE_FILE)  # stripped/, compact/: a language model's folders
 
 
 @dataclass
@@ -112,9 +112,6 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
     if data is None:
         raise DataError("--data is required with a checkpoint")
     hf_folder = _hf_folder(checkpoint)
-    if compact and hf_folder is not None:  # before any work
-        raise OutputError(f"{checkpoint}: --compact is not supported for Hugging Face folders yet; drop --compact "
-                          "(stripped/ keeps every neuron, pruned weights exactly zero)")
     out = Path(out)
     if not (resume or overwrite) and (out / STATE_FILE).exists():
         raise OutputError(f"--out {out} holds {STATE_FILE} from an earlier strip run; pass --resume to continue it, "
@@ -178,7 +175,7 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
                              {"deadscan_source_sha256": ckpt.info.sha256})
         save_masks(stripper.masks.state_dict(), files["masks"])
         if compact:
-            summary_compact = _compact(model, final, splits["val"], cfg, out, ckpt.info.arch or "")
+            summary_compact = _compact(model, final, splits["val"], cfg, out, ckpt.info.arch or "", hf_folder)
             files["compact"] = Path(summary_compact["path"])
         data_info = {**splits["val"].describe(), "root": data_root}
         summary = build_summary(final, cap, command=command, checkpoint=ckpt.info, data=data_info,
@@ -230,21 +227,36 @@ def summary_in(folder: Path) -> dict:
     return summary_or_empty(folder)
 
 
-def _compact(model, final: ScanResult, val: Dataset, cfg: TrainConfig, out: Path, arch: str) -> dict:
-    """Remove still-dead neurons; write compact.safetensors only if outputs match on the scanned data."""
+def _compact(model, final: ScanResult, val: Dataset, cfg: TrainConfig, out: Path, arch: str,
+             hf_folder: str | None = None) -> dict:
+    """Remove still-dead neurons; write compact.safetensors (a Hugging Face folder: the folder compact/) only if
+    outputs match on the scanned data (a language model: logits at real positions of the val token batches)."""
     from .compact import compact, compare_outputs, cpu_latency_ms
 
     dev = next(model.parameters()).device
     c = compact(model, final)
     diff, scale = compare_outputs(model, c.model, val.batches(cfg.eval_batch_size, dev))
     tolerance = 1e-4 * max(1.0, scale)
+    target = "compact/" if hf_folder is not None else "compact.safetensors"
     if diff > tolerance:
         raise OutputError(f"compacted model's outputs differ by {diff:.3g} (> {tolerance:.3g}) on the scanned "
-                          "data; compact.safetensors not written")
-    path = out / "compact.safetensors"
-    save_safetensors(c.model, path, arch, c.metadata())
-    example = val.prepare(val.x[: min(len(val), 64)])
-    return {"path": str(path), "removed": c.removed, "skipped": c.skipped, "params_before": c.params_before,
-            "params_after": c.params_after, "max_abs_diff": diff,
+                          f"data; {target} not written")
+    extra = {}
+    if hf_folder is not None:
+        # config.json unchanged (one FFN width for all layers): the per-layer widths are in model.safetensors'
+        # deadscan_shapes metadata, which deadscan.load reads; transformers' from_pretrained cannot load it
+        from .hf import save_folder
+
+        path = save_folder(c.model, out / "compact", source=hf_folder, metadata=c.metadata())
+        example = val.example(1)  # one sequence: an LM's CPU forward on a full batch is slow
+        extra["loads"] = "loads with deadscan.load(folder); not with transformers' from_pretrained (narrower layers)"
+    else:
+        path = out / "compact.safetensors"
+        save_safetensors(c.model, path, arch, c.metadata())
+        example = val.prepare(val.x[: min(len(val), 64)])
+    batch = len(example["input_ids"]) if isinstance(example, dict) else len(example)
+    return {"path": str(path), **extra, "removed": c.removed, "skipped": c.skipped,
+            "params_before": c.params_before, "params_after": c.params_after, "max_abs_diff": diff,
+            "tolerance": tolerance,
             "cpu_latency_ms_before": round(cpu_latency_ms(model, example), 4),
-            "cpu_latency_ms_after": round(cpu_latency_ms(c.model, example), 4), "latency_batch": len(example)}
+            "cpu_latency_ms_after": round(cpu_latency_ms(c.model, example), 4), "latency_batch": batch}

@@ -317,7 +317,7 @@ def test_train_batches_are_a_seeded_permutation_of_whole_sequences():
         next(ds.train_batches(4, "cpu", 0, augment="crop+flip"))
 
 
-def test_encoder_only_and_compact_refused_in_one_line(tmp_path):
+def test_encoder_only_refused_in_one_line(tmp_path):
     data = _tokens(tmp_path)
     torch.manual_seed(0)
     bert = transformers.BertForMaskedLM(transformers.BertConfig(
@@ -328,10 +328,7 @@ def test_encoder_only_and_compact_refused_in_one_line(tmp_path):
     assert res.exit_code == 1 and len(err) == 1 and "not yet for encoder-only" in err[0], res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "b" / "summary.json").exists()
-    res, err = _run("strip", _folder(tmp_path), "--data", data, "--finetune", 1, "--compact", "--out", tmp_path / "c")
-    assert res.exit_code == 1 and len(err) == 1, res.output
-    assert "--compact is not supported for Hugging Face folders yet" in err[0]
-    assert not (tmp_path / "c").exists()
+    # --compact on a Hugging Face folder: tests/test_hf_compact.py
 
 
 def test_autocast_is_bf16_on_cuda_for_language_models_only(monkeypatch):
