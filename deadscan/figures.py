@@ -19,6 +19,8 @@ FREQ_BINS = 50
 PRE_MAX_BINS = 50
 MAX_MENU_SITES = 60  # sites offered in a figure's dropdown (most dead first), beyond "all sites"
 MAX_STACKED_SITES = 10  # sites drawn apart in stacked bars; the rest are summed as "other sites"
+MANY_SITES = 12  # beyond this, per-site activation frequencies are one heatmap, not a trace per site
+FREQ_PER_DECADE = 4  # log-spaced frequency bins of the heatmap
 MENU_ROOM = {"height": 400, "margin": {"t": 80}}  # space above the plot for a legend and a dropdown
 FONT = {"family": "system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif", "size": 12}
 
@@ -58,12 +60,24 @@ def _layout(**kw) -> dict:
     return base
 
 
-def _list(a) -> list:
-    """JSON-safe list: NaN and inf become None (plotly leaves a gap)."""
+def _list(a, digits: int | None = None) -> list:
+    """JSON-safe list: NaN and inf become None (plotly leaves a gap); ``digits`` significant digits."""
     out = []
     for v in np.asarray(a, dtype=float).tolist():
+        if digits is not None and np.isfinite(v):
+            v = float(f"{v:.{digits}g}")
         out.append(v if np.isfinite(v) else None)
     return out
+
+
+def _bar_x(edges: np.ndarray) -> dict:
+    """Bar positions and widths from bin edges: x0/dx and one width when the bins are uniform
+    (a figure with 60 sites' histograms in its dropdown stays small), else one per bar."""
+    edges = np.asarray(edges, dtype=float)
+    w = np.diff(edges)
+    if w.size and np.allclose(w, w[0], rtol=1e-9, atol=0):
+        return {"x0": float((edges[0] + edges[1]) / 2), "dx": float(w[0]), "width": float(w[0])}
+    return {"x": _list((edges[:-1] + edges[1:]) / 2), "width": _list(w)}
 
 
 def _bars(h: Hist, name: str, key: str, color: str, *, density: bool = True, visible=True, opacity=0.6,
@@ -71,7 +85,7 @@ def _bars(h: Hist, name: str, key: str, color: str, *, density: bool = True, vis
     counts = np.asarray(h.series[key], dtype=float)
     total = counts.sum()
     y = counts / total if density and total else counts
-    return {"type": "bar", "x": _list(h.centers), "y": _list(y), "width": _list(h.widths), "name": label(name),
+    return {"type": "bar", **_bar_x(h.edges), "y": _list(y, 4), "name": label(name),
             "marker": {"color": color, "line": {"width": 0}}, "opacity": opacity, "visible": visible,
             "legendgroup": group or name, "customdata": [int(c) for c in counts],
             "hovertemplate": "%{x:.3g}: %{customdata} weights<extra>" + label(name) + "</extra>"}
@@ -123,10 +137,11 @@ def dead_per_site(data: ReportData) -> Figure:
          "marker": {"color": "#333", "symbol": "line-ew-open", "size": 14, "line": {"width": 2}},
          "customdata": custom, "hovertemplate": "%{customdata[0]}<br>dormant %{y:.1f}%<extra></extra>"},
     ]
-    many = len(sites) > 40
-    xaxis = {"title": {"text": "site (model depth \u2192)"}, "tickmode": "array", "tickvals": x,
-             "ticktext": [label(short(s.name, 28)) for s in sites], "tickangle": -45 if len(sites) > 4 else 0,
-             "showticklabels": not many}
+    if len(sites) > 40:  # names would overlap: number the sites in model order, names on hover
+        xaxis = {"title": {"text": "site # in model order (model depth \u2192)"}, "tickmode": "auto"}
+    else:
+        xaxis = {"title": {"text": "site (model depth \u2192)"}, "tickmode": "array", "tickvals": x,
+                 "ticktext": [label(short(s.name, 28)) for s in sites], "tickangle": -45 if len(sites) > 4 else 0}
     layout = _layout(xaxis=xaxis, yaxis={"title": {"text": "% of the site's neurons"}, "rangemode": "tozero"},
                      bargap=0.25, height=400)
     return Figure("dead-per-site", "Dead neurons per site",
@@ -160,10 +175,12 @@ def _log_axis(top: float) -> dict:
 def frequency_histogram(data: ReportData) -> Figure:
     edges = np.linspace(0.0, 1.0, FREQ_BINS + 1)
     centers, width = (edges[:-1] + edges[1:]) / 2, 1.0 / FREQ_BINS
-    menu_sites = _menu_sites(data.sites, lambda s: s.neurons > 0)
-    groups = [("all sites", sum(_freq_counts(s)[0] for s in data.sites),
-               sum((_freq_counts(s)[1] for s in data.sites), np.zeros(FREQ_BINS, np.int64)))]
-    groups += [(s.name, *_freq_counts(s)) for s in menu_sites]
+    counts = {id(s): _freq_counts(s) for s in data.sites}  # once per site: a site may hold 30k neurons
+    pooled = ("all sites", sum(c[0] for c in counts.values()),
+              sum((c[1] for c in counts.values()), np.zeros(FREQ_BINS, np.int64)))
+    many = len(data.sites) > MANY_SITES
+    menu_sites = [] if many else _menu_sites(data.sites, lambda s: s.neurons > 0)
+    groups = [pooled] + [(s.name, *counts[id(s)]) for s in menu_sites]
     traces, vis = [], []
     for i, (name, dead, live) in enumerate(groups):
         show = i == 0
@@ -171,22 +188,77 @@ def frequency_histogram(data: ReportData) -> Figure:
                        "name": "dead (never fired)", "marker": {"color": DEAD}, "visible": show,
                        "legendgroup": "dead", "showlegend": True,
                        "hovertemplate": "dead: %{y} neurons<extra>" + label(short(name, 40)) + "</extra>"})
-        traces.append({"type": "bar", "x": _list(centers), "y": [int(c) if c else None for c in live],
+        traces.append({"type": "bar", "x0": float(centers[0]), "dx": width, "y": [int(c) if c else None for c in live],
                        "width": width, "name": "fired", "marker": {"color": HEALTHY}, "visible": show,
                        "legendgroup": "live",
                        "hovertemplate": "fired on %{x:.0%}: %{y} neurons<extra>" + label(short(name, 40)) + "</extra>"})
     for i in range(len(groups)):
         vis.append([j // 2 == i for j in range(len(traces))])
     top = max(max(g[1], int(g[2].max()) if g[2].size else 0) for g in groups)
+    extra = {"updatemenus": _menu([g[0] for g in groups], vis), **MENU_ROOM} if not many else {}
+    layout = _layout(barmode="overlay", bargap=0, xaxis=_freq_axis(), yaxis=_log_axis(top), **extra)
+    if many:
+        caption = ("How often each neuron fires over the scanned data, all sites pooled (log count); the red spike at "
+                   "'dead' is the neurons that never fired. Per site: the heatmap below.")
+    else:
+        caption = ("How often each neuron fires over the scanned data (log count); the red spike at 'dead' is the "
+                   "neurons that never fired. Pick a site in the dropdown." + _capped(
+                       len([s for s in data.sites if s.neurons]), len(menu_sites)))
+    return Figure("frequency", "Activation frequency", caption, {"data": traces, "layout": layout})
+
+
+def _fmt_freq(v: float) -> str:
+    return f"{v:.2g}".replace("e-0", "e-")
+
+
+def frequency_edges(sites: list[SiteData]) -> np.ndarray:
+    """Log-spaced frequency bin edges from the decade of the rarest firing neuron (at least 1e-2) to 1;
+    the dead (zero) bin is kept apart. A site's bins are then counts, whatever its width."""
+    low = min((float(s.frequency[s.active > 0].min()) for s in sites if s.neurons and (s.active > 0).any()),
+              default=1.0)
+    decades = max(2, int(np.ceil(-np.log10(max(low, 1e-12)) - 1e-9)))
+    return np.logspace(-decades, 0, decades * FREQ_PER_DECADE + 1)
+
+
+def frequency_by_site(data: ReportData) -> Figure | None:
+    """Sites x frequency bins (zero bin first), colour = share of the site's neurons: the per-site
+    histograms of many layers in one bounded figure (sites x bins cells, never per neuron)."""
+    sites = [s for s in data.sites if s.neurons]
+    if len(data.sites) <= MANY_SITES or not sites:
+        return None
+    edges = frequency_edges(sites)
+    cols = ["0 (dead)"] + [f"{_fmt_freq(a)}–{_fmt_freq(b)}" for a, b in zip(edges[:-1], edges[1:])]
+    counts = []
+    for s in sites:
+        f = s.frequency[s.active > 0]
+        live, _ = np.histogram(np.clip(f, edges[0], 1.0), bins=edges)  # below the first edge: first bin
+        counts.append([int((s.active == 0).sum())] + [int(c) for c in live])
+    counts = np.asarray(counts, dtype=np.int64)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    z = [[None if c == 0 else float(f"{v:.3g}") for c, v in zip(cr, vr)] for cr, vr in zip(counts, share)]
+    names = [label(s.name) for s in sites]
+    if len(set(names)) < len(names):  # rows are categories: equal names would share one row
+        names = [f"{i}. {n}" for i, n in enumerate(names, 1)]
+    step = max(1, int(np.ceil(len(sites) / 40)))  # at most about 40 row labels
+    decade_cols = [cols[1 + k] for k in range(0, len(edges) - 1, FREQ_PER_DECADE)]
+    trace = {"type": "heatmap", "x": cols, "y": names, "z": z, "customdata": counts.tolist(),
+             "colorscale": "YlOrRd", "reversescale": True, "zmin": 0, "xgap": 1, "hoverongaps": False,
+             "colorbar": {"title": {"text": "share of<br>the site's<br>neurons"}, "tickformat": ".0%"},
+             "hovertemplate": "%{y}<br>frequency %{x}: %{customdata:,} neurons (%{z:.1%} of the site)<extra></extra>"}
     layout = _layout(
-        barmode="overlay", bargap=0, xaxis=_freq_axis(), **MENU_ROOM,
-        yaxis=_log_axis(top),
-        updatemenus=_menu([g[0] for g in groups], vis))
-    return Figure("frequency", "Activation frequency",
-                  "How often each neuron fires over the scanned data (log count); the red spike at 'dead' is the "
-                  "neurons that never fired. Pick a site in the dropdown." + _capped(
-                      len([s for s in data.sites if s.neurons]), len(menu_sites)),
-                  {"data": traces, "layout": layout})
+        height=min(1200, max(360, 120 + 12 * len(sites))),
+        xaxis={"title": {"text": "activation frequency (log bins; share of scanned elements with output > 0)"},
+               "type": "category", "tickmode": "array", "tickvals": [cols[0]] + decade_cols,
+               "ticktext": ["dead"] + [_fmt_freq(edges[k]) for k in range(0, len(edges) - 1, FREQ_PER_DECADE)],
+               "showline": False, "tickangle": 0},
+        yaxis={"title": {"text": "site (model depth \u2193)"}, "type": "category", "autorange": "reversed",
+               "tickmode": "array", "tickvals": names[::step], "ticktext": [label(short(s.name, 32)) for s in sites][::step],
+               "showline": False, "gridcolor": "rgba(0,0,0,0)"},
+        hovermode="closest")
+    return Figure("frequency-by-site", "Activation frequency per site",
+                  "One row per site in model order, one column per frequency bin (log-spaced; the first column is "
+                  "the neurons that never fired): colour is the share of the site's neurons in the bin. Hover for "
+                  "counts.", {"data": [trace], "layout": layout})
 
 
 def _hist_menu_figure(fid: str, title: str, caption: str, pooled: Hist, sites: list[tuple[str, Hist]],
@@ -365,7 +437,8 @@ def history_figures(data: ReportData) -> list[Figure]:
 
 def report_figures(data: ReportData) -> list[Figure]:
     """The figures of one run's report, in page order."""
-    figs = [dead_per_site(data), frequency_histogram(data), weights_dead_vs_healthy(data), pre_max_dead(data)]
+    figs = [dead_per_site(data), frequency_histogram(data), frequency_by_site(data), weights_dead_vs_healthy(data),
+            pre_max_dead(data)]
     figs += history_figures(data)
     figs.append(revived_weights(data))
     return [f for f in figs if f is not None]

@@ -232,7 +232,7 @@ def _figures(figs) -> list[dict]:
              "json": _json_for_script(f.spec)} for f in figs]
 
 
-_WIDE = {"dead-per-site", "pre-max", "compare-sites", "compare-history"}  # full-width figures
+_WIDE = {"dead-per-site", "frequency-by-site", "pre-max", "compare-sites", "compare-history"}  # full-width figures
 
 
 def _site_rows(data) -> list[dict]:

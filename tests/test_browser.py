@@ -175,3 +175,24 @@ def test_html_names_stay_text_in_the_browser(browser, tmp_path):
         assert json.dumps(specs).count("__deadscan_pwned") >= 1
     finally:
         ctx.close()
+
+
+def test_language_model_sized_report_renders(browser, tmp_path):
+    """96 sites x 30,000 neurons (synthetic, see test_report_scale.py): every figure draws, the
+    per-site frequencies as one heatmap, and the sites table has a row per site."""
+    from deadscan.report import write_report
+    from test_report_scale import SITES, synthetic_report
+
+    data = synthetic_report()
+    path = write_report(data, tmp_path / "big")
+    page, ctx = open_report(browser, path, tmp_path / "big.png")
+    try:
+        drawn = page.evaluate("""Array.from(document.querySelectorAll('div.ds-plot')).map(d => [
+            d.getAttribute('data-spec'), d.querySelectorAll('svg.main-svg').length,
+            d.querySelectorAll('g.trace path, g.trace .point, g.points path, g.hm image').length])""")
+        assert [d[0] for d in drawn] == parse(path).figures
+        assert "spec-frequency-by-site" in [d[0] for d in drawn]
+        assert all(d[1] >= 1 and d[2] >= 1 for d in drawn), drawn
+        check_table(page, data.summary)
+    finally:
+        ctx.close()
