@@ -19,6 +19,7 @@ from .defaults import DEFAULTS
 from .errors import DeadscanError, DeadscanWarning, printable
 
 SAMPLE_MODEL = "mlp_digits.safetensors"
+SAMPLE_LM, SAMPLE_LM_TEXT, SAMPLE_LM_SEQ_LEN = "opt_pydoc", "pydoc_val.txt", 64  # demo --lm
 
 
 class _Later:
@@ -329,25 +330,39 @@ def inspect(checkpoint, data, arch, split, limit, batch_size, device, tau, data_
 
 @main.command()
 @click.option("--out", metavar="DIR", default=DEFAULTS.out_dir, show_default=True, help="output folder")
+@click.option("--lm", is_flag=True,
+              help="the bundled small ReLU language model (OPT) on bundled held-out text instead (needs transformers)")
 @_device_option
 @_overwrite_option
-def demo(out, device, overwrite):
+def demo(out, lm, device, overwrite):
     """Inspect the bundled sample MLP on the bundled digits data (no download).
 
+    With --lm: the bundled OPT-style ReLU language model (sample_models/opt_pydoc, trained on the Python
+    docs' pydoc topics) on the topics held out from its training (pydoc_val.txt, --seq-len 64, all of it).
+
     \b
-    Example:
+    Examples:
       deadscan demo --out demo-out
+      deadscan demo --lm --out demo-lm
     """
     from . import pipeline
     from .resources import resource_path
 
-    model = resource_path("sample_models", SAMPLE_MODEL)
-    _echo(f"deadscan demo: the paper's MLP trained on sklearn's digits ({model.name})\n")
+    if lm:
+        model = resource_path("sample_models", SAMPLE_LM)
+        text = resource_path("sample_models", SAMPLE_LM_TEXT)
+        _echo(f"deadscan demo --lm: a small ReLU OPT trained on Python's pydoc topics ({model.name}), "
+              f"on held-out topics ({text.name})\n")
+        data, options = str(text), {"split": "all", "seq_len": SAMPLE_LM_SEQ_LEN}
+    else:
+        model = resource_path("sample_models", SAMPLE_MODEL)
+        _echo(f"deadscan demo: the paper's MLP trained on sklearn's digits ({model.name})\n")
+        data, options = "digits", {}
     previous = pipeline.summary_in(Path(out))  # a demo may redo its own folder (the same model and data)
     own = ((previous.get("checkpoint") or {}).get("path") == str(model)
-           and (previous.get("data") or {}).get("name") == "digits")
-    result = pipeline.inspect(model, "digits", out=out, device=device, command=_command_line(), progress=True,
-                              overwrite=overwrite or own)
+           and (previous.get("data") or {}).get("name") == data)
+    result = pipeline.inspect(model, data, out=out, device=device, command=_command_line(), progress=True,
+                              overwrite=overwrite or own, **options)
     _print_inspection(result, as_json=False)
     _echo(f"outputs in {result.summary_path.parent}/")
 

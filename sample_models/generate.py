@@ -9,13 +9,19 @@ Writes, next to this script:
   50 epochs) trained on the train split of digits; arch spec in its metadata.
 - ``mlp_digits.pt``: the same weights as a plain ``torch.save(state_dict)`` (needs ``--arch``).
 - ``vit_digits.safetensors``: a small ReLU ViT trained briefly on digits (AdamW); spec in metadata.
+- ``opt_pydoc/``: a small OPT-style ReLU language model (Hugging Face folder: config.json,
+  model.safetensors, byte-level BPE tokenizer files) trained on the standard library's pydoc topics.
+- ``pydoc_val.txt``: the pydoc topics held out from that training; ``deadscan demo --lm`` scans it.
 - ``README.md``: what each file is, with the figures this script prints.
 
 Everything runs on one CPU thread with deterministic algorithms, fixed seeds and a seeded data
 order, so two runs on the same machine and torch version give byte-identical files (check with
 ``sha256sum sample_models/*``). Another CPU or torch version may round differently.
 
-scikit-learn is needed only here, to fetch the digits; deadscan never imports it at run time.
+scikit-learn is needed only here, to fetch the digits; deadscan never imports it at run time. The
+language model needs transformers and tokenizers (``pip install 'deadscan[hf]'``). Its text comes from
+the running Python's ``pydoc_data.topics`` (it differs between Python versions: the committed files were
+made with Python 3.11).
 """
 
 from __future__ import annotations
@@ -160,6 +166,151 @@ def make_vit(train_ds, val, test) -> dict:
     return info
 
 
+# --- The sample language model (issue 12) ---------------------------------------------------------------
+# Text: the standard library's pydoc topics (``pydoc_data.topics.topics``, the help() pages of the Python
+# reference: PSF-licensed Python documentation), which every Python install carries. These topics are held
+# out (never trained on) and written to pydoc_val.txt; all the others are the training text.
+LM_FOLDER = "opt_pydoc"
+LM_VAL_FILE = "pydoc_val.txt"
+LM_VAL_TOPICS = ("calls", "exceptions", "for", "import", "naming", "raise", "while", "with")
+LM_VOCAB = 768  # byte-level BPE (256 byte tokens + merges + 4 specials)
+LM_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0-3, OPT's own layout: pad 1, bos = eos = 2
+LM_CONFIG = dict(hidden_size=64, ffn_dim=256, num_hidden_layers=3, num_attention_heads=4,
+                 max_position_embeddings=128, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0,
+                 activation_dropout=0.0, layerdrop=0.0, activation_function="relu")
+LM_SEQ_LEN = 64
+LM_BATCH = 32
+LM_EPOCHS = 12
+LM_LR = 1e-2  # high for its size on purpose, no warm-up: AdamW so leaves FFN neurons dead (counted, never planted)
+LM_WD = 0.01
+LM_WARMUP_STEPS = 0
+
+
+def pydoc_topics() -> tuple[str, str]:
+    """(training text, held-out text): one line per line of the topics, topics in sorted order."""
+    from pydoc_data.topics import topics
+
+    missing = [t for t in LM_VAL_TOPICS if t not in topics]
+    if missing:
+        raise SystemExit(f"this Python's pydoc topics lack {missing}; change LM_VAL_TOPICS")
+
+    def text(names):
+        lines = []
+        for name in names:
+            lines += [line.rstrip() for line in topics[name].splitlines() if line.strip()]
+        return "\n".join(lines) + "\n"
+
+    return text(k for k in sorted(topics) if k not in LM_VAL_TOPICS), text(LM_VAL_TOPICS)
+
+
+def make_tokenizer(train_text: str, folder: Path):
+    """A byte-level BPE tokenizer trained on the training text, saved as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=LM_VOCAB, special_tokens=list(LM_SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(train_text.splitlines(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=LM_CONFIG["max_position_embeddings"])
+    fast.save_pretrained(folder)
+    return fast
+
+
+def lm_lr(step: int, total: int) -> float:
+    """Linear warm-up over LM_WARMUP_STEPS (none by default), then cosine decay to zero."""
+    if step < LM_WARMUP_STEPS:
+        return LM_LR * (step + 1) / LM_WARMUP_STEPS
+    t = (step - LM_WARMUP_STEPS) / max(total - LM_WARMUP_STEPS, 1)
+    return 0.5 * LM_LR * (1 + math.cos(math.pi * t))
+
+
+def make_lm() -> dict:
+    """Train the small OPT-style ReLU LM on the pydoc topics and save it as a Hugging Face folder."""
+    import os
+    import shutil
+    import tempfile
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    from deadscan.data.tokens import load_tokens
+
+    train_text, val_text = pydoc_topics()
+    folder = HERE / LM_FOLDER
+    tmp = Path(tempfile.mkdtemp(prefix="opt_pydoc-"))
+    try:
+        make_tokenizer(train_text, tmp)
+        (tmp / "train.txt").write_text(train_text, encoding="utf-8")
+        # The training text packed exactly as `--data FILE.txt --seq-len 64` packs the held-out text.
+        train = load_tokens(tmp / "train.txt", "all", seq_len=LM_SEQ_LEN, tokenizer=tmp)
+        (tmp / "train.txt").unlink()
+        torch.manual_seed(SEED)
+        config = transformers.OPTConfig(vocab_size=LM_VOCAB, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+                                        **LM_CONFIG)
+        model = transformers.OPTForCausalLM(config)
+        opt = torch.optim.AdamW(model.parameters(), lr=LM_LR, weight_decay=LM_WD)
+        ids, mask = train.input_ids, train.attention_mask
+        g = torch.Generator().manual_seed(SEED)
+        total = LM_EPOCHS * math.ceil(len(ids) / LM_BATCH)
+        step = 0
+        model.train()
+        for epoch in range(LM_EPOCHS):
+            perm = torch.randperm(len(ids), generator=g)
+            for i in range(0, len(ids), LM_BATCH):
+                idx = perm[i:i + LM_BATCH]
+                x, m = ids[idx], mask[idx]
+                labels = x.masked_fill(m == 0, -100)
+                for group in opt.param_groups:
+                    group["lr"] = lm_lr(step, total)
+                loss = model(input_ids=x, attention_mask=m, labels=labels, use_cache=False).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+            print(f"  epoch {epoch + 1}/{LM_EPOCHS}: train loss {float(loss.detach()):.3f}", flush=True)
+        model.eval()
+        model.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        shutil.copytree(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_text_atomic(HERE / LM_VAL_FILE, val_text)
+
+    # Dead neurons on the held-out text, as `deadscan demo --lm` counts them (--split all --seq-len 64).
+    loaded = deadscan.load(folder)
+    val = load_tokens(HERE / LM_VAL_FILE, "all", seq_len=LM_SEQ_LEN, model_folder=folder)
+    result = deadscan.scan(loaded, val, device="cpu")
+    with torch.inference_mode():
+        nll = tokens = 0.0
+        for i in range(0, len(val), LM_BATCH):
+            x, m = val.input_ids[i:i + LM_BATCH], val.attention_mask[i:i + LM_BATCH]
+            out = loaded(input_ids=x, attention_mask=m, labels=x.masked_fill(m == 0, -100), use_cache=False)
+            n = int((m[:, 1:] * m[:, :-1]).sum())
+            nll += float(out.loss) * n
+            tokens += n
+    info = {
+        "name": LM_FOLDER, "params": sum(p.numel() for p in loaded.parameters()),
+        "train_sequences": len(ids), "train_tokens": int(mask.sum()), "steps": step,
+        "val_sequences": len(val), "val_tokens": result.tokens, "val_bytes": len(val_text.encode()),
+        "val_ppl": math.exp(nll / tokens), "final_loss": float(loss.detach()),
+        "dead": result.dead, "neurons": result.neurons,
+        "sites": [(r.site.name, int(r.dead.sum()), r.neurons) for r in result.sites],
+    }
+    print(f"{LM_FOLDER}: OPT {LM_CONFIG['num_hidden_layers']} layers, hidden {LM_CONFIG['hidden_size']}, "
+          f"ffn {LM_CONFIG['ffn_dim']}, vocab {LM_VOCAB}; {info['params']:,} params")
+    print(f"  trained on {info['train_tokens']:,} tokens ({info['steps']} steps); held-out perplexity "
+          f"{info['val_ppl']:.2f} on {info['val_tokens']:,} tokens")
+    print(f"  dead on held-out: {info['dead']}/{info['neurons']}")
+    for site, dead, n in info["sites"]:
+        print(f"    {site:<40} {dead:>4}/{n}")
+    return info
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -172,7 +323,7 @@ def site_table(info: dict) -> str:
     return "\n".join(rows)
 
 
-def readme(mlp: dict, vit: dict, n_train: int, n_val: int, n_test: int) -> str:
+def readme(mlp: dict, vit: dict, lm: dict, n_train: int, n_val: int, n_test: int) -> str:
     return f"""# Sample models
 
 Generated by `python sample_models/generate.py` (from the repository root); do not edit by hand:
@@ -231,6 +382,37 @@ Trained briefly: AdamW lr {VIT_LR:g}, weight decay {VIT_WD:g}, batch {VIT_BATCH}
 {site_table(vit)}
 
     deadscan inspect sample_models/vit_digits.safetensors --data digits
+
+## `{LM_FOLDER}/` and `{LM_VAL_FILE}`
+
+A small OPT-style ReLU language model, a Hugging Face folder (`config.json`, `model.safetensors`,
+`generation_config.json`, and the tokenizer saved by `PreTrainedTokenizerFast.save_pretrained`):
+OPT, {LM_CONFIG['num_hidden_layers']} decoder layers, hidden {LM_CONFIG['hidden_size']}, FFN {LM_CONFIG['ffn_dim']} (ReLU), \
+{LM_CONFIG['num_attention_heads']} heads, {LM_CONFIG['max_position_embeddings']} positions, tied embeddings, no dropout; {lm['params']:,} parameters. The tokenizer
+is a byte-level BPE of {LM_VOCAB} tokens (4 specials: `<s>`, `<pad>` = 1, `</s>` = 2 as bos/eos,
+`<unk>`) trained with the `tokenizers` library on the training text.
+
+**Text**: the help() pages of the Python language reference that every Python install carries, the
+standard library's `pydoc_data.topics.topics` (a dict of topic name -> text). It is the Python
+documentation, copyright the Python Software Foundation, under the PSF License (Python Software
+Foundation License Version 2). Non-empty lines, right-stripped, topics in sorted order; each line is a
+document (joined by `</s>`, as `--data FILE.txt` does). The topics {', '.join(f'`{t}`' for t in LM_VAL_TOPICS)}
+are held out: never trained on, written to `{LM_VAL_FILE}` ({lm['val_bytes']:,} bytes). The text differs between
+Python versions; these files were made with Python 3.11.
+
+**Training**: the other topics ({lm['train_tokens']:,} tokens, {lm['train_sequences']} blocks of {LM_SEQ_LEN}), next-token loss,
+AdamW lr {LM_LR:g} (high for this size, no warm-up) with cosine decay to 0, weight decay {LM_WD:g}, batch {LM_BATCH},
+{LM_EPOCHS} epochs ({lm['steps']} steps), a few CPU minutes on one thread. Nothing is planted: the dead
+neurons below are the ones training left.
+
+- held-out perplexity {lm['val_ppl']:.2f} ({lm['val_tokens']:,} tokens, {lm['val_sequences']} blocks of {LM_SEQ_LEN})
+- dead on the held-out text: **{lm['dead']} of {lm['neurons']}** FFN neurons
+
+{site_table(lm)}
+
+`deadscan demo --lm` scans it (all of `{LM_VAL_FILE}`, `--seq-len {LM_SEQ_LEN}`); the same by hand:
+
+    deadscan inspect sample_models/{LM_FOLDER} --data sample_models/{LM_VAL_FILE} --seq-len {LM_SEQ_LEN} --split all
 """
 
 
@@ -243,9 +425,12 @@ def main() -> int:
     mlp = make_mlp(train_ds, val, test)
     print()
     vit = make_vit(train_ds, val, test)
-    write_text_atomic(HERE / "README.md", readme(mlp, vit, len(train_ds), len(val), len(test)))
     print()
-    names = ("digits.npz", "mlp_digits.safetensors", "mlp_digits.pt", "vit_digits.safetensors", "README.md")
+    lm = make_lm()
+    write_text_atomic(HERE / "README.md", readme(mlp, vit, lm, len(train_ds), len(val), len(test)))
+    print()
+    names = ("digits.npz", "mlp_digits.safetensors", "mlp_digits.pt", "vit_digits.safetensors", LM_VAL_FILE,
+             *(f"{LM_FOLDER}/{p.name}" for p in sorted((HERE / LM_FOLDER).iterdir())), "README.md")
     total = 0
     for name in names:
         p = HERE / name
