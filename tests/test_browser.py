@@ -181,7 +181,7 @@ def test_language_model_sized_report_renders(browser, tmp_path):
     """96 sites x 30,000 neurons (synthetic, see test_report_scale.py): every figure draws, the
     per-site frequencies as one heatmap, and the sites table has a row per site."""
     from deadscan.report import write_report
-    from test_report_scale import SITES, synthetic_report
+    from test_report_scale import synthetic_report
 
     data = synthetic_report()
     path = write_report(data, tmp_path / "big")

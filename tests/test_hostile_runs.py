@@ -20,7 +20,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import deadscan
 from deadscan.errors import DataError
 from deadscan.runfolder import parse_summary, read_summary
 from deadscan.stats_h5 import read_stats
