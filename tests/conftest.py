@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 import deadscan
 from deadscan.zoo import build
 
 MLP_SPEC = "mlp(depth=2, width=8, in_features=4, classes=3)"
+CLICK = tuple(int(p) for p in version("click").split(".")[:2])
+
+
+@pytest.fixture
+def runner():
+    """click's test runner with stdout and stderr kept apart (the default from click 8.2 on)."""
+    return CliRunner() if CLICK >= (8, 2) else CliRunner(mix_stderr=False)
 
 
 def _hand_mlp() -> torch.nn.Module:

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from importlib.metadata import version
 
 import numpy as np
-import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
 import deadscan
@@ -20,7 +17,6 @@ from deadscan.compact import compact, max_output_diff
 from deadscan.scan import scan
 from deadscan.zoo import build
 
-CLICK = tuple(int(p) for p in version("click").split(".")[:2])
 MLP_SPEC = "mlp(depth=2, width=8, in_features=4, classes=3)"
 VIT_SPEC = "vit-relu(img_size=8, patch_size=4, in_chans=1, classes=3, depth=1, heads=2, dim=8, mlp_dim=16)"
 # Specs the tests build through deadscan's ``pkg.module:factory`` path (tests/ is on sys.path).
@@ -343,10 +339,6 @@ def test_skipped_and_removed_sites_in_one_model():
 # ---------------------------------------------------------------------------------------------
 # deadscan strip --compact
 
-
-@pytest.fixture
-def runner():
-    return CliRunner() if CLICK >= (8, 2) else CliRunner(mix_stderr=False)
 
 
 def test_cli_strip_compact(tmp_path, runner):

@@ -14,13 +14,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 import deadscan
 from deadscan.cli import main
@@ -33,13 +31,8 @@ from deadscan.zoo import build
 
 from conftest import MLP_SPEC, _hand_mlp
 
-CLICK = tuple(int(p) for p in version("click").split(".")[:2])
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-
-@pytest.fixture
-def runner():
-    return CliRunner() if CLICK >= (8, 2) else CliRunner(mix_stderr=False)
 
 
 def _python(code: str, *args: str) -> subprocess.Popen:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import copy
 import json
 from collections import OrderedDict
-from importlib.metadata import version
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -28,7 +26,6 @@ SPEC = "mlp(depth=2, width=16, in_features=8, classes=3)"
 CPU = torch.device("cpu")
 HISTORY_FIELDS = {"epoch", "dead", "revived", "pruned_weights", "active_percent", "train_loss", "val_loss",
                   "val_acc", "test_acc"}
-CLICK = tuple(int(p) for p in version("click").split(".")[:2])
 
 
 def _model(dropout: bool = False) -> nn.Module:
@@ -321,10 +318,6 @@ def test_strip_checkpoint_exports_the_trained_model(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # CLI
 
-
-@pytest.fixture
-def runner():
-    return CliRunner() if CLICK >= (8, 2) else CliRunner(mix_stderr=False)
 
 
 def test_cli_strip_finetune_one_epoch(tmp_path, runner):

@@ -24,12 +24,10 @@ import threading
 import time
 import warnings
 import zipfile
-from importlib.metadata import version
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 from torch import nn
 
@@ -42,12 +40,7 @@ from deadscan.zoo import SHAPES_KEY, build
 from conftest import MLP_SPEC, _hand_mlp
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CLICK = tuple(int(p) for p in version("click").split(".")[:2])
 
-
-@pytest.fixture
-def runner():
-    return CliRunner() if CLICK >= (8, 2) else CliRunner(mix_stderr=False)
 
 
 def _one_error_line(res, code: int = 1, stdout: bool = False) -> str:
