@@ -196,3 +196,21 @@ def test_language_model_sized_report_renders(browser, tmp_path):
         check_table(page, data.summary)
     finally:
         ctx.close()
+
+
+def test_dead_percent_bars_have_width(browser, runs, tmp_path):
+    """Each dead-% bar spans the site's dead share of the cell (minus 6 px padding each side)."""
+    path, summary = runs["inspect"]
+    page, ctx = open_report(browser, path, tmp_path / "bars.png")
+    try:
+        got = page.evaluate("""Array.from(document.querySelectorAll('#sites-table td[data-col=dead_pct]')).map(td => ({
+            pct: parseFloat(td.getAttribute('data-v')), cell: td.getBoundingClientRect().width,
+            bar: td.querySelector('.ds-bar').getBoundingClientRect().width}))""")
+        assert len(got) == len(summary["sites"])
+        assert any(g["pct"] > 0 for g in got), "the fixture must have dead neurons"
+        for g in got:
+            assert g["bar"] == pytest.approx((g["cell"] - 12) * g["pct"] / 100, abs=1.5), g
+            if g["pct"] >= 1:
+                assert g["bar"] > 0, g
+    finally:
+        ctx.close()
