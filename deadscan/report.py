@@ -235,11 +235,34 @@ def _figures(figs) -> list[dict]:
 _WIDE = {"dead-per-site", "frequency-by-site", "pre-max", "compare-sites", "compare-history"}  # full-width figures
 
 
+def _nonfinite(summary: dict) -> set[str]:
+    return set((summary.get("checkpoint") or {}).get("nonfinite") or ())
+
+
+def _site_nonfinite(site: dict, bad: set[str]) -> list[str]:
+    """The layers of a site (feeding, gate partner, consumer) holding NaN or Inf weights."""
+    return [x for x in (site.get("feeding_layer"), site.get("gate_partner"), site.get("consumer_layer")) if x in bad]
+
+
+def warnings_of(summary: dict) -> list[str]:
+    """Warnings the run recorded in its summary, as sentences for the page's banner."""
+    out = []
+    bad = (summary.get("checkpoint") or {}).get("nonfinite") or []
+    if bad:
+        n = sum(1 for s in summary.get("sites") or [] if _site_nonfinite(s, set(bad)))
+        out.append(f"NaN or Inf weights in {len(bad)} layer(s): {', '.join(bad)}. Their neurons output NaN, which "
+                   f"counts as dead, so the dead counts and figures of the {n} site(s) marked \u26a0 in the table "
+                   "are not meaningful.")
+    out += [str(w) for w in summary.get("warnings") or []]
+    return out
+
+
 def _site_rows(data) -> list[dict]:
     rows = []
+    bad = _nonfinite(data.summary)
     for i, s in enumerate(data.summary["sites"], 1):
         pct = 100.0 * s["dead"] / s["neurons"] if s["neurons"] else 0.0
-        rows.append({**s, "index": i, "dead_pct": pct})
+        rows.append({**s, "index": i, "dead_pct": pct, "nonfinite": _site_nonfinite(s, bad)})
     return rows
 
 
@@ -289,6 +312,7 @@ def render_report(data, *, plotlyjs: str = "inline") -> str:
         "no_feeding": [x for x in s["sites"] if not x.get("feeding_layer")], "opaque": s.get("opaque") or [],
         "definitions": s.get("definitions") or DEFINITIONS, "figures": _figures(report_figures(data)),
         "strip": _strip_info(s), "plotly": _plotly_tag(plotlyjs), "rendered": _rendered(data.source),
+        "warnings": warnings_of(s),
     }
     return _env().get_template("report.html.j2").render(**ctx)
 

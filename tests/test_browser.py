@@ -214,3 +214,25 @@ def test_dead_percent_bars_have_width(browser, runs, tmp_path):
                 assert g["bar"] > 0, g
     finally:
         ctx.close()
+
+
+def test_warning_banner_is_visible(browser, tmp_path):
+    from deadscan.errors import DeadscanWarning
+    from test_report import _hand_mlp
+    import torch
+
+    m = _hand_mlp()
+    with torch.no_grad():
+        m.fc2.weight[5, 1] = float("nan")
+    with pytest.warns(DeadscanWarning):
+        run = run_inspect(tmp_path, model=m)
+    page, ctx = open_report(browser, run.files["report"], tmp_path / "nan.png")
+    try:
+        assert page.is_visible("#warnings")
+        assert "NaN or Inf weights in 1 layer(s): fc2" in page.inner_text("#warnings")
+        box = page.evaluate("(() => { const r = document.querySelector('#warnings').getBoundingClientRect(); "
+                            "return [r.top, r.height]; })()")
+        assert box[0] < 900 and box[1] > 20, box  # above the fold, not collapsed
+        assert page.locator("#sites-table tr.ds-nonfinite").count() >= 1
+    finally:
+        ctx.close()

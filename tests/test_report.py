@@ -574,6 +574,40 @@ def test_wheel_ships_templates_and_renders_outside_the_source_tree(inspected, tm
         print(f"wheel test took {time.perf_counter() - start:.0f} s: consider marking it slow")
 
 
+def test_nonfinite_weights_are_a_banner_and_marked_sites(tmp_path):
+    """A run that warned about NaN/Inf weights says so on the page, and marks the sites they touch."""
+    from deadscan.errors import DeadscanWarning
+
+    m = _hand_mlp()
+    with torch.no_grad():
+        m.fc2.weight[5, 1] = float("nan")
+    with pytest.warns(DeadscanWarning, match="NaN or Inf"):
+        run = run_inspect(tmp_path, model=m)
+    s = run.summary
+    assert s["checkpoint"]["nonfinite"] == ["fc2"]
+    for path in (run.files["report"], _rerendered(run, tmp_path)):
+        text = path.read_text(encoding="utf-8")
+        assert 'class="ds-banner" id="warnings" role="alert"' in text
+        assert "NaN or Inf weights in 1 layer(s): fc2." in text
+        rows = parse(path).tables["sites-table"]
+        marked = [r["_attrs"]["data-site"] for r in rows if "ds-nonfinite" in (r["_attrs"].get("class") or "")]
+        touched = [x["name"] for x in s["sites"] if "fc2" in (x["feeding_layer"], x["consumer_layer"])]
+        assert marked == touched and touched
+        for r in rows:
+            assert r["name"].endswith("\u26a0 NaN/Inf weights") == (r["_attrs"]["data-site"] in touched)
+
+
+def _rerendered(run, tmp_path: Path) -> Path:
+    res = CliRunner().invoke(main, ["report", str(run.files["stats"]), "--out", str(tmp_path / "re")])
+    assert res.exit_code == 0, res.output
+    return tmp_path / "re" / "report.html"
+
+
+def test_finite_run_has_no_banner(inspected):
+    text = inspected.files["report"].read_text(encoding="utf-8")
+    assert 'id="warnings"' not in text and 'ds-nonfinite"' not in text and "\u26a0" not in text
+
+
 def test_report_for_a_model_without_relu_sites(tmp_path):
     torch.manual_seed(0)
     model = build("vit-gelu(img_size=8, patch_size=4, depth=1, heads=2, dim=16, mlp_dim=32)").eval()
