@@ -18,6 +18,7 @@ _LAZY = {
     "Dataset": "data", "load_data": "data",
     "ArchError": "errors", "CheckpointError": "errors", "DataError": "errors", "DeadscanError": "errors",
     "OutputError": "errors", "TraceError": "errors",
+    "Run": "runs", "read_run": "runs",
     "ScanResult": "scan", "SiteResult": "scan", "merge": "scan", "scan": "scan",
     "Masks": "strip", "StepReport": "strip", "Stripper": "strip", "strip": "strip",
     "Site": "trace", "SiteMap": "trace", "find_sites": "trace",
@@ -67,7 +68,7 @@ def __dir__():
 
 __all__ = [
     "__version__", "load", "load_checkpoint", "save_safetensors", "build", "find_sites", "scan", "merge",
-    "capacity", "load_data", "Dataset", "Site", "SiteMap", "ScanResult", "SiteResult", "Capacity",
+    "capacity", "load_data", "read_run", "Run", "Dataset", "Site", "SiteMap", "ScanResult", "SiteResult", "Capacity",
     "Stripper", "StepReport", "Masks", "strip", "save_masks", "load_masks",
     "DeadscanError", "CheckpointError", "ArchError", "TraceError", "DataError", "OutputError",
 ]

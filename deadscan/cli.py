@@ -222,6 +222,8 @@ _allow_global_option = click.option(
          "and its code runs as the pickle builds objects with it")
 _trust_pickle_option = click.option(
     "--trust-pickle", is_flag=True, help="allow pickled modules and TorchScript: RUNS CODE from the file")
+_csv_option = click.option("--csv", "csv", is_flag=True,
+                           help="also write sites.csv and neurons.csv (one row per site, per neuron) to --out")
 _overwrite_option = click.option("--overwrite", is_flag=True, help="replace outputs an earlier run left in --out")
 _device_option = click.option("--device", metavar="DEVICE", default=None,
                               help="cpu, cuda or cuda:N (default: cuda if available)")
@@ -282,7 +284,7 @@ _INSPECT_SECTIONS = {
              "channels", "corruption", "severity", "seq_len", "tokenizer", "text_field"),
     "Model": ("arch", "trust_pickle", "allow_global", "list_globals"),
     "Scan": ("batch_size", "device", "tau"),
-    "Output": ("out", "as_json", "plotlyjs", "overwrite"),
+    "Output": ("out", "as_json", "csv", "plotlyjs", "overwrite"),
 }
 
 
@@ -307,13 +309,15 @@ _INSPECT_SECTIONS = {
               help="ReDo dormancy threshold")
 @click.option("--out", metavar="DIR", default=DEFAULTS.out_dir, show_default=True, help="output folder")
 @click.option("--json", "as_json", is_flag=True, help="print summary.json to stdout instead of the table")
+@_csv_option
 @_plotlyjs_option
 @_overwrite_option
 def inspect(checkpoint, data, arch, split, limit, batch_size, device, tau, data_root, download, seed, out,
-            as_json, trust_pickle, plotlyjs, allow_global, overwrite, **data_options):
+            as_json, csv, trust_pickle, plotlyjs, allow_global, overwrite, **data_options):
     """Scan CHECKPOINT on a dataset: dead neurons per ReLU site and %A.
 
-    Prints a per-site table and totals, and writes summary.json, stats.h5 and report.html to --out.
+    Prints a per-site table and totals, and writes summary.json, stats.h5 and report.html to --out
+    (with --csv also sites.csv and neurons.csv).
 
     \b
     Example:
@@ -324,7 +328,8 @@ def inspect(checkpoint, data, arch, split, limit, batch_size, device, tau, data_
     result = pipeline.inspect(checkpoint, data, out=out, arch=arch, trust_pickle=trust_pickle, split=split,
                               limit=limit, batch_size=batch_size, device=device, tau=tau, data_root=data_root,
                               download=download, seed=seed, command=_command_line(), progress=not as_json,
-                              plotlyjs=plotlyjs, overwrite=overwrite, allow_globals=allow_global, **data_options)
+                              plotlyjs=plotlyjs, overwrite=overwrite, allow_globals=allow_global, csv=csv,
+                              **data_options)
     _print_inspection(result, as_json)
 
 
@@ -374,7 +379,7 @@ _STRIP_SECTIONS = {
     "Training": ("epochs", "optimizer", "lr", "weight_decay", "warmup", "schedule", "final_lr", "batch_size",
                  "grad_accum", "seed", "device", "baseline", "resume"),
     "Stripping": ("every", "rate", "criterion", "method", "compact"),
-    "Output": ("out", "plotlyjs", "overwrite"),
+    "Output": ("out", "csv", "plotlyjs", "overwrite"),
 }
 
 
@@ -424,12 +429,13 @@ _STRIP_SECTIONS = {
 @_trust_pickle_option
 @_allow_global_option
 @_overwrite_option
+@_csv_option
 @_plotlyjs_option
 @click.pass_context
 def strip(ctx, checkpoint, data, arch, from_dir, epochs, every, rate, criterion, method, optimizer, lr, weight_decay,
           warmup, schedule, final_lr, batch_size, grad_accum, seed, baseline, resume, compact, augment, val_fraction,
           mean, std, resize, channels, test_corrupted, corruption, severity, device, data_root, download, out, trust_pickle,
-          plotlyjs, allow_global, overwrite, seq_len, tokenizer, text_field):
+          plotlyjs, allow_global, overwrite, seq_len, tokenizer, text_field, csv):
     """Revive dead neurons with Synaptic Stripping while fine-tuning.
 
     After each epoch: scan the validation split, prune the most negative remaining incoming
@@ -465,7 +471,7 @@ def strip(ctx, checkpoint, data, arch, from_dir, epochs, every, rate, criterion,
                                     compact=compact, on_epoch=on_epoch, progress=True, plotlyjs=plotlyjs,
                                     data_options=data_options, corrupted=test_corrupted,
                                     corrupted_options={"corruption": corruption, "severity": severity},
-                                    overwrite=overwrite, allow_globals=allow_global)
+                                    overwrite=overwrite, allow_globals=allow_global, csv=csv)
     s = run.summary
     t = s["totals"]
     _echo(f"\nafter stripping: dead {t['dead']} of {t['neurons']}  %A {t['active_percent']:.2f}  "

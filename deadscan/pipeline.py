@@ -17,6 +17,7 @@ from .outputs import claim_out_dir
 from .report import build_summary, write_outputs, write_summary
 from .reportdata import capture_weights, collect
 from .runfolder import previous_run, summary_or_empty
+from .runs import write_csv
 from .scan import ScanResult, nothing_to_strip, resolve_device, scan
 from .trace import find_sites
 
@@ -40,7 +41,7 @@ def inspect(checkpoint: str | Path, data: str, *, out: str | Path = DEFAULTS.out
             mean=None, std=None, resize: int | None = None, channels: int | None = None,
             corruption: str | None = None, severity=None, plotlyjs: str = "inline", overwrite: bool = False,
             allow_globals: tuple[str, ...] = (), seq_len: int | None = None, tokenizer: str | None = None,
-            text_field: str | None = None) -> Inspection:
+            text_field: str | None = None, csv: bool = False) -> Inspection:
     start = time.perf_counter()
     with claim_out_dir(out, INSPECT_OUTPUTS, overwrite=overwrite, inputs=(checkpoint, data)):  # before any work
         dev = resolve_device(device)
@@ -61,7 +62,10 @@ def inspect(checkpoint: str | Path, data: str, *, out: str | Path = DEFAULTS.out
         summary = build_summary(result, cap, command=command, checkpoint=ckpt.info, data=data_info,
                                 elapsed=time.perf_counter() - start)
         path = write_summary(summary, out)
-        files = write_outputs(collect(summary, result, model), out, plotlyjs=plotlyjs)  # stats.h5, report.html
+        report_data = collect(summary, result, model)
+        files = write_outputs(report_data, out, plotlyjs=plotlyjs)  # stats.h5, report.html
+        if csv:  # sites.csv, neurons.csv
+            files.update(write_csv(report_data, out))
         return Inspection(ckpt, ds, result, cap, summary, path, files)
 
 
@@ -73,7 +77,7 @@ def _hf_folder(checkpoint) -> str | None:
 
 
 # What each command writes to --out: an existing one is refused unless --overwrite (strip --resume reuses its own).
-INSPECT_OUTPUTS = ("summary.json", "stats.h5", "report.html")
+INSPECT_OUTPUTS = ("summary.json", "stats.h5", "report.html", "sites.csv", "neurons.csv")  # the csv: --csv
 STRIP_OUTPUTS = INSPECT_OUTPUTS + ("stripped.safetensors", "stripped", "masks.safetensors", "compact.safetensors",
                                    "compact", STATE_FILE)  # stripped/, compact/: a language model's folders
 
@@ -94,7 +98,7 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
                      compact: bool = False, on_epoch=None, progress: bool = False, plotlyjs: str = "inline",
                      data_options: dict | None = None,
                      corrupted: str | None = None, corrupted_options: dict | None = None, overwrite: bool = False,
-                     allow_globals: tuple[str, ...] = ()) -> StripRun:
+                     allow_globals: tuple[str, ...] = (), csv: bool = False) -> StripRun:
     """Fine-tune with stripping and write the outputs. ``data_options``: load_data keywords (val_fraction,
     mean, std, resize, channels); ``corrupted``: a test set (e.g. cifar10-c) also evaluated at the end."""
     start = time.perf_counter()
@@ -194,6 +198,8 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
         report_data = collect(summary, final, model, masks=stripper.masks.masks, before=before)
         del before
         files.update(write_outputs(report_data, out, plotlyjs=plotlyjs))  # stats.h5, report.html
+        if csv:  # sites.csv, neurons.csv
+            files.update(write_csv(report_data, out))
         return StripRun(summary, out, files, model)
 
 

@@ -148,6 +148,9 @@ def format_table(summary: dict) -> str:
                  f"provably dead {t['provably_dead']}  dormant {t['dormant']} (tau {t['tau']})")
     lines.append(f"%A {t['active_percent']:.2f} of {t['hidden_params']} hidden params "
                  f"({t['inactive_params']} inactive); feeding weights only {t['active_percent_feeding_weights']:.2f}")
+    if summary["sites"]:
+        lines.append("columns: dormant = ReDo score <= tau, dead included (dormant >= dead); %A = percent of the "
+                     "hidden parameters still active (not tied to a dead neuron); provable = provably dead")
     for o in summary["opaque"]:
         lines.append(f"opaque (not traced): {o['module']}: {o['reason']}")
     for s in summary["sites"]:

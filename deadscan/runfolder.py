@@ -44,9 +44,9 @@ HISTORY_ROW = {
     "pruned_this_epoch?": COUNT, "active_percent": Opt(NUM), "active_percent_feeding_weights?": Opt(NUM),
     "train_loss": Opt(NUM), "val_loss": Opt(NUM), "val_acc": Opt(NUM), "test_acc": Opt(NUM),
     "revived_neurons?": MapOf([COUNT]), "died_neurons?": MapOf([COUNT]), "held_by_bias?": COUNT,
-    "seconds?": Opt(NUM),
+    "seconds?": Opt(NUM), "val_acc_percent?": Opt(NUM), "test_acc_percent?": Opt(NUM),
 }
-RESULT = {"loss": Opt(NUM), "acc": Opt(NUM)}
+RESULT = {"loss": Opt(NUM), "acc": Opt(NUM), "acc_percent?": Opt(NUM)}  # acc is a percent too (kept)
 SITE = {
     "name": STR, "feeding_layer": Opt(STR), "consumer_layer": Opt(STR), "gate_partner?": Opt(STR), "kind": STR,
     "call?": Opt(STR),
@@ -73,7 +73,7 @@ SUMMARY_SCHEMA = {
     "config?": MapOf(ANY),
     "history?": [HISTORY_ROW],
     "test?": RESULT,
-    "test_corrupted?": {"loss": Opt(NUM), "acc": Opt(NUM), "name": STR},
+    "test_corrupted?": {"loss": Opt(NUM), "acc": Opt(NUM), "acc_percent?": Opt(NUM), "name": STR},
     "baseline?": {"history": [HISTORY_ROW], "test": RESULT},
     "compact?": {"path": STR, "removed": MapOf(COUNT), "skipped": MapOf(ANY), "params_before": COUNT,
                  "params_after": COUNT, "max_abs_diff": Opt(NUM)},

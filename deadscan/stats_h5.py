@@ -5,6 +5,7 @@
     /                       attrs: schema_version, deadscan_version, torch_version, created, kind
                             (inspect | strip), command, config (JSON), checkpoint_sha256
     /summary                scalar string: summary.json's content (JSON)
+    /site_names             string (sites,): site i's name; its group is /sites/%04d i (files written before it have none)
     /sites/0000, 0001, ...  one group per site, in model order; attrs: name, feeding_layer,
                             consumer_layer, kind, call, layer_kind, neurons, elements, strippable,
                             note, dead, provably_dead, dormant, hidden_params, inactive_params,
@@ -24,7 +25,8 @@
     /history/stripped       resizable (maxshape None) table, one row per epoch
     /history/baseline       the same for --baseline
 
-Per-neuron datasets are gzip-compressed. Strings are UTF-8.
+Per-neuron datasets are gzip-compressed. Strings are UTF-8. Every dataset carries a ``description``
+attribute (what it holds), and a ``unit`` attribute where it has one.
 """
 
 from __future__ import annotations
@@ -51,6 +53,33 @@ HISTORY_FIELDS = (  # (name, dtype); None in a row is stored as NaN (floats) or 
 )
 SITE_ATTRS = ("name", "feeding_layer", "consumer_layer", "kind", "call", "layer_kind", "neurons", "dead",
               "provably_dead", "dormant", "strippable", "hidden_params", "inactive_params", "active_percent", "note")
+# Every dataset's attrs: (description, unit or None). h5py alone then explains the file.
+DESCRIPTIONS = {
+    "summary": ("summary.json's content (JSON): per-site counts, totals, data, checkpoint, config", None),
+    "site_names": ("site names in model order: entry i is the name of group /sites/%04d i", None),
+    "sum": ("per neuron: sum of the ReLU's outputs over every scanned element", "output units"),
+    "active": ("per neuron: scanned elements with output > 0", "elements"),
+    "frequency": ("per neuron: fraction of scanned elements with output > 0 (active / elements); "
+                  "0 for a dead neuron", "fraction (0-1)"),
+    "max": ("per neuron: largest output over the scanned data (0 for a dead neuron)", "output units"),
+    "pre_max": ("per neuron: largest pre-activation (ReLU input) over the scanned data; <= 0 for a dead neuron",
+                "pre-activation units"),
+    "dead": ("per neuron: True when the output was never > 0 on the scanned data", None),
+    "provably_dead": ("per neuron: True when no input can make it fire (incoming weights and bias <= 0 on "
+                      "non-negative inputs); a subset of dead", None),
+    "dormant": ("per neuron: True when its ReDo score <= tau (the root attrs' config); includes the dead", None),
+    "score": ("per neuron: ReDo score, mean |output| over the site's mean |output| (0 for a dead neuron)",
+              "ratio"),
+    "mean_input": ("per input feature of the feeding layer: mean input over the scanned data", "input units"),
+    "edges": ("histogram bin edges of incoming weight values (bins + 1)", "weight units"),
+    "hist_series": ("histogram: number of incoming weights per bin (bins), for the neurons this series names",
+                    "weights"),
+    "mask": ("the feeding layer's weight shape: True = weight pruned by stripping (attr layer)", None),
+    "history": ("one row per epoch of fine-tuning (fields: see the README's summary.json history); "
+                "NaN in float columns and -1 in integer columns mean none; acc columns in percent", None),
+}
+_HIST_SERIES = {"dead": "dead neurons", "healthy": "healthy (not dead) neurons",
+                "before": "revived neurons, before fine-tuning", "after": "revived neurons, after fine-tuning"}
 _GZ = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 
 
@@ -71,7 +100,9 @@ def write_stats(data: ReportData, path: str | Path) -> Path:
         f.attrs["command"] = str(s.get("command") or "")
         f.attrs["config"] = json.dumps(_config(s))
         f.attrs["checkpoint_sha256"] = str((s.get("checkpoint") or {}).get("sha256") or "")
-        f.create_dataset("summary", data=summary_json(s), dtype=h5py.string_dtype())
+        _describe(f.create_dataset("summary", data=summary_json(s), dtype=h5py.string_dtype()), "summary")
+        _describe(f.create_dataset("site_names", data=[str(site.info.get("name")) for site in data.sites],
+                                   dtype=h5py.string_dtype()), "site_names")
         sites = f.create_group("sites", track_order=True)
         for i, site in enumerate(data.sites):
             g = sites.create_group(f"{i:04d}")
@@ -98,6 +129,7 @@ def write_stats(data: ReportData, path: str | Path) -> Path:
             for i, (layer, mask) in enumerate(data.masks.items()):
                 d = m.create_dataset(f"{i:04d}", data=np.asarray(mask, dtype=bool), chunks=True, **_GZ)
                 d.attrs["layer"] = layer
+                _describe(d, "mask")
         h = f.create_group("history")
         if s.get("history"):
             _write_history(h, "stripped", s["history"])
@@ -123,18 +155,27 @@ def _attr(v):
     return v
 
 
+def _describe(d, key: str, description: str | None = None) -> None:
+    text, unit = DESCRIPTIONS[key]
+    d.attrs["description"] = description or text
+    if unit:
+        d.attrs["unit"] = unit
+
+
 def _dataset(g, name: str, v: np.ndarray) -> None:
     if v.size:
-        g.create_dataset(name, data=v, chunks=True, **_GZ)
+        d = g.create_dataset(name, data=v, chunks=True, **_GZ)
     else:
-        g.create_dataset(name, data=v)
+        d = g.create_dataset(name, data=v)
+    _describe(d, name)
 
 
 def _write_hist(parent, name: str, h: Hist) -> None:
     g = parent.create_group(name)
-    g.create_dataset("edges", data=np.asarray(h.edges, dtype=np.float64))
+    _describe(g.create_dataset("edges", data=np.asarray(h.edges, dtype=np.float64)), "edges")
     for k, v in h.series.items():
-        g.create_dataset(k, data=np.asarray(v, dtype=np.int64))
+        text = DESCRIPTIONS["hist_series"][0].replace("this series names", _HIST_SERIES.get(k, k))
+        _describe(g.create_dataset(k, data=np.asarray(v, dtype=np.int64)), "hist_series", text)
     g.attrs["series"] = json.dumps(list(h.series))
     for k, v in h.attrs.items():
         g.attrs[k] = _attr(v)
@@ -149,6 +190,7 @@ def _write_history(parent, name: str, rows: list[dict]) -> None:
             table[i][k] = (np.nan if t == "f8" else -1) if v is None else v
     d = parent.create_dataset(name, data=table, maxshape=(None,), chunks=True)
     d.attrs["none"] = "NaN in float columns, -1 in integer columns"
+    _describe(d, "history", DESCRIPTIONS["history"][0] + f" ({name})")
 
 
 # ---------------------------------------------------------------------------------------------
