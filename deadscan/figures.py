@@ -437,8 +437,10 @@ def history_figures(data: ReportData) -> list[Figure]:
 
 def report_figures(data: ReportData) -> list[Figure]:
     """The figures of one run's report, in page order."""
-    figs = [dead_per_site(data), frequency_histogram(data), frequency_by_site(data), weights_dead_vs_healthy(data),
-            pre_max_dead(data)]
+    figs = []
+    if data.sites:  # no ReLU site: per-site figures would be empty axes (the page says why instead)
+        figs += [dead_per_site(data), frequency_histogram(data), frequency_by_site(data),
+                 weights_dead_vs_healthy(data), pre_max_dead(data)]
     figs += history_figures(data)
     figs.append(revived_weights(data))
     return [f for f in figs if f is not None]

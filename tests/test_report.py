@@ -618,7 +618,10 @@ def test_report_for_a_model_without_relu_sites(tmp_path):
     files = write_outputs(collect(s, r, model), tmp_path)
     page = parse(files["report"])
     assert page.tables["sites-table"] == []
-    assert "No ReLU sites found" in files["report"].read_text()
+    text = files["report"].read_text()
+    assert "No ReLU sites found" in text
+    assert page.figures == [] and figure_specs(page) == {}  # no empty axes
+    assert 'class="ds-figures"' not in text
     assert read_stats(files["stats"]).sites == []
 
 
