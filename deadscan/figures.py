@@ -15,6 +15,9 @@ import numpy as np
 from .reportdata import Hist, ReportData, SiteData
 
 DEAD, HEALTHY, REVIVED, BEFORE, BASE, ACCENT = "#c62828", "#1f77b4", "#2e7d32", "#9e9e9e", "#757575", "#ef6c00"
+# Site colours (stacked bars by site): a qualitative palette without red, which means "dead" here
+SITE_COLORS = ["#1f77b4", "#ff9f1c", "#2ca02c", "#9467bd", "#8c564b", "#17becf", "#bcbd22", "#7f7f7f", "#e377c2",
+               "#393b79"]
 FREQ_BINS = 50
 PRE_MAX_BINS = 50
 MAX_MENU_SITES = 60  # sites offered in a figure's dropdown (most dead first), beyond "all sites"
@@ -94,7 +97,8 @@ def _bars(h: Hist, name: str, key: str, color: str, *, density: bool = True, vis
 def _menu(labels: list[str], visibility: list[list[bool]]) -> list[dict]:
     """A dropdown switching which traces are visible."""
     return [{
-        "type": "dropdown", "x": 1, "xanchor": "right", "y": 1.14, "yanchor": "bottom", "showactive": True,
+        # top left: plotly's modebar sits top right and would cover a dropdown there
+        "type": "dropdown", "x": 0, "xanchor": "left", "y": 1.14, "yanchor": "bottom", "showactive": True,
         "pad": {"t": 0, "b": 0},
         "bgcolor": "white", "bordercolor": "#bbb", "font": {"size": 11},
         "buttons": [{"label": label(short(lab, 32)), "method": "restyle", "args": [{"visible": vis}]}
@@ -324,8 +328,7 @@ def pre_max_dead(data: ReportData, fid: str = "pre-max") -> Figure | None:
     edges = np.linspace(lo, hi, PRE_MAX_BINS + 1)
     per_site.sort(key=lambda t: -t[1].size)
     shown, rest = per_site[:MAX_STACKED_SITES], per_site[MAX_STACKED_SITES:]
-    palette = ["#c62828", "#ef6c00", "#6a1b9a", "#283593", "#00838f", "#558b2f", "#ad1457", "#4e342e",
-               "#f9a825", "#37474f"]
+    palette = SITE_COLORS
     traces = []
     for i, (name, v) in enumerate(shown + ([("other sites", np.concatenate([v for _, v in rest]))] if rest else [])):
         counts, _ = np.histogram(v, bins=edges)
@@ -333,9 +336,11 @@ def pre_max_dead(data: ReportData, fid: str = "pre-max") -> Figure | None:
                        "width": float(edges[1] - edges[0]), "name": label(short(name, 32)),
                        "marker": {"color": palette[i % len(palette)] if name != "other sites" else "#bdbdbd"},
                        "hovertemplate": "%{x:.3g}: %{y} dead neurons<extra>" + label(short(name, 40)) + "</extra>"})
-    layout = _layout(barmode="stack", bargap=0,
+    top = int(np.sum([t["y"] for t in traces], axis=0).max())  # tallest stack
+    layout = _layout(barmode="stack", bargap=0, showlegend=True,  # the legend names the site, even if only one
                      xaxis={"title": {"text": "max pre-activation over the scanned data (0 = would fire)"}},
-                     yaxis={"title": {"text": "dead neurons"}},
+                     yaxis={"title": {"text": "dead neurons"}, "tickformat": "d", "dtick": _nice_step(top),
+                            "rangemode": "tozero"},
                      shapes=[{"type": "line", "x0": 0, "x1": 0, "y0": 0, "y1": 1, "yref": "paper",
                               "line": {"color": "#333", "dash": "dot", "width": 1}}],
                      legend={"orientation": "v", "x": 1.01, "xanchor": "left", "y": 1, "yanchor": "top"},
@@ -380,21 +385,18 @@ def history_figures(data: ReportData) -> list[Figure]:
     ep = {"title": {"text": "epoch"}, "dtick": 1 if len(rows) <= 20 else None}
     figs = []
 
-    top_rev = max([1] + [int(r.get("revived") or 0) for r in rows])
+    top = max([1] + [int(r.get(k) or 0) for r in rows + base for k in ("dead", "revived")])
     tr = [{"type": "bar", "x": _epochs(rows), "y": _col(rows, "revived"), "name": "revived this epoch",
-           "marker": {"color": REVIVED}, "opacity": 0.7, "yaxis": "y2"},
+           "marker": {"color": REVIVED}, "opacity": 0.7},
           _line(rows, "dead", "dead (stripped run)", DEAD)]
     if base:
         tr.append(_line(base, "dead", "dead (baseline, no stripping)", BASE, dash="dash"))
     figs.append(Figure("history-dead", "Dead and revived neurons per epoch",
                        "Dead neurons after each epoch (red line; grey dashed: the same training without "
-                       "stripping) and neurons revived that epoch (green bars, right axis).",
+                       "stripping) and neurons revived that epoch (green bars), on one axis of neuron counts.",
                        {"data": tr, "layout": _layout(
-                           xaxis=ep, yaxis={"title": {"text": "dead neurons"}, "rangemode": "tozero"},
-                           yaxis2={"title": {"text": "revived", "font": {"color": REVIVED}}, "overlaying": "y",
-                                   "side": "right", "showgrid": False, "tickfont": {"color": REVIVED},
-                                   "range": [0, top_rev * 1.15], "dtick": _nice_step(top_rev)},
-                           margin={"r": 60})}))
+                           xaxis=ep, yaxis={"title": {"text": "neurons"}, "rangemode": "tozero",
+                                            "tickformat": "d", "dtick": _nice_step(top)})}))
 
     tr = [_line(rows, "active_percent", "%A, hidden params (stripped)", HEALTHY),
           _line(rows, "active_percent_feeding_weights", "%A, feeding weights only (stripped)", HEALTHY, dash="dot")]
@@ -570,6 +572,7 @@ def compare_figures(a: ReportData, b: ReportData, la: str = "A", lb: str = "B") 
                                                   "dtick": 1 if max(len(ha), len(hb)) <= 20 else None},
                                            yaxis={"title": {"text": "dead neurons"}, "rangemode": "tozero"},
                                            yaxis2={"title": {"text": "val accuracy (%)"}, "overlaying": "y",
-                                                   "side": "right", "showgrid": False},
+                                                   "side": "right", "showgrid": False, "tickformat": ".1f",
+                                                   "ticksuffix": "%"},
                                            margin={"r": 60})}))
     return figs

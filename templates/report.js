@@ -6,7 +6,9 @@
     var heads = table.tHead.rows[0].cells;
     Array.prototype.forEach.call(heads, function (th, col) {
       function sort() {
-        var dir = th.getAttribute("aria-sort") === "ascending" ? -1 : 1;
+        // first click: numbers (dead, dead %) largest first, text A to Z; then each click reverses
+        var cur = th.getAttribute("aria-sort") || (th.getAttribute("data-first") === "descending" ? "ascending" : "descending");
+        var dir = cur === "ascending" ? -1 : 1;
         Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("aria-sort"); });
         th.setAttribute("aria-sort", dir === 1 ? "ascending" : "descending");
         var numeric = th.getAttribute("data-type") === "num";

@@ -125,12 +125,19 @@ def test_table_sorts_on_click(browser, runs, tmp_path):
     path, summary = runs["inspect"]
     page, ctx = open_report(browser, path, tmp_path / "sort.png")
     try:
-        page.click("#sites-table thead th:nth-child(7)")  # dead
-        first = page.evaluate("Array.from(document.querySelectorAll('#sites-table tbody tr')).map(r => r.getAttribute('data-site'))")
-        assert first == [s["name"] for s in sorted(summary["sites"], key=lambda s: s["dead"])]
+        order = "Array.from(document.querySelectorAll('#sites-table tbody tr')).map(r => r.getAttribute('data-site'))"
+        page.click("#sites-table thead th:nth-child(7)")  # dead: most dead first
+        first = page.evaluate(order)
+        assert first == [s["name"] for s in sorted(summary["sites"], key=lambda s: -s["dead"])]
+        assert page.get_attribute("#sites-table thead th:nth-child(7)", "aria-sort") == "descending"
         page.click("#sites-table thead th:nth-child(7)")
-        again = page.evaluate("Array.from(document.querySelectorAll('#sites-table tbody tr')).map(r => r.getAttribute('data-site'))")
-        assert again == first[::-1]
+        again = page.evaluate(order)
+        assert again == [s["name"] for s in sorted(summary["sites"], key=lambda s: s["dead"])]
+        page.click("#sites-table thead th:nth-child(8)")  # dead %: also largest first
+        pct = page.evaluate(order)
+        assert pct == [s["name"] for s in sorted(summary["sites"], key=lambda s: -s["dead"] / s["neurons"])]
+        page.click("#sites-table thead th:nth-child(2)")  # text: A to Z first
+        assert page.evaluate(order) == sorted(s["name"] for s in summary["sites"])
     finally:
         ctx.close()
 
@@ -234,5 +241,27 @@ def test_warning_banner_is_visible(browser, tmp_path):
                             "return [r.top, r.height]; })()")
         assert box[0] < 900 and box[1] > 20, box  # above the fold, not collapsed
         assert page.locator("#sites-table tr.ds-nonfinite").count() >= 1
+    finally:
+        ctx.close()
+
+
+def test_modebar_does_not_cover_the_dropdown(browser, runs, tmp_path):
+    path, _ = runs["inspect"]
+    page, ctx = open_report(browser, path, tmp_path / "modebar.png")
+    try:
+        page.hover("#fig-weights .ds-plot")
+        page.wait_for_timeout(300)
+        boxes = page.evaluate("""(() => { const d = document.querySelector('#fig-weights .ds-plot');
+            const r = s => { const e = d.querySelector(s); if (!e) return null; const b = e.getBoundingClientRect();
+                             return [b.left, b.top, b.right, b.bottom]; };
+            return {bar: r('.modebar'), menu: r('.updatemenu-container .updatemenu-header-group'),
+                    legend: r('g.legend')}; })()""")
+        assert boxes["menu"] is not None, boxes
+        a, b = boxes["legend"], boxes["menu"]
+        assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), boxes  # nor the legend
+        if boxes["bar"] is not None:
+            a, b = boxes["bar"], boxes["menu"]
+            overlap = a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+            assert not overlap, boxes
     finally:
         ctx.close()

@@ -477,6 +477,42 @@ def test_compare_side_by_side(inspected, stripped, tmp_path):
     check_self_contained(path.read_text())
 
 
+def _reddish(color: str) -> bool:
+    import colorsys
+
+    r, g, b = (int(color[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    h, light, sat = colorsys.rgb_to_hls(r, g, b)
+    return (h < 20 / 360 or h > 340 / 360) and sat > 0.4 and 0.2 < light < 0.8
+
+
+def test_figure_axes_ticks_legends_and_colours(inspected, stripped, tmp_path):
+    from deadscan import figures
+
+    assert not any(_reddish(c) for c in figures.SITE_COLORS) and _reddish(figures.DEAD)
+    specs = figure_specs(parse(inspected.files["report"]))
+    pre = specs["spec-pre-max"]
+    assert pre["layout"]["showlegend"] is True and pre["layout"]["yaxis"]["tickformat"] == "d"
+    assert isinstance(pre["layout"]["yaxis"]["dtick"], int) and pre["layout"]["yaxis"]["dtick"] >= 1
+    assert not any(_reddish(t["marker"]["color"]) for t in pre["data"])
+    for spec in specs.values():  # dropdowns sit top left, away from plotly's modebar (top right)
+        for m in spec["layout"].get("updatemenus", []):
+            assert m["x"] == 0 and m["xanchor"] == "left"
+    hist = figure_specs(parse(stripped.files["report"]))["spec-history-dead"]
+    assert "yaxis2" not in hist["layout"] and all("yaxis" not in t for t in hist["data"])  # one axis for both
+    assert hist["layout"]["yaxis"]["tickformat"] == "d"
+    res = CliRunner().invoke(main, ["compare", str(stripped.files["stats"]), str(stripped.files["stats"]),
+                                    "--out", str(tmp_path / "cmp")])
+    assert res.exit_code == 0, res.output
+    cmp = figure_specs(parse(tmp_path / "cmp" / "compare.html"))["spec-compare-history"]["layout"]
+    assert cmp["yaxis2"]["tickformat"] == ".1f" and cmp["yaxis2"]["ticksuffix"] == "%"
+    page = parse(inspected.files["report"])
+    text = inspected.files["report"].read_text()
+    for col in ("dead", "dead %"):  # most dead first on the first click
+        assert f'data-first="descending" tabindex="0">{col}</th>' in text
+    assert 'data-first="ascending" tabindex="0" title="position in the model">#</th>' in text
+    assert page.tables
+
+
 def test_compare_bad_input(inspected, tmp_path):
     res = CliRunner().invoke(main, ["compare", str(inspected.files["stats"]), str(tmp_path / "no.h5")])
     assert res.exit_code == 1
