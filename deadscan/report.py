@@ -421,12 +421,64 @@ def _totals_rows(a: dict, b: dict) -> list[dict]:
              "delta": None if va is None or vb is None else vb - va} for lab, va, vb, fmt in rows]
 
 
+def run_name(data) -> str:
+    """A run as people name it: its folder, the command that made it and the checkpoint, e.g.
+    ``stripped (strip revive.safetensors)``; the checkpoint's file name alone rarely tells runs apart."""
+    import shlex
+
+    s = data.summary
+    folder = Path(data.source).resolve().parent.name if data.source else ""
+    try:
+        words = shlex.split(s.get("command") or "")
+    except ValueError:
+        words = (s.get("command") or "").split()
+    verb = words[1] if len(words) > 1 and Path(words[0]).name == "deadscan" else (words[0] if words else "")
+    what = " ".join(x for x in (verb, _title(s)) if x)
+    return f"{folder} ({what})" if folder else what
+
+
+def _flat(prefix: str, d) -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(f"{prefix}{k}.", v))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(a: dict, b: dict) -> list[dict]:
+    """Settings that differ between two summaries: their ``config`` (fine-tuning) and ``data``, flattened."""
+    fa = {**_flat("data.", a.get("data")), **_flat("config.", a.get("config"))}
+    fb = {**_flat("data.", b.get("data")), **_flat("config.", b.get("config"))}
+    return [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def compare_warnings(a, b, la: str = "A", lb: str = "B") -> list[str]:
+    """Reasons a comparison may mislead: no shared site, the same run twice, and each run's own warnings."""
+    out = []
+    if a.sites and b.sites and not ({s.name for s in a.sites} & {s.name for s in b.sites}):
+        out.append(f"{la} and {lb} share no site: the per-site table and change figure are empty; these are "
+                   "probably different models.")
+    ca, cb = a.summary.get("checkpoint") or {}, b.summary.get("checkpoint") or {}
+    if ca.get("sha256") and ca.get("sha256") == cb.get("sha256") and a.summary.get("data") == b.summary.get("data") \
+            and (a.summary.get("config") or {}) == (b.summary.get("config") or {}):
+        same = " (the same file)" if a.source and b.source and Path(a.source).resolve() == Path(b.source).resolve() else ""
+        out.append(f"{la} and {lb} are the same checkpoint (sha256 {ca['sha256'][:12]}\u2026) scanned on the same "
+                   f"data with the same settings{same}: every difference below is zero by construction.")
+    for lab, d in ((la, a), (lb, b)):
+        out += [f"{lab}: {w}" for w in warnings_of(d.summary)]
+    return out
+
+
 def render_compare(a, b, *, plotlyjs: str = "inline", labels: tuple[str, str] = ("A", "B")) -> str:
     from .figures import compare_figures
 
     rows, only_a, only_b = compare_rows(a, b)
+    na, nb = run_name(a), run_name(b)
     ctx = {
-        "title": f"{_title(a.summary)} vs {_title(b.summary)}", "la": labels[0], "lb": labels[1],
+        "title": f"{na} vs {nb}", "la": labels[0], "lb": labels[1], "na": na, "nb": nb,
+        "warnings": compare_warnings(a, b, *labels), "config_diff": config_diff(a.summary, b.summary),
         "ha": _header(a.summary, a.source), "hb": _header(b.summary, b.source),
         "totals": _totals_rows(a.summary, b.summary), "rows": rows, "only_a": only_a, "only_b": only_b,
         "figures": _figures(compare_figures(a, b, *labels)), "plotly": _plotly_tag(plotlyjs),

@@ -475,6 +475,33 @@ def test_compare_side_by_side(inspected, stripped, tmp_path):
     assert d[0]["y"] == pytest.approx([100 * (y["dead"] / y["neurons"] - x["dead"] / x["neurons"])
                                        for x, y in zip(sa["sites"], sb["sites"])])
     check_self_contained(path.read_text())
+    text = path.read_text()
+    # runs named by folder and command, not only the checkpoint file
+    heads = re.findall(r'<h2 id="name-(?:a|b)">(.*?)<small>', text)
+    assert heads == ["A: inspect (inspect mlp.safetensors) ", "B: strip (strip revive.safetensors) "], heads
+    assert "<title>deadscan compare: inspect (inspect mlp.safetensors) vs strip (strip revive.safetensors)</title>" in text
+    assert 'id="warnings"' not in text  # different runs with shared sites: no banner
+    diff = {r["_attrs"]["data-setting"]: (r["1"], r["2"]) for r in page.tables["config-diff"]}
+    assert diff["config.epochs"] == ("\u2013", "4") and diff["config.rate"] == ("\u2013", "0.5")
+    assert all(k.startswith(("config.", "data.")) for k in diff)
+    assert not any(k.startswith("data.") and sa["data"].get(k[5:]) == sb["data"].get(k[5:]) for k in diff)
+
+
+def test_compare_warns_about_the_same_run_and_no_shared_site(inspected, tmp_path):
+    a = str(inspected.files["stats"])
+    res = CliRunner().invoke(main, ["compare", a, a, "--out", str(tmp_path / "same")])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "same" / "compare.html").read_text()
+    assert 'class="ds-banner" id="warnings"' in text
+    assert "A and B are the same checkpoint" in text and "(the same file)" in text
+    assert 'id="config-diff-none"' in text and 'id="config-diff"' not in text
+    named = run_named(tmp_path / "named")
+    res = CliRunner().invoke(main, ["compare", a, str(named["stats"]), "--out", str(tmp_path / "other")])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "other" / "compare.html").read_text()
+    assert "A and B share no site" in text and "same checkpoint" not in text
+    diff = {r["_attrs"]["data-setting"] for r in parse(tmp_path / "other" / "compare.html").tables["config-diff"]}
+    assert {"data.name", "data.samples"} <= diff
 
 
 def _reddish(color: str) -> bool:
