@@ -319,12 +319,11 @@ def opt(tmp_path):
     return _folder(tmp_path, "OPTForCausalLM")
 
 
-def _one_error(*args, words=()):
+def _one_error(*args) -> str:
+    """Run the CLI; it must fail with exactly one Error line (returned) and no traceback."""
     res, err = _run(*args)
     assert res.exit_code == 1 and len(err) == 1, res.output
     assert "Traceback" not in res.output
-    for w in words:
-        assert w in err[0], err[0]
     return err[0]
 
 
@@ -337,45 +336,53 @@ def _npz(tmp_path, **arrays):
 def test_ids_outside_the_vocabulary(tmp_path, opt):
     ids = np.ones((4, 5), np.int64)
     ids[2, 3] = VOCAB
-    _one_error("inspect", opt, "--data", _npz(tmp_path, input_ids=ids), "--split", "all", "--out", tmp_path / "o",
-               words=("token id 64", "vocabulary of 64"))
+    line = _one_error("inspect", opt, "--data", _npz(tmp_path, input_ids=ids), "--split", "all", "--out",
+                      tmp_path / "o")
+    assert "token id 64" in line, line
+    assert "vocabulary of 64" in line, line
     ids[2, 3] = -1
-    _one_error("inspect", opt, "--data", _npz(tmp_path, input_ids=ids), "--split", "all", "--out", tmp_path / "o",
-               words=("0 or more",))
+    line = _one_error("inspect", opt, "--data", _npz(tmp_path, input_ids=ids), "--split", "all", "--out",
+                      tmp_path / "o")
+    assert "0 or more" in line, line
 
 
 def test_float_ids_refused(tmp_path, opt):
-    _one_error("inspect", opt, "--data", _npz(tmp_path, input_ids=np.ones((4, 5), np.float32)), "--out",
-               tmp_path / "o", words=("integers",))
+    line = _one_error("inspect", opt, "--data", _npz(tmp_path, input_ids=np.ones((4, 5), np.float32)), "--out",
+                      tmp_path / "o")
+    assert "integers" in line, line
 
 
 @pytest.mark.parametrize("mask, words", [(np.full((4, 5), 2), ("only 0",)), (np.ones((4, 6), np.int64), ("shape",))],
                          ids=["values", "shape"])
 def test_bad_mask(tmp_path, opt, mask, words):
     data = _npz(tmp_path, input_ids=np.ones((4, 5), np.int64), attention_mask=mask)
-    _one_error("inspect", opt, "--data", data, "--split", "all", "--out", tmp_path / "o", words=words)
+    line = _one_error("inspect", opt, "--data", data, "--split", "all", "--out", tmp_path / "o")
+    assert all(w in line for w in words), line
 
 
 def test_empty_text(tmp_path, opt):
     _save_tokenizer(opt)
-    _one_error("inspect", opt, "--data", _corpus(tmp_path, lines=("", "   ")), "--out", tmp_path / "o",
-               words=("no text",))
+    line = _one_error("inspect", opt, "--data", _corpus(tmp_path, lines=("", "   ")), "--out", tmp_path / "o")
+    assert "no text" in line, line
 
 
 def test_tokenizer_of_another_model(tmp_path, opt):
     big = _save_tokenizer(tmp_path / "big", words=[f"w{i}" for i in range(100)])
-    _one_error("inspect", opt, "--data", _corpus(tmp_path), "--tokenizer", big, "--seq-len", 4, "--split", "all",
-               "--out", tmp_path / "o", words=("does not belong",))
+    line = _one_error("inspect", opt, "--data", _corpus(tmp_path), "--tokenizer", big, "--seq-len", 4, "--split",
+                      "all", "--out", tmp_path / "o")
+    assert "does not belong" in line, line
 
 
 def test_no_tokenizer_in_the_folder(tmp_path, opt):
-    _one_error("inspect", opt, "--data", _corpus(tmp_path), "--out", tmp_path / "o", words=("--tokenizer",))
+    line = _one_error("inspect", opt, "--data", _corpus(tmp_path), "--out", tmp_path / "o")
+    assert "--tokenizer" in line, line
 
 
 def test_sequences_longer_than_the_model_takes(tmp_path, opt):
     _save_tokenizer(opt)
-    _one_error("inspect", opt, "--data", _corpus(tmp_path), "--seq-len", 100, "--split", "all", "--out",
-               tmp_path / "o", words=("--seq-len 64",))
+    line = _one_error("inspect", opt, "--data", _corpus(tmp_path), "--seq-len", 100, "--split", "all", "--out",
+                      tmp_path / "o")
+    assert "--seq-len 64" in line, line
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
@@ -383,7 +390,8 @@ def test_sequences_longer_than_the_model_takes(tmp_path, opt):
 def test_fifo_as_data(tmp_path, opt, name):
     fifo = tmp_path / name
     os.mkfifo(fifo)
-    _one_error("inspect", opt, "--data", fifo, "--out", tmp_path / "o", words=("not a regular file",))
+    line = _one_error("inspect", opt, "--data", fifo, "--out", tmp_path / "o")
+    assert "not a regular file" in line, line
 
 
 def test_parquet_without_pandas(tmp_path, opt, monkeypatch):
@@ -391,13 +399,15 @@ def test_parquet_without_pandas(tmp_path, opt, monkeypatch):
     path = tmp_path / "corpus.parquet"
     path.write_bytes(b"PAR1")
     _save_tokenizer(opt)
-    _one_error("inspect", opt, "--data", path, "--out", tmp_path / "o", words=("pandas",))
+    line = _one_error("inspect", opt, "--data", path, "--out", tmp_path / "o")
+    assert "pandas" in line, line
 
 
 def test_image_options_refused_with_tokens(tmp_path, opt):
-    _one_error("inspect", opt, "--data", _tokens_file(tmp_path), "--resize", 8, "--out", tmp_path / "o",
-               words=("--resize",))
+    line = _one_error("inspect", opt, "--data", _tokens_file(tmp_path), "--resize", 8, "--out", tmp_path / "o")
+    assert "--resize" in line, line
 
 
 def test_token_options_refused_with_images(tmp_path, mlp_file):
-    _one_error("inspect", mlp_file, "--data", "digits", "--seq-len", 8, "--out", tmp_path / "o", words=("--seq-len",))
+    line = _one_error("inspect", mlp_file, "--data", "digits", "--seq-len", 8, "--out", tmp_path / "o")
+    assert "--seq-len" in line, line
