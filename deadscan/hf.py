@@ -450,37 +450,27 @@ def save_folder(model, dest: str | os.PathLike, source: str | os.PathLike | None
     ``dest``, then renamed over it; a run killed midway leaves only ``.stripped.*.tmp``. ``metadata`` (a
     compacted model's ``deadscan_shapes``) is added to every safetensors file written."""
     import shutil
-    import tempfile
 
     from .errors import OutputError
     from .files import open_regular
+    from .outputs import atomic_path
 
     dest = Path(dest)
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    except OSError as e:
-        raise OutputError(f"cannot write {dest} ({e.strerror}); choose another --out") from None
-    try:
-        new = tmp / dest.name  # made by save_pretrained with the umask's mode (mkdtemp's is 0700)
-        _save_pretrained(model, new)
-        if metadata:
-            _add_metadata(new, metadata)
-        if source is not None:
-            from .data.tokens import TOKENIZER_FILES
+        with atomic_path(dest) as new:  # made by save_pretrained with the umask's mode
+            _save_pretrained(model, new)
+            if metadata:
+                _add_metadata(new, metadata)
+            if source is not None:
+                from .data.tokens import TOKENIZER_FILES
 
-            for name in TOKENIZER_FILES:
-                src = Path(source) / name
-                if os.path.lexists(src) and not os.path.lexists(new / name):
-                    with open_regular(src) as f, open(new / name, "wb") as g:  # regular files only
-                        shutil.copyfileobj(f, g)
-        if os.path.lexists(dest):  # an earlier run's folder (--overwrite): moved aside, removed with tmp
-            os.replace(dest, tmp / "old")
-        os.replace(new, dest)
+                for name in TOKENIZER_FILES:
+                    src = Path(source) / name
+                    if os.path.lexists(src) and not os.path.lexists(new / name):
+                        with open_regular(src) as f, open(new / name, "wb") as g:  # regular files only
+                            shutil.copyfileobj(f, g)
     except OSError as e:
         raise OutputError(f"cannot write {dest} ({e.strerror or one_line(e)}); choose another --out") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

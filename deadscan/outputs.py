@@ -45,7 +45,8 @@ def _file_mode() -> int:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temp path for ``path``; rename it over ``path`` only if the block succeeds.
+    """Yield a temp path for ``path`` (the block writes a file or a folder there); rename it over ``path``
+    only if the block succeeds.
 
     The temp path lies in a private folder ``.NAME.XXXX.tmp/`` beside ``path`` (same file system, so the
     rename is atomic): a process killed at any moment leaves the old file or the new one, never a torn
@@ -59,9 +60,16 @@ def atomic_path(path: str | os.PathLike):
         raise OutputError(f"cannot write {path} ({e.strerror}); choose another --out") from None
     try:
         yield folder / path.name
-        # Writers that make their own temp file (mkstemp) leave it 0600: outputs follow the umask instead.
-        os.chmod(folder / path.name, _file_mode())
-        os.replace(folder / path.name, path)
+        new = folder / path.name
+        if new.is_dir():  # a folder output (a Hugging Face model folder): an earlier run's is moved aside first
+            for f in new.rglob("*"):
+                if f.is_file() and not f.is_symlink():
+                    os.chmod(f, _file_mode())
+            if os.path.lexists(path):
+                os.replace(path, folder / ".replaced")  # removed with the temp folder
+        else:  # writers that make their own temp file (mkstemp) leave it 0600: outputs follow the umask
+            os.chmod(new, _file_mode())
+        os.replace(new, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

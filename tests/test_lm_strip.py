@@ -171,6 +171,10 @@ def test_cli_chain_inspect_strip_reload_inspect(tmp_path, monkeypatch):
     stripped = run2 / "stripped"
     assert {"config.json", "model.safetensors"} <= set(os.listdir(stripped))
     assert not [p for p in os.listdir(run2) if p.endswith(".tmp")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in stripped.iterdir()} == \
+        {p.name: 0o666 & ~umask for p in stripped.iterdir()}  # the umask's mode, not safetensors' 0600
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(stripped).eval()
     assert reloaded.lm_head.weight is reloaded.model.decoder.embed_tokens.weight  # tied again
     saved = load_file(str(stripped / "model.safetensors"))
