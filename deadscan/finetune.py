@@ -98,8 +98,34 @@ class Task:
     def weight(self, batch) -> torch.Tensor | int:
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, ds, device: torch.device, batch_size: int, amp=None) -> dict:
+    def sums(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(summed NLL, correct predictions, predictions) of one evaluation batch, as tensors (no host sync)."""
         raise NotImplementedError
+
+    def eval_batches(self, ds, batch_size: int, device: torch.device):
+        return ds.batches(batch_size, device)
+
+    def evaluate(self, model: nn.Module, ds, device: torch.device, batch_size: int, amp=None) -> dict:
+        """Mean NLL per prediction and accuracy (%) over a split; one host sync at the end."""
+        if ds is None or len(ds) == 0:
+            return {"loss": None, "acc": None}
+        model.eval()
+        loss = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        count = torch.zeros((), device=device, dtype=torch.long)
+        with torch.inference_mode(), (amp or contextlib.nullcontext()):
+            for batch in self.eval_batches(ds, batch_size, device):
+                nll, ok, n = self.sums(model, batch)
+                loss += nll.double()
+                correct += ok
+                count += n
+        n = int(count)  # sync point
+        if n == 0:  # e.g. one-token sequences: nothing to predict
+            return {"loss": None, "acc": None}
+        return self._result(float(loss) / n, 100.0 * float(correct) / n)
+
+    def _result(self, mean_nll: float, acc: float) -> dict:
+        return {"loss": mean_nll, "acc": acc}
 
 
 class Classification(Task):
@@ -114,21 +140,15 @@ class Classification(Task):
     def weight(self, batch):
         return len(batch[1])
 
-    def evaluate(self, model, ds, device, batch_size, amp=None):
-        if ds is None or len(ds) == 0:
-            return {"loss": None, "acc": None}
-        model.eval()
-        loss = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+    def eval_batches(self, ds, batch_size, device):
         y_all = ds.y.to(device)
-        with torch.inference_mode():
-            for i, xb in enumerate(ds.batches(batch_size, device)):
-                yb = y_all[i * batch_size:(i + 1) * batch_size]
-                out = model(xb)
-                loss += F.cross_entropy(out.float(), yb, reduction="sum").double()
-                correct += (out.argmax(1) == yb).sum()
-        n = len(ds)
-        return {"loss": float(loss) / n, "acc": 100.0 * float(correct) / n}  # sync point
+        for i, xb in enumerate(ds.batches(batch_size, device)):
+            yield xb, y_all[i * batch_size:(i + 1) * batch_size]
+
+    def sums(self, model, batch):
+        xb, yb = batch
+        out = model(xb)
+        return F.cross_entropy(out.float(), yb, reduction="sum"), (out.argmax(1) == yb).sum(), yb.new_tensor(len(yb))
 
 
 class CausalLM(Task):
@@ -167,25 +187,11 @@ class CausalLM(Task):
     def weight(self, batch):
         return self._real(batch).sum()
 
-    def evaluate(self, model, ds, device, batch_size, amp=None):
-        if ds is None or len(ds) == 0:
-            return {"loss": None, "acc": None}
-        model.eval()
-        loss = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        count = torch.zeros((), device=device, dtype=torch.long)
-        with torch.inference_mode(), (amp or contextlib.nullcontext()):
-            for batch in ds.batches(batch_size, device):
-                nll, ok, n = self._sums(model, batch)
-                loss += nll.double()
-                correct += ok
-                count += n
-        n = int(count)  # sync point
-        if n == 0:  # one-token sequences: nothing to predict
-            return {"loss": None, "acc": None}
-        mean = float(loss) / n
-        return {"loss": mean, "acc": 100.0 * float(correct) / n,
-                "perplexity": math.exp(mean) if mean < 700 else math.inf}
+    def sums(self, model, batch):
+        return self._sums(model, batch)
+
+    def _result(self, mean_nll, acc):
+        return {"loss": mean_nll, "acc": acc, "perplexity": math.exp(mean_nll) if mean_nll < 700 else math.inf}
 
 
 def _logits(out) -> torch.Tensor:
