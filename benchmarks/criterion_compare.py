@@ -37,7 +37,8 @@ def main() -> None:
         for criterion in ("weight", "contribution"):
             model = deadscan.load(resource_path("sample_models", name))
             cfg = TrainConfig(epochs=args.epochs, lr=1e-3, batch_size=64, warmup=0, schedule="constant",
-                              rate=args.rate, criterion=criterion, augment="none", seed=0)
+                              rate=args.rate, criterion=criterion, augment="none", train_seed=0,
+                              optimizer="adam", weight_decay=0.0)
             res = finetune(model, splits["train"], splits["val"], cfg, device=dev, test=splits["test"])
             before = res.history[0]["dead"]
             after = deadscan.scan(model, splits["val"]).dead

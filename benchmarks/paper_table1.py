@@ -34,7 +34,7 @@ def run(spec: str, splits: dict, strip: bool, epochs: int, seed: int, device) ->
     torch.manual_seed(seed)
     model = build(spec)
     cfg = TrainConfig(epochs=epochs, lr=1e-3, batch_size=64, warmup=0, schedule="constant", rate=0.1,
-                      strip=strip, augment="none", seed=seed)
+                      strip=strip, augment="none", train_seed=seed, optimizer="adam", weight_decay=0.0)
     t = time.perf_counter()
     res = finetune(model, splits["train"], splits["val"], cfg, device=device, test=splits["test"])
     last = res.history[-1]

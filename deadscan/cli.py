@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -17,34 +18,10 @@ import click
 from . import __version__
 from .defaults import DEFAULTS
 from .errors import DeadscanError, DeadscanWarning, printable
+from .options import CRITERIA, METHODS, OPTIMIZERS, PRUNE_RULES, SCHEDULES, SPLITS, TrainConfig
 
 SAMPLE_MODEL = "mlp_digits.safetensors"
 SAMPLE_LM, SAMPLE_LM_TEXT, SAMPLE_LM_SEQ_LEN = "opt_pydoc", "pydoc_val.txt", 64  # demo --lm
-
-
-class _Later:
-    """A default or a list of choices defined in a module that imports torch: read when its command
-    parses or prints its help, not when the command line starts."""
-
-    def __init__(self, module: str, name: str, attr: str | None = None):
-        self.module, self.name, self.attr = module, name, attr
-
-    def __call__(self):
-        value = getattr(importlib.import_module(self.module, __package__), self.name)
-        return value if self.attr is None else getattr(value, self.attr)
-
-
-def _train(field: str) -> _Later:
-    return _Later(".finetune", "TrainConfig", field)
-
-
-class _LaterChoice(click.ParamType):
-    """Stands for ``click.Choice(later())`` until the command resolves it."""
-
-    name = "choice"
-
-    def __init__(self, later: _Later):
-        self.later = later
 
 
 class _Finite(click.FloatRange):
@@ -65,14 +42,6 @@ class _Command(click.Command):
     def __init__(self, *args, sections: dict[str, tuple[str, ...]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.sections = sections or {}
-
-    def parse_args(self, ctx, args):
-        for p in self.params:  # once per process; help and parsing both come through here
-            if isinstance(p.default, _Later):
-                p.default = p.default()
-            if isinstance(p.type, _LaterChoice):
-                p.type = click.Choice(p.type.later())
-        return super().parse_args(ctx, args)
 
     def format_options(self, ctx, formatter):
         where = {name: (title, i) for title, names in self.sections.items() for i, name in enumerate(names)}
@@ -142,7 +111,10 @@ def _command_line() -> str:
 
 
 def _resume_command() -> str:
-    return _command_line() + ("" if "--resume" in sys.argv[1:] else " --resume")
+    """How to go on after an interrupt: resume the run, or write the completed epochs' outputs."""
+    given = [a for a in sys.argv[1:] if a not in ("--resume", "--finalize")]
+    line = " ".join(["deadscan", *map(shlex.quote, given)])
+    return f"{line} --resume; or write the completed epochs' outputs with: {line} --finalize"
 
 
 def _warnings_as_lines(ctx: click.Context) -> None:
@@ -228,7 +200,7 @@ _overwrite_option = click.option("--overwrite", is_flag=True, help="replace outp
 _device_option = click.option("--device", metavar="DEVICE", default=None,
                               help="cpu, cuda or cuda:N (default: cuda if available)")
 _plotlyjs_option = click.option(
-    "--plotlyjs", type=click.Choice(["inline", "cdn", "directory"]), default="inline", show_default=True,
+    "--plotlyjs", type=click.Choice(["inline", "cdn", "directory"]), default=DEFAULTS.plotlyjs, show_default=True,
     help="report.html: plotly.js inlined (works offline), from the CDN, or as plotly.min.js beside it")
 
 
@@ -248,10 +220,10 @@ def _data_options(*, reuse: bool, corrupted: str):
         click.option("--data-root", metavar="DIR", default=None,
                      help=f"folder holding torchvision datasets (default: ~/.cache/deadscan/data{inherited})"),
         click.option("--download", is_flag=True, help="download a torchvision dataset if missing"),
-        click.option("--val-fraction", metavar="FRACTION", type=click.FloatRange(0, 1, max_open=True),
-                     default=None if reuse else DEFAULTS.val_fraction, show_default=not reuse,
-                     help="share of the training set held out as val"
-                          + (f" (default: {DEFAULTS.val_fraction}{inherited})" if reuse else "")),
+        click.option("--val-fraction", metavar="FRACTION", type=click.FloatRange(0, 1, max_open=True), default=None,
+                     help=f"share of the training set held out as val (default: {DEFAULTS.val_fraction}{inherited})"),
+        click.option("--split-seed", metavar="N", type=int, default=None,
+                     help=f"seed of the train/val/test split (default: {DEFAULTS.seed}{inherited})"),
         click.option("--mean", metavar="M,M,M", default=None,
                      help=f"per-channel mean, e.g. 0.5,0.5,0.5 (default: the dataset's preset{inherited})"),
         click.option("--std", metavar="S,S,S", default=None,
@@ -279,8 +251,23 @@ def _data_options(*, reuse: bool, corrupted: str):
     return decorate
 
 
+_DATA_KEYS = ("data", "data_root", "download", "split_seed", "val_fraction", "mean", "std", "resize", "channels",
+              "corruption", "severity", "seq_len", "tokenizer", "text_field")
+
+
+def _pop_data(kw: dict):
+    """The DataOptions the shared data options gave (removed from ``kw``; None where not given)."""
+    from .options import DataOptions
+
+    given = {k: kw.pop(k) for k in _DATA_KEYS}
+    given["name"], given["root"] = given.pop("data"), given.pop("data_root")
+    if given["channels"] is not None:
+        given["channels"] = int(given["channels"])
+    return DataOptions(**given)
+
+
 _INSPECT_SECTIONS = {
-    "Data": ("data", "split", "limit", "seed", "val_fraction", "data_root", "download", "mean", "std", "resize",
+    "Data": ("data", "split", "limit", "split_seed", "val_fraction", "data_root", "download", "mean", "std", "resize",
              "channels", "corruption", "severity", "seq_len", "tokenizer", "text_field"),
     "Model": ("arch", "trust_pickle", "allow_global", "list_globals"),
     "Scan": ("batch_size", "device", "tau"),
@@ -291,12 +278,11 @@ _INSPECT_SECTIONS = {
 @main.command(sections=_INSPECT_SECTIONS)
 @click.argument("checkpoint")
 @_data_options(reuse=False, corrupted="a cifar10-c/cifar100-c --data")
-@click.option("--split", type=_LaterChoice(_Later(".data", "SPLITS")), default=DEFAULTS.split, show_default=True,
+@click.option("--split", type=click.Choice(SPLITS), default=DEFAULTS.split, show_default=True,
               help="data split to scan (val: seeded hold-out of train)")
 @click.option("--limit", metavar="N", type=click.IntRange(min=1), default=None,
               help="scan only the first N samples of the split")
-@click.option("--seed", metavar="N", type=int, default=DEFAULTS.seed, show_default=True,
-              help="seed of the train/val/test split")
+@click.option("--seed", "old_seed", type=int, default=None, hidden=True)  # before --split-seed
 @_trust_pickle_option
 @_allow_global_option
 @click.option("--list-globals", metavar="FILE", is_eager=True, expose_value=False, callback=_list_globals,
@@ -312,8 +298,8 @@ _INSPECT_SECTIONS = {
 @_csv_option
 @_plotlyjs_option
 @_overwrite_option
-def inspect(checkpoint, data, arch, split, limit, batch_size, device, tau, data_root, download, seed, out,
-            as_json, csv, trust_pickle, plotlyjs, allow_global, overwrite, **data_options):
+def inspect(checkpoint, arch, split, limit, old_seed, batch_size, device, tau, out, as_json, csv, trust_pickle,
+            plotlyjs, allow_global, overwrite, **data_kw):
     """Scan CHECKPOINT on a dataset: dead neurons per ReLU site and %A.
 
     Prints a per-site table and totals, and writes summary.json, stats.h5 and report.html to --out
@@ -324,12 +310,14 @@ def inspect(checkpoint, data, arch, split, limit, batch_size, device, tau, data_
       deadscan inspect sample_models/mlp_digits.safetensors --data digits
     """
     from . import pipeline
+    from .options import LoadOptions, OutputOptions
 
-    result = pipeline.inspect(checkpoint, data, out=out, arch=arch, trust_pickle=trust_pickle, split=split,
-                              limit=limit, batch_size=batch_size, device=device, tau=tau, data_root=data_root,
-                              download=download, seed=seed, command=_command_line(), progress=not as_json,
-                              plotlyjs=plotlyjs, overwrite=overwrite, allow_globals=allow_global, csv=csv,
-                              **data_options)
+    if old_seed is not None and data_kw["split_seed"] is None:
+        data_kw["split_seed"] = old_seed
+    result = pipeline.inspect(checkpoint, _pop_data(data_kw), split=split, limit=limit,
+                              load=LoadOptions(arch, trust_pickle, allow_global),
+                              output=OutputOptions(out, overwrite, plotlyjs, csv), batch_size=batch_size,
+                              device=device, tau=tau, command=_command_line(), progress=not as_json)
     _print_inspection(result, as_json)
 
 
@@ -351,6 +339,7 @@ def demo(out, lm, device, overwrite):
       deadscan demo --lm --out demo-lm
     """
     from . import pipeline
+    from .options import DataOptions, OutputOptions
     from .resources import resource_path
 
     if lm:
@@ -358,29 +347,30 @@ def demo(out, lm, device, overwrite):
         text = resource_path("sample_models", SAMPLE_LM_TEXT)
         _echo(f"deadscan demo --lm: a small ReLU OPT trained on Python's pydoc topics ({model.name}), "
               f"on held-out topics ({text.name})\n")
-        data, options = str(text), {"split": "all", "seq_len": SAMPLE_LM_SEQ_LEN}
+        data, split = DataOptions(str(text), seq_len=SAMPLE_LM_SEQ_LEN), "all"
     else:
         model = resource_path("sample_models", SAMPLE_MODEL)
         _echo(f"deadscan demo: the paper's MLP trained on sklearn's digits ({model.name})\n")
-        data, options = "digits", {}
+        data, split = DataOptions("digits"), DEFAULTS.split
     previous = pipeline.summary_in(Path(out))  # a demo may redo its own folder (the same model and data)
     own = ((previous.get("checkpoint") or {}).get("path") == str(model)
-           and (previous.get("data") or {}).get("name") == data)
-    result = pipeline.inspect(model, data, out=out, device=device, command=_command_line(), progress=True,
-                              overwrite=overwrite or own, **options)
+           and (previous.get("data") or {}).get("name") == data.name)
+    result = pipeline.inspect(model, data, split=split, output=OutputOptions(out, overwrite or own), device=device,
+                              command=_command_line(), progress=True)
     _print_inspection(result, as_json=False)
     _echo(f"outputs in {result.summary_path.parent}/")
 
 
 _STRIP_SECTIONS = {
     "Input": ("from_dir", "arch", "trust_pickle", "allow_global"),
-    "Data": ("data", "data_root", "download", "val_fraction", "mean", "std", "resize", "channels", "augment",
-             "test_corrupted", "corruption", "severity", "seq_len", "tokenizer", "text_field"),
+    "Data": ("data", "data_root", "download", "split_seed", "val_fraction", "mean", "std", "resize", "channels",
+             "augment", "test_corrupted", "corruption", "severity", "seq_len", "tokenizer", "text_field"),
     "Training": ("epochs", "optimizer", "lr", "weight_decay", "warmup", "schedule", "final_lr", "batch_size",
-                 "grad_accum", "seed", "device", "baseline", "resume"),
-    "Stripping": ("every", "rate", "criterion", "method", "compact"),
+                 "grad_accum", "train_seed", "device", "baseline", "resume", "finalize"),
+    "Stripping": ("every", "rate", "prune_rule", "criterion", "method", "compact"),
     "Output": ("out", "csv", "plotlyjs", "overwrite"),
 }
+_TRAIN = TrainConfig()
 
 
 @main.command(sections=_STRIP_SECTIONS)
@@ -388,54 +378,60 @@ _STRIP_SECTIONS = {
 @click.option("--from", "from_dir", metavar="DIR", default=DEFAULTS.out_dir, show_default=True,
               help="folder of the inspect run to reuse when CHECKPOINT is omitted")
 @_data_options(reuse=True, corrupted="--test-corrupted")
-@click.option("--finetune", "epochs", metavar="EPOCHS", type=click.IntRange(min=0), default=_train("epochs"),
+@click.option("--finetune", "epochs", metavar="EPOCHS", type=click.IntRange(min=0), default=_TRAIN.epochs,
               show_default=True, help="epochs of fine-tuning; 0 = one strip step and a re-scan")
-@click.option("--every", metavar="K", type=click.IntRange(min=1), default=_train("every"), show_default=True,
+@click.option("--every", metavar="K", type=click.IntRange(min=1), default=_TRAIN.every, show_default=True,
               help="strip every K epochs")
-@click.option("--rate", metavar="R", type=click.FloatRange(0, 1, min_open=True), default=_train("rate"),
+@click.option("--rate", metavar="R", type=click.FloatRange(0, 1, min_open=True), default=_TRAIN.rate,
               show_default=True, help="fraction of a dead neuron's remaining incoming weights pruned per step")
-@click.option("--criterion", type=_LaterChoice(_Later(".strip", "CRITERIA")), default=_train("criterion"),
-              show_default=True, help="rank by weight (paper) or by w * E[x]")
-@click.option("--method", type=_LaterChoice(_Later(".strip", "METHODS")), default=_train("method"),
-              show_default=True, help="strip (Synaptic Stripping) or redo (re-initialise dead neurons, a baseline)")
-@click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default=_train("optimizer"), show_default=True,
-              help="Adam, or AdamW (decoupled weight decay)")
-@click.option("--lr", metavar="LR", type=_Finite(0, min_open=True), default=_train("lr"), show_default=True,
+@click.option("--prune-rule", type=click.Choice(PRUNE_RULES), default=_TRAIN.prune_rule, show_default=True,
+              help="floor: the max(1, floor(R x remaining)) most negative weights; reference: every weight below "
+                   "the R-quantile of the remaining ones, any sign (the paper's reference code)")
+@click.option("--criterion", type=click.Choice(CRITERIA), default=_TRAIN.criterion, show_default=True,
+              help="rank by weight (paper) or by w * E[x] (for layers whose inputs can be negative)")
+@click.option("--method", type=click.Choice(METHODS), default=_TRAIN.method, show_default=True,
+              help="strip (Synaptic Stripping) or redo (re-initialise dead neurons, a baseline)")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=_TRAIN.optimizer, show_default=True,
+              help="AdamW (decoupled weight decay; the paper's) or Adam (L2 weight decay)")
+@click.option("--lr", metavar="LR", type=_Finite(0, min_open=True), default=_TRAIN.lr, show_default=True,
               help="peak learning rate")
-@click.option("--weight-decay", metavar="WD", type=_Finite(0), default=_train("weight_decay"), show_default=True,
-              help="optimizer weight decay")
-@click.option("--warmup", metavar="EPOCHS", type=click.IntRange(min=0), default=_train("warmup"), show_default=True,
-              help="epochs of linear warm-up")
-@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=_train("schedule"), show_default=True,
+@click.option("--weight-decay", metavar="WD", type=_Finite(0), default=_TRAIN.weight_decay, show_default=True,
+              help="optimizer weight decay (the paper's: 5e-5)")
+@click.option("--warmup", metavar="EPOCHS", type=click.IntRange(min=0), default=_TRAIN.warmup, show_default=True,
+              help="epochs of linear warm-up from 0 to --lr")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=_TRAIN.schedule, show_default=True,
               help="learning rate after warm-up: cosine decay to --final-lr, or constant")
-@click.option("--final-lr", metavar="LR", type=_Finite(0), default=_train("final_lr"), show_default=True,
+@click.option("--final-lr", metavar="LR", type=_Finite(0), default=_TRAIN.final_lr, show_default=True,
               help="learning rate at the end of the cosine schedule")
-@click.option("--batch-size", metavar="N", type=click.IntRange(min=1), default=_train("batch_size"),
+@click.option("--batch-size", metavar="N", type=click.IntRange(min=1), default=_TRAIN.batch_size,
               show_default=True, help="samples per training batch")
-@click.option("--grad-accum", metavar="N", type=click.IntRange(min=1), default=_train("grad_accum"),
+@click.option("--grad-accum", metavar="N", type=click.IntRange(min=1), default=_TRAIN.grad_accum,
               show_default=True, help="micro-batches of --batch-size per optimizer step (gradient accumulation)")
-@click.option("--seed", metavar="N", type=int, default=_train("seed"), show_default=True,
-              help="seed of training (initial shuffling, augmentation, ReDo re-initialisation)")
+@click.option("--train-seed", "--seed", "train_seed", metavar="N", type=int, default=_TRAIN.train_seed,
+              show_default=True, help="seed of training: shuffling, augmentation, ReDo re-initialisation "
+                                      "(not the data split: --split-seed)")
 @click.option("--baseline", is_flag=True, help="also run the same fine-tuning without stripping, for a side-by-side")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last completed epoch")
+@click.option("--finalize", is_flag=True,
+              help="write the outputs of an interrupted run's completed epochs (from its train-state.pt in --out), "
+                   "training no further; pass the interrupted command's options")
 @click.option("--compact", is_flag=True, help="also write compact.safetensors with the still-dead neurons removed")
-@click.option("--augment", metavar="SPEC", type=str, default=_train("augment"), show_default=True,
+@click.option("--augment", metavar="SPEC", type=str, default=_TRAIN.augment, show_default=True,
               help="training augmentation: default (crop+flip for CIFAR-like images), none, or crop/flip/autoaugment "
                    "joined with +")
 @click.option("--test-corrupted", metavar="DATA", default=None,
               help="also evaluate on a corrupted test set at the end, e.g. cifar10-c")
 @_device_option
-@click.option("--out", metavar="DIR", default=DEFAULTS.out_dir, show_default=True, help="output folder")
+@click.option("--out", metavar="DIR", default=None,
+              help="output folder (default: strip/ inside --from, beside the inspect the run starts from)")
 @_trust_pickle_option
 @_allow_global_option
 @_overwrite_option
 @_csv_option
 @_plotlyjs_option
 @click.pass_context
-def strip(ctx, checkpoint, data, arch, from_dir, epochs, every, rate, criterion, method, optimizer, lr, weight_decay,
-          warmup, schedule, final_lr, batch_size, grad_accum, seed, baseline, resume, compact, augment, val_fraction,
-          mean, std, resize, channels, test_corrupted, corruption, severity, device, data_root, download, out, trust_pickle,
-          plotlyjs, allow_global, overwrite, seq_len, tokenizer, text_field, csv):
+def strip(ctx, checkpoint, arch, from_dir, baseline, resume, finalize, compact, test_corrupted, device, out, trust_pickle,
+          plotlyjs, allow_global, overwrite, csv, epochs, **kw):
     """Revive dead neurons with Synaptic Stripping while fine-tuning.
 
     After each epoch: scan the validation split, prune the most negative remaining incoming
@@ -450,44 +446,55 @@ def strip(ctx, checkpoint, data, arch, from_dir, epochs, every, rate, criterion,
       deadscan strip --from deadscan-out --finetune 50
     """
     from . import pipeline
-    from .finetune import TrainConfig
+    from .options import DataOptions, LoadOptions, OutputOptions
 
-    cfg = TrainConfig(epochs=epochs, every=every, rate=rate, criterion=criterion, method=method, optimizer=optimizer,
-                      lr=lr, weight_decay=weight_decay, warmup=warmup, schedule=schedule, final_lr=final_lr,
-                      batch_size=batch_size, grad_accum=grad_accum, seed=seed, augment=augment)
-    data_options = {"val_fraction": val_fraction, "mean": mean, "std": std, "resize": resize, "channels": channels,
-                    "seq_len": seq_len, "tokenizer": tokenizer, "text_field": text_field}
+    data = _pop_data(kw)
+    # --corruption/--severity pick the blocks of --test-corrupted; the training data has none
+    corrupted = None if test_corrupted is None else DataOptions(test_corrupted, corruption=data.corruption,
+                                                                severity=data.severity)
+    data = replace(data, corruption=None, severity=None)
+    cfg = TrainConfig(epochs=epochs, **kw)
+
+    header = ["dead: detected after the epoch's training, before its strip step"]
 
     def on_epoch(row):
+        while header:
+            _echo(header.pop())
         _echo(f"epoch {row['epoch']:>3}  dead {row['dead']:>5}  revived {row['revived']:>4}  "
               f"pruned {row['pruned_weights']:>7}  %A {row['active_percent']:6.2f}  "
-              f"train loss {row['train_loss']:.4f}  val acc {_fmt(row['val_acc'])}"
+              f"train loss {_fmt(row['train_loss'], 4)}  val acc {_fmt(row['val_acc'])}"
               + (f"  val ppl {_fmt(row['val_perplexity'])}" if "val_perplexity" in row else ""))
 
+    out = out if out is not None else str(Path(from_dir) / DEFAULTS.strip_dir)
     ctx.meta[_STRIP_OUT] = out  # from here an interrupt keeps the completed epochs
-    run = pipeline.strip_checkpoint(checkpoint, data, cfg=cfg, out=out, from_dir=from_dir, arch=arch,
-                                    trust_pickle=trust_pickle, baseline=baseline, resume=resume, device=device,
-                                    data_root=data_root, download=download, command=_command_line(),
-                                    compact=compact, on_epoch=on_epoch, progress=True, plotlyjs=plotlyjs,
-                                    data_options=data_options, corrupted=test_corrupted,
-                                    corrupted_options={"corruption": corruption, "severity": severity},
-                                    overwrite=overwrite, allow_globals=allow_global, csv=csv)
+    run = pipeline.strip_checkpoint(checkpoint, data, cfg=cfg, load=LoadOptions(arch, trust_pickle, allow_global),
+                                    output=OutputOptions(out, overwrite, plotlyjs, csv), from_dir=from_dir,
+                                    baseline=baseline, resume=resume, device=device, command=_command_line(),
+                                    compact=compact, on_epoch=on_epoch, progress=True, corrupted=corrupted,
+                                    finalize=finalize)
     s = run.summary
-    t = s["totals"]
-    _echo(f"\nafter stripping: dead {t['dead']} of {t['neurons']}  %A {t['active_percent']:.2f}  "
+    t, b = s["totals"], s["start"]
+    _echo(f"\nstart (the input checkpoint): dead {b['dead']} of {b['neurons']}  %A {_fmt(b['active_percent'])}")
+    _echo(f"end (after the last strip step): dead {t['dead']} of {t['neurons']}  %A {_fmt(t['active_percent'])}  "
           f"pruned weights {t['pruned_weights']}  test acc {_fmt(s['test'].get('acc'))}")
     if "test_corrupted" in s:
         _echo(f"corrupted test ({s['test_corrupted']['name']}): acc {_fmt(s['test_corrupted']['acc'])}  "
               f"NLL {_fmt(s['test_corrupted']['loss'])}")
     if "baseline" in s:
         b = s["baseline"]["history"][-1] if s["baseline"]["history"] else {}
-        _echo(f"baseline (no stripping): dead {b.get('dead')}  %A {_fmt(b.get('active_percent'))}  "
+        _echo(f"baseline (no stripping) at the end: dead {b.get('dead')}  %A {_fmt(b.get('active_percent'))}  "
               f"test acc {_fmt(s['baseline']['test'].get('acc'))}")
     if "compact" in s:
         c = s["compact"]
-        _echo(f"compact: removed {sum(c['removed'].values())} dead neurons, params {c['params_before']} -> "
-              f"{c['params_after']}, max abs output diff {c['max_abs_diff']:.3g}, CPU latency "
-              f"{c['cpu_latency_ms_before']:.3f} -> {c['cpu_latency_ms_after']:.3f} ms")
+        if c.get("nothing_to_compact"):
+            _echo("compact: nothing to compact (no neuron with a feeding layer is dead at the end); "
+                  "no compact file written")
+        else:
+            lat = c["cpu_latency_ms"]
+            _echo(f"compact: removed {sum(c['removed'].values())} dead neurons, params {c['params_before']} -> "
+                  f"{c['params_after']}, max abs output diff {c['max_abs_diff']:.3g}, CPU latency (median, "
+                  f"quartiles of {lat['before']['runs']} interleaved runs) {_latency(lat['before'])} -> "
+                  f"{_latency(lat['after'])} ms")
     for path in run.files.values():
         _echo(f"wrote {path}")
 
@@ -531,8 +538,12 @@ def compare(a, b, out, plotlyjs):
     _echo(f"wrote {compare_runs(a, b, out, plotlyjs=plotlyjs)}")
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.2f}"
+def _fmt(x, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _latency(t: dict) -> str:
+    return f"{t['median']:.3f} [{t['q1']:.3f}, {t['q3']:.3f}]"
 
 
 if __name__ == "__main__":  # pragma: no cover

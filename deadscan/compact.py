@@ -173,26 +173,33 @@ def max_output_diff(a: nn.Module, b: nn.Module, batches) -> float:
     return compare_outputs(a, b, batches)[0]
 
 
-def cpu_latency_ms(model: nn.Module, example, repeats: int = 20) -> float:
-    """Median CPU latency of one forward on ``example`` (a tensor, or a token batch dict) in milliseconds."""
-    m = copy.deepcopy(model).to("cpu").eval()
-    if isinstance(example, dict):
-        from .data.tokens import model_kwargs
+def cpu_latencies_ms(models: list[nn.Module], example, repeats: int = 30) -> list[dict]:
+    """CPU latency of one forward on ``example`` (a tensor, or a token batch dict) per model, in ms: the
+    median and the quartiles of ``repeats`` runs, the models timed in turn (a, b, a, b, ...) after a warm-up
+    of each, so load on the machine reaches all of them alike instead of skewing the first."""
+    runs = []
+    for model in models:
+        m = copy.deepcopy(model).to("cpu").eval()  # timing on CPU whatever the training device
+        if isinstance(example, dict):
+            from .data.tokens import model_kwargs
 
-        kwargs = model_kwargs(m, {k: v.to("cpu") for k, v in example.items()})
-
-        def run():
-            return m(**kwargs)
-    else:
-        x = example.to("cpu")
-
-        def run():
-            return m(x)
-    times = []
+            kwargs = model_kwargs(m, {k: v.to("cpu") for k, v in example.items()})
+            runs.append(lambda m=m, kwargs=kwargs: m(**kwargs))
+        else:
+            x = example.to("cpu")
+            runs.append(lambda m=m, x=x: m(x))
+    times = [[] for _ in runs]
     with torch.inference_mode():
-        run()
+        for run in runs:
+            for _ in range(3):
+                run()
         for _ in range(repeats):
-            t = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t)
-    return 1000 * float(np.median(times))
+            for run, t in zip(runs, times):
+                t0 = time.perf_counter()
+                run()
+                t.append(time.perf_counter() - t0)
+    out = []
+    for t in times:
+        q1, med, q3 = (1000 * float(v) for v in np.percentile(t, [25, 50, 75]))
+        out.append({"median": round(med, 4), "q1": round(q1, 4), "q3": round(q3, 4), "runs": repeats})
+    return out

@@ -15,6 +15,8 @@ class Defaults:
     test_fraction: float = 0.1  # of a single-file array dataset kept as test
     seed: int = 0  # seed of the train/val/test split permutation
     out_dir: str = "deadscan-out"  # where outputs go
+    plotlyjs: str = "inline"  # report.html: plotly.js inlined (works offline) | cdn | directory
+    strip_dir: str = "strip"  # strip's default --out: this folder inside --from, beside the inspect it starts from
     max_header_bytes: int = 100 * 2**20  # largest safetensors JSON header read (bytes)
     # Untrusted files: what one file may make deadscan allocate or decompress, checked against what the
     # file declares before anything is allocated. Raise with the DEADSCAN_MAX_BYTES environment variable.

@@ -386,25 +386,31 @@ def history_figures(data: ReportData) -> list[Figure]:
     figs = []
 
     top = max([1] + [int(r.get(k) or 0) for r in rows + base for k in ("dead", "revived")])
+    start, t = s.get("start"), s["totals"]
+    last = rows[-1].get("epoch")
     tr = [{"type": "bar", "x": _epochs(rows), "y": _col(rows, "revived"), "name": "revived this epoch",
            "marker": {"color": REVIVED}, "opacity": 0.7},
-          _line(rows, "dead", "dead (stripped run)", DEAD)]
+          _line(rows, "dead", "dead, detected (before the epoch's strip step)", DEAD),
+          _ends(start, t, "dead", last, DEAD)]
     if base:
         tr.append(_line(base, "dead", "dead (baseline, no stripping)", BASE, dash="dash"))
     figs.append(Figure("history-dead", "Dead and revived neurons per epoch",
-                       "Dead neurons after each epoch (red line; grey dashed: the same training without "
-                       "stripping) and neurons revived that epoch (green bars), on one axis of neuron counts.",
+                       "Dead neurons detected after each epoch's training, before its strip step (red line; grey "
+                       "dashed: the same training without stripping), neurons revived that epoch (green bars), and "
+                       "the run's start (epoch 0: the input checkpoint) and end (after the last strip step: the "
+                       "figures at the top of the page) as diamonds, on one axis of neuron counts.",
                        {"data": tr, "layout": _layout(
                            xaxis=ep, yaxis={"title": {"text": "neurons"}, "rangemode": "tozero",
                                             "tickformat": "d", "dtick": _nice_step(top)})}))
 
     tr = [_line(rows, "active_percent", "%A, hidden params (stripped)", HEALTHY),
-          _line(rows, "active_percent_feeding_weights", "%A, feeding weights only (stripped)", HEALTHY, dash="dot")]
+          _line(rows, "active_percent_feeding_weights", "%A, feeding weights only (stripped)", HEALTHY, dash="dot"),
+          _ends(start, t, "active_percent", last, HEALTHY)]
     if base:
         tr.append(_line(base, "active_percent", "%A, hidden params (baseline)", BASE, dash="dash"))
     figs.append(Figure("history-active", "%A per epoch",
-                       "Share of hidden parameters still able to learn (%A) after each epoch: dead neurons' and "
-                       "pruned weights count as inactive. Higher is better.",
+                       "Share of hidden parameters still able to learn (%A) after each epoch's detection: dead "
+                       "neurons' and pruned weights count as inactive; diamonds: start and end. Higher is better.",
                        {"data": tr, "layout": _layout(xaxis=ep, yaxis={"title": {"text": "%A"}})}))
 
     tr = [_line(rows, "train_loss", "train loss (stripped)", ACCENT),
@@ -419,7 +425,6 @@ def history_figures(data: ReportData) -> list[Figure]:
 
     tr = [_line(rows, "val_acc", "val accuracy (stripped)", HEALTHY)]
     test = (s.get("test") or {}).get("acc")
-    last = rows[-1].get("epoch")
     if test is not None:
         tr.append({"type": "scatter", "mode": "markers", "x": [last], "y": [test], "name": "test accuracy (stripped)",
                    "marker": {"color": HEALTHY, "symbol": "star", "size": 12}})
@@ -437,6 +442,47 @@ def history_figures(data: ReportData) -> list[Figure]:
     return figs
 
 
+def _ends(start: dict | None, totals: dict, key: str, last, color: str) -> dict:
+    """The run's start (epoch 0, the input checkpoint) and end (after the last strip step) as two diamonds."""
+    x, y = ([0], [start.get(key)]) if start else ([], [])
+    x, y = x + [last], y + [totals.get(key)]
+    return {"type": "scatter", "mode": "markers", "x": x, "y": _list([np.nan if v is None else v for v in y]),
+            "name": "start and end" if start else "end (after the last strip step)",
+            "marker": {"color": color, "symbol": "diamond", "size": 11, "line": {"color": "white", "width": 1}}}
+
+
+def dead_by_site_and_epoch(data: ReportData) -> Figure | None:
+    """Sites x (start, epochs, end), colour = dead neurons: where stripping helped, site by site."""
+    s = data.summary
+    rows = [r for r in s.get("history") or [] if r.get("dead_by_site") is not None]
+    if not rows or not data.sites:
+        return None
+    start = (s.get("start") or {}).get("sites") or {}
+    cols = (["start"] if start else []) + [f"epoch {r['epoch']}" for r in rows] + ["end"]
+    end = {x["name"]: x["dead"] for x in s["sites"]}
+    sites = [x.name for x in data.sites]
+    counts = [([start.get(n, {}).get("dead")] if start else []) + [r["dead_by_site"].get(n) for r in rows]
+              + [end.get(n)] for n in sites]
+    names = [label(n) for n in sites]
+    if len(set(names)) < len(names):  # rows are categories: equal names would share one row
+        names = [f"{i}. {n}" for i, n in enumerate(names, 1)]
+    step = max(1, int(np.ceil(len(sites) / 40)))
+    trace = {"type": "heatmap", "x": cols, "y": names, "z": counts, "colorscale": "Reds", "zmin": 0,
+             "xgap": 1, "ygap": 1, "hoverongaps": False, "colorbar": {"title": {"text": "dead<br>neurons"}},
+             "hovertemplate": "%{y}<br>%{x}: %{z} dead<extra></extra>"}
+    layout = _layout(height=min(1200, max(300, 120 + 14 * len(sites))),
+                     xaxis={"type": "category", "showline": False, "tickangle": 0},
+                     yaxis={"title": {"text": "site (model depth \u2193)"}, "type": "category", "autorange": "reversed",
+                            "tickmode": "array", "tickvals": names[::step], "showline": False,
+                            "gridcolor": "rgba(0,0,0,0)"},
+                     hovermode="closest")
+    return Figure("history-sites", "Dead neurons per site and epoch",
+                  "One row per site in model order; columns: the start (the input checkpoint), each epoch's "
+                  "detection (before its strip step) and the end (after the last strip step). Colour: dead "
+                  "neurons. Rows that pale from left to right are where stripping revived neurons.",
+                  {"data": [trace], "layout": layout})
+
+
 def report_figures(data: ReportData) -> list[Figure]:
     """The figures of one run's report, in page order."""
     figs = []
@@ -444,6 +490,7 @@ def report_figures(data: ReportData) -> list[Figure]:
         figs += [dead_per_site(data), frequency_histogram(data), frequency_by_site(data),
                  weights_dead_vs_healthy(data), pre_max_dead(data)]
     figs += history_figures(data)
+    figs.append(dead_by_site_and_epoch(data))
     figs.append(revived_weights(data))
     return [f for f in figs if f is not None]
 

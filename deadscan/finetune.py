@@ -26,34 +26,10 @@ from .outputs import atomic_path
 from .data import Dataset
 from .errors import DataError, DeadscanError, one_line
 from .runfolder import ANY, COUNT, HISTORY_ROW, STR, MapOf, check
+from .options import TrainConfig
 from .strip import StepReport, Stripper
 
 STATE_FILE = "train-state.pt"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Defaults are the paper's ViT protocol (Table II); the MLP ablation used batch 64, no warm-up,
-    constant lr."""
-
-    epochs: int = 50
-    every: int = 1  # strip every K epochs
-    rate: float = 0.1  # fraction of a dead neuron's remaining incoming weights pruned per step
-    criterion: str = "weight"  # weight | contribution
-    strip: bool = True  # False: the baseline run (detect only)
-    method: str = "strip"  # strip | redo (re-initialise dead neurons, the ReDo baseline)
-    optimizer: str = "adam"  # adam | adamw
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup: int = 5  # epochs of linear warm-up from 0
-    schedule: str = "cosine"  # cosine | constant
-    final_lr: float = 1e-5
-    batch_size: int = 128
-    eval_batch_size: int = 512
-    augment: str = "default"  # crop+flip for CIFAR-like images; see deadscan.data.parse_augment
-    seed: int = 0
-    grad_accum: int = 1  # micro-batches per optimizer step (the schedule and strip steps count optimizer steps)
-    task: str = "classification"  # classification | causal_lm (see TASKS)
 
 
 class Interrupted(DeadscanError):
@@ -255,6 +231,8 @@ def accumulate(model: nn.Module, task: Task, group: list, amp=None) -> tuple[tor
 
 
 def _history_row(epoch: int, report: StepReport, train_loss, val: dict) -> dict:
+    """One epoch: what the scan after its training detected (``dead``, before that epoch's strip step), what
+    the strip step then did, and the validation figures after it. The end state is the run's own scan."""
     return {
         "epoch": epoch, "dead": report.dead, "revived": report.revived_count, "died": report.died_count,
         "pruned_weights": report.pruned_weights, "pruned_this_epoch": report.stripped.total if report.stripped else 0,
@@ -265,6 +243,8 @@ def _history_row(epoch: int, report: StepReport, train_loss, val: dict) -> dict:
         # dead neurons with no negative incoming weight left: only their bias holds them down
         "held_by_bias": report.stripped.without_negative if report.stripped else 0,
         **({"val_perplexity": val["perplexity"]} if "perplexity" in val else {}),  # language models
+        # per site, for the site x epoch view; like "dead", detected before this epoch's strip step
+        "dead_by_site": {r.site.name: int(r.dead.sum()) for r in report.scan.sites},
     }
 
 
@@ -334,26 +314,30 @@ def load_state(path: Path, cfg: TrainConfig | None = None) -> dict:
 
 def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *, device: torch.device,
              test: Dataset | None = None, state_path: Path | None = None, resume: bool = False,
-             on_epoch=None, source: str = "", progress: bool = False) -> FinetuneResult:
+             on_epoch=None, source: str = "", progress: bool = False, finalize: bool = False) -> FinetuneResult:
     """Train ``cfg.epochs`` epochs with detection (+ stripping) after each. ``epochs=0``: one strip
     step and a re-scan, no training. ``on_epoch(row)`` is called after each history row; ``progress``
     shows a bar per epoch on stderr.
     ``source`` (e.g. the input checkpoint's sha256) is saved with the state; ``resume`` refuses a
-    state saved from another source or with another configuration."""
-    torch.manual_seed(cfg.seed)
+    state saved from another source or with another configuration. ``finalize``: resume, train no further,
+    and return the completed epochs (an interrupted run's outputs)."""
+    torch.manual_seed(cfg.train_seed)
     task = get_task(cfg.task)
     if cfg.grad_accum < 1:
         raise DeadscanError(f"--grad-accum {cfg.grad_accum} must be at least 1")
     amp = autocast_context(torch.device(device), task)  # resolved once: bf16 on CUDA for language models
     model.to(device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.train_seed)
     opt = _optimizer(cfg, model)
     stripper = Stripper(model, opt, rate=cfg.rate, criterion=cfg.criterion, every=cfg.every,
                         batch_size=cfg.eval_batch_size, device=device, enabled=cfg.strip, method=cfg.method,
-                        seed=cfg.seed)
+                        seed=cfg.train_seed, rule=cfg.prune_rule)
     result = FinetuneResult(stripper=stripper)
     start = 0
-    if resume and state_path is not None and state_path.exists():
+    if finalize and (state_path is None or not state_path.exists()):
+        raise DeadscanError(f"--finalize: no {STATE_FILE} in --out {state_path.parent if state_path else ''}: "
+                            "nothing to finalize (pass the --out of the interrupted run)")
+    if (resume or finalize) and state_path is not None and state_path.exists():
         try:
             try:
                 state = load_state(state_path, cfg)
@@ -388,6 +372,7 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
         result.history[-1]["test_acc"] = result.test["acc"]  # as the training path does
         return result
 
+    end = start if finalize else cfg.epochs  # finalize: the completed epochs, no more
     micro_batches = math.ceil(len(train) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum)  # optimizer steps: what the schedule counts
     # Only on a terminal (not in logs or CI); and no bar object at all otherwise: a signal arriving
@@ -395,7 +380,7 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
     show_bar = progress and sys.stderr.isatty()
     with _sigterm_as_interrupt():
         try:
-            for epoch in range(start, cfg.epochs):
+            for epoch in range(start, end):
                 t0 = time.perf_counter()
                 model.train()
                 total = torch.zeros((), device=device, dtype=torch.float64)

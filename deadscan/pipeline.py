@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -11,10 +13,11 @@ from .capacity import Capacity, capacity
 from .checkpoint import Checkpoint, load_checkpoint, save_masks, save_safetensors
 from .data import Dataset, check_fits, load_data
 from .defaults import DEFAULTS
-from .errors import DataError, OutputError, TraceError
-from .finetune import STATE_FILE, TrainConfig, evaluate, finetune
+from .errors import DataError, DeadscanWarning, OutputError, TraceError
+from .finetune import STATE_FILE, evaluate, finetune
+from .options import DataOptions, LoadOptions, OutputOptions, TrainConfig
 from .outputs import claim_out_dir
-from .report import build_summary, write_outputs, write_summary
+from .report import build_summary, start_state, write_outputs, write_summary
 from .reportdata import capture_weights, collect
 from .runfolder import previous_run, summary_or_empty
 from .runs import write_csv
@@ -33,40 +36,42 @@ class Inspection:
     files: dict[str, Path] | None = None  # stats.h5 and report.html
 
 
-def inspect(checkpoint: str | Path, data: str, *, out: str | Path = DEFAULTS.out_dir, arch: str | None = None,
-            trust_pickle: bool = False, split: str = DEFAULTS.split, limit: int | None = None,
+def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEFAULTS.split,
+            limit: int | None = None, load: LoadOptions = LoadOptions(), output: OutputOptions = OutputOptions(),
             batch_size: int = DEFAULTS.batch_size, device: str | None = None, tau: float = DEFAULTS.tau,
-            data_root: str | None = None, download: bool = False, seed: int = DEFAULTS.seed,
-            command: str = "", progress: bool = False, val_fraction: float = DEFAULTS.val_fraction,
-            mean=None, std=None, resize: int | None = None, channels: int | None = None,
-            corruption: str | None = None, severity=None, plotlyjs: str = "inline", overwrite: bool = False,
-            allow_globals: tuple[str, ...] = (), seq_len: int | None = None, tokenizer: str | None = None,
-            text_field: str | None = None, csv: bool = False) -> Inspection:
+            command: str = "", progress: bool = False) -> Inspection:
+    """Scan ``checkpoint`` on one split of ``data`` (a DataOptions, or just its name) and write the outputs."""
     start = time.perf_counter()
-    with claim_out_dir(out, INSPECT_OUTPUTS, overwrite=overwrite, inputs=(checkpoint, data)):  # before any work
+    data = (DataOptions(name=data) if isinstance(data, str) else data).absolute()  # as the record keeps it
+    out = Path(output.out or DEFAULTS.out_dir)
+    with claim_out_dir(out, INSPECT_OUTPUTS, overwrite=output.overwrite, inputs=(checkpoint, data.name)):
         dev = resolve_device(device)
-        ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, allow_globals=allow_globals)
-        ds = load_data(data, split, root=data_root, download=download, limit=limit, seed=seed,
-                       val_fraction=val_fraction, mean=mean, std=std, resize=resize, channels=channels,
-                       corruption=corruption, severity=severity, seq_len=seq_len, tokenizer=tokenizer,
-                       text_field=text_field, model_folder=_hf_folder(checkpoint))
+        ckpt = load_checkpoint(checkpoint, load.arch, trust_pickle=load.trust_pickle,
+                               allow_globals=load.allow_globals)
+        ds = load_data(data.name, split, limit=limit, model_folder=_hf_folder(checkpoint), **data.load_kwargs())
         model = ckpt.model.to(dev)
         check_fits(model, ds, dev)
         sitemap = find_sites(model)
         result = scan(model, ds, sitemap=sitemap, batch_size=batch_size, device=dev, tau=tau, progress=progress,
                       input_means=True)
         cap = capacity(model, result)
-        data_info = {**ds.describe(), "root": data_root}
+        data_info = {**ds.describe(), "root": data.root}
         if result.tokens is not None:
             data_info["tokens"] = result.tokens  # real tokens scanned: padded positions never count
-        summary = build_summary(result, cap, command=command, checkpoint=ckpt.info, data=data_info,
+        summary = build_summary(result, cap, command=command, checkpoint=_recorded(ckpt.info), data=data_info,
                                 elapsed=time.perf_counter() - start)
         path = write_summary(summary, out)
         report_data = collect(summary, result, model)
-        files = write_outputs(report_data, out, plotlyjs=plotlyjs)  # stats.h5, report.html
-        if csv:  # sites.csv, neurons.csv
+        files = write_outputs(report_data, out, plotlyjs=output.plotlyjs)  # stats.h5, report.html
+        if output.csv:  # sites.csv, neurons.csv
             files.update(write_csv(report_data, out))
         return Inspection(ckpt, ds, result, cap, summary, path, files)
+
+
+def _recorded(info):
+    """The checkpoint as outputs record it: an absolute path, so a later ``strip --from`` finds it again
+    from any directory (and checks it by sha256)."""
+    return replace(info, path=os.path.abspath(info.path))
 
 
 def _hf_folder(checkpoint) -> str | None:
@@ -90,53 +95,56 @@ class StripRun:
     model: object = None  # the stripped model, in memory (on the training device)
 
 
-def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: TrainConfig,
-                     out: str | Path = DEFAULTS.out_dir, from_dir: str | Path = DEFAULTS.out_dir,
-                     arch: str | None = None, trust_pickle: bool = False, baseline: bool = False,
-                     resume: bool = False, device: str | None = None, data_root: str | None = None,
-                     download: bool = False, data_seed: int = DEFAULTS.seed, command: str = "",
-                     compact: bool = False, on_epoch=None, progress: bool = False, plotlyjs: str = "inline",
-                     data_options: dict | None = None,
-                     corrupted: str | None = None, corrupted_options: dict | None = None, overwrite: bool = False,
-                     allow_globals: tuple[str, ...] = (), csv: bool = False) -> StripRun:
-    """Fine-tune with stripping and write the outputs. ``data_options``: load_data keywords (val_fraction,
-    mean, std, resize, channels); ``corrupted``: a test set (e.g. cifar10-c) also evaluated at the end."""
+def strip_checkpoint(checkpoint: str | Path | None, data: DataOptions | str | None, *, cfg: TrainConfig,
+                     load: LoadOptions = LoadOptions(), output: OutputOptions = OutputOptions(),
+                     from_dir: str | Path = DEFAULTS.out_dir, baseline: bool = False, resume: bool = False,
+                     device: str | None = None, command: str = "", compact: bool = False, on_epoch=None,
+                     progress: bool = False, corrupted: DataOptions | None = None,
+                     finalize: bool = False) -> StripRun:
+    """Fine-tune with stripping and write the outputs. ``checkpoint`` None: the one the run in ``from_dir``
+    scanned, with its data options under the ones ``data`` gives. ``corrupted``: a test set (e.g. cifar10-c)
+    also evaluated at the end. ``finalize``: write the outputs of an interrupted run's completed epochs (its
+    train-state.pt in ``output.out``) without training further."""
     start = time.perf_counter()
-    data_options = {"seed": data_seed, **(data_options or {})}
-    reusing = checkpoint is None  # the documented flow: strip into the folder of the inspect it reuses
-    arch_source = expected_sha = None
-    if checkpoint is None:
+    if finalize and baseline:
+        raise DataError("--finalize writes the outputs of the stripped run's completed epochs; the baseline is "
+                        f"not kept in {STATE_FILE}: drop --baseline")
+    resume = resume or finalize
+    data = DataOptions(name=data) if isinstance(data, str) else (data or DataOptions())
+    reusing = checkpoint is None  # the documented flow: strip the checkpoint an inspect scanned
+    arch, arch_source, expected_sha = load.arch, None, None
+    if reusing:
         last = previous_run(from_dir)
         checkpoint, expected_sha = last.checkpoint, last.sha256
         if arch is None and last.arch is not None:  # a spec that names no code (checked when read)
             arch, arch_source = last.arch, str(last.summary_path)
-        data, data_root = data or last.data, data_root or last.data_root
-        data_options = {**last.data_options,
-                        **{k: v for k, v in data_options.items() if v is not None}}
-    if data is None:
+        data = data.over(last.data)  # what the user passes wins; the split seed and the rest carry over
+    if data.name is None:
         raise DataError("--data is required with a checkpoint")
+    data = data.absolute()
+    if reusing and not Path(checkpoint).exists():
+        raise DataError(f"{checkpoint}: the checkpoint {last.summary_path} records is not there; pass CKPT "
+                        "(and --data) yourself")
     hf_folder = _hf_folder(checkpoint)
-    out = Path(out)
-    if not (resume or overwrite) and (out / STATE_FILE).exists():
+    out = Path(output.out) if output.out is not None else Path(from_dir) / DEFAULTS.strip_dir
+    if not (resume or output.overwrite) and (out / STATE_FILE).exists():
         raise OutputError(f"--out {out} holds {STATE_FILE} from an earlier strip run; pass --resume to continue it, "
                           "--overwrite to start over, or choose another --out")
     own_inspect = reusing and out.resolve() == Path(from_dir).resolve() and not last.is_strip
-    with claim_out_dir(out, STRIP_OUTPUTS, overwrite=overwrite or resume, inputs=(checkpoint, data),
+    with claim_out_dir(out, STRIP_OUTPUTS, overwrite=output.overwrite or resume, inputs=(checkpoint, data.name),
                        replaceable=INSPECT_OUTPUTS if own_inspect else ()):
         dev = resolve_device(device)
-        ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, allow_globals=allow_globals,
+        ckpt = load_checkpoint(checkpoint, arch, trust_pickle=load.trust_pickle, allow_globals=load.allow_globals,
                                arch_source=arch_source)
         if expected_sha is not None and ckpt.info.sha256 != expected_sha:
             raise DataError(f"{checkpoint}: changed since the run in {from_dir} scanned it (sha256 differs); "
                             "pass the checkpoint and --data yourself")
-        options = {k: v for k, v in data_options.items() if v is not None}
-        splits = {s: load_data(data, s, root=data_root, download=download, model_folder=hf_folder, **options)
+        splits = {s: load_data(data.name, s, model_folder=hf_folder, **data.load_kwargs())
                   for s in ("train", "val", "test")}
         shifted = None
-        if corrupted is not None:
-            shifted = load_data(corrupted, "test", root=data_root, download=download,
-                                **{k: v for k, v in {**options, **(corrupted_options or {})}.items()
-                                   if k not in ("val_fraction",)})
+        if corrupted is not None:  # the training data's normalisation, its own corruption blocks
+            shifted_options = replace(corrupted.over(data), name=corrupted.name, val_fraction=None)
+            shifted = load_data(corrupted.name, "test", **shifted_options.load_kwargs())
         cfg = replace(cfg, task=_task(ckpt.model, splits["val"], data, checkpoint))
         if cfg.task == "causal_lm":  # logits are (batch, tokens, vocab): evaluate and scan in training-sized batches
             cfg = replace(cfg, eval_batch_size=min(cfg.eval_batch_size, cfg.batch_size))
@@ -148,6 +156,8 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
         nothing = nothing_to_strip(sitemap, checkpoint)
         if nothing:
             raise TraceError(nothing)
+        for line in cfg.warnings():  # once the inputs are known good: a failing run prints only its Error
+            warnings.warn(line, DeadscanWarning, stacklevel=2)
 
         base_hist = base_test = None
         if baseline:
@@ -160,9 +170,12 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
             del base_model
 
         before = capture_weights(model, sitemap)  # for the revived neurons' weight histograms
+        first = scan(model, splits["val"], sitemap=sitemap, batch_size=cfg.eval_batch_size, device=dev)
+        begin = start_state(first, capacity(model, first))  # the input checkpoint, before any training
+        del first
         res = finetune(model, splits["train"], splits["val"], cfg, device=dev, test=splits["test"],
                        state_path=out / STATE_FILE, resume=resume, on_epoch=on_epoch, source=ckpt.info.sha256,
-                       progress=progress)
+                       progress=progress, finalize=finalize)
         splits["train"].release()  # its device copy is not needed after training
         stripper = res.stripper
         final = scan(model, splits["val"], sitemap=stripper.sitemap, batch_size=cfg.eval_batch_size, device=dev,
@@ -180,12 +193,18 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
         save_masks(stripper.masks.state_dict(), files["masks"])
         if compact:
             summary_compact = _compact(model, final, splits["val"], cfg, out, ckpt.info.arch or "", hf_folder)
-            files["compact"] = Path(summary_compact["path"])
-        data_info = {**splits["val"].describe(), "root": data_root}
-        summary = build_summary(final, cap, command=command, checkpoint=ckpt.info, data=data_info,
+            if "path" in summary_compact:
+                files["compact"] = Path(summary_compact["path"])
+        data_info = {**splits["val"].describe(), "root": data.root}
+        summary = build_summary(final, cap, command=command, checkpoint=_recorded(ckpt.info), data=data_info,
                                 elapsed=time.perf_counter() - start)
+        summary["start"] = begin
+        if cfg.warnings():
+            summary["warnings"] = cfg.warnings()  # the report's banner
         summary["config"] = asdict(cfg)  # task and grad_accum included
         summary["history"] = res.history
+        if finalize:  # an interrupted run's outputs: say how far it got
+            summary["finalized"] = {"epochs_done": len(res.history), "epochs_planned": cfg.epochs}
         summary["test"] = res.test
         if shifted is not None:
             summary["test_corrupted"] = {**evaluate(model, shifted, dev, cfg.eval_batch_size), **shifted.describe()}
@@ -197,8 +216,8 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
         files["summary"] = write_summary(summary, out)
         report_data = collect(summary, final, model, masks=stripper.masks.masks, before=before)
         del before
-        files.update(write_outputs(report_data, out, plotlyjs=plotlyjs))  # stats.h5, report.html
-        if csv:  # sites.csv, neurons.csv
+        files.update(write_outputs(report_data, out, plotlyjs=output.plotlyjs))  # stats.h5, report.html
+        if output.csv:  # sites.csv, neurons.csv
             files.update(write_csv(report_data, out))
         return StripRun(summary, out, files, model)
 
@@ -237,10 +256,13 @@ def _compact(model, final: ScanResult, val: Dataset, cfg: TrainConfig, out: Path
              hf_folder: str | None = None) -> dict:
     """Remove still-dead neurons; write compact.safetensors (a Hugging Face folder: the folder compact/) only if
     outputs match on the scanned data (a language model: logits at real positions of the val token batches)."""
-    from .compact import compact, compare_outputs, cpu_latency_ms
+    from .compact import compact, compare_outputs, cpu_latencies_ms
 
     dev = next(model.parameters()).device
     c = compact(model, final)
+    if not sum(c.removed.values()):  # the same model again: no file, no latency "speed-up" from noise
+        return {"removed": {}, "skipped": c.skipped, "params_before": c.params_before,
+                "params_after": c.params_after, "nothing_to_compact": True}
     diff, scale = compare_outputs(model, c.model, val.batches(cfg.eval_batch_size, dev))
     tolerance = 1e-4 * max(1.0, scale)
     target = "compact/" if hf_folder is not None else "compact.safetensors"
@@ -261,8 +283,8 @@ def _compact(model, final: ScanResult, val: Dataset, cfg: TrainConfig, out: Path
         save_safetensors(c.model, path, arch, c.metadata())
         example = val.prepare(val.x[: min(len(val), 64)])
     batch = len(example["input_ids"]) if isinstance(example, dict) else len(example)
+    before, after = cpu_latencies_ms([model, c.model], example)
     return {"path": str(path), **extra, "removed": c.removed, "skipped": c.skipped,
             "params_before": c.params_before, "params_after": c.params_after, "max_abs_diff": diff,
-            "tolerance": tolerance,
-            "cpu_latency_ms_before": round(cpu_latency_ms(model, example), 4),
-            "cpu_latency_ms_after": round(cpu_latency_ms(c.model, example), 4), "latency_batch": batch}
+            "tolerance": tolerance, "cpu_latency_ms_before": before["median"], "cpu_latency_ms_after": after["median"],
+            "cpu_latency_ms": {"before": before, "after": after}, "latency_batch": batch}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .defaults import DEFAULTS
 from .runfolder import summary_json
 
 if TYPE_CHECKING:  # deadscan report and compare only read: they never import torch
@@ -52,6 +53,15 @@ DEFINITIONS = {
 
 def _num(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4)
+
+
+def start_state(scan: ScanResult, cap: Capacity) -> dict:
+    """summary.json "start": a strip run's scan of its input checkpoint, before any training."""
+    return {"dead": scan.dead, "neurons": scan.neurons, "active_percent": _num(cap.active_percent),
+            "active_percent_feeding_weights": _num(cap.active_percent_feeding_weights),
+            "sites": {r.site.name: {"dead": int(r.dead.sum()),
+                                    "active_percent": _num(cap.sites[r.site.name].active_percent)
+                                    if r.site.name in cap.sites else None} for r in scan.sites}}
 
 
 def build_summary(scan: ScanResult, cap: Capacity, *, command: str, checkpoint: CheckpointInfo | None,
@@ -292,9 +302,14 @@ def _strip_info(summary: dict) -> dict | None:
         for name, idx in (row.get("revived_neurons") or {}).items():
             revived_ever.update((name, int(i)) for i in idx)
     cfg = summary.get("config") or {}
+    start = summary.get("start")
+    t = summary["totals"]
     return {
         "epochs": len([r for r in hist if r.get("train_loss") is not None]) or cfg.get("epochs", 0),
-        "first_dead": hist[0].get("dead"), "last_dead": hist[-1].get("dead"),
+        # the same end everywhere: the run's own scan after the last strip step (totals), not the last detection
+        "start_dead": start["dead"] if start else hist[0].get("dead"), "end_dead": t["dead"],
+        "start_label": "start" if start else "first detection",
+        "before_after": _before_after(summary),
         "revived": len(revived_ever), "test_acc": (summary.get("test") or {}).get("acc"),
         "baseline_test_acc": (base.get("test") or {}).get("acc") if base else None,
         "baseline_dead": bh[-1].get("dead") if bh else None,
@@ -303,7 +318,19 @@ def _strip_info(summary: dict) -> dict | None:
     }
 
 
-def render_report(data, *, plotlyjs: str = "inline") -> str:
+def _before_after(summary: dict) -> list[dict]:
+    """Per site: dead and %A at the start (the input checkpoint) and at the end of a strip run."""
+    start = (summary.get("start") or {}).get("sites") or {}
+    rows = []
+    for s in summary["sites"]:
+        b = start.get(s["name"])
+        if b is not None:
+            rows.append({"name": s["name"], "neurons": s["neurons"], "dead_start": b["dead"], "dead_end": s["dead"],
+                         "active_start": b.get("active_percent"), "active_end": s.get("active_percent")})
+    return rows
+
+
+def render_report(data, *, plotlyjs: str = DEFAULTS.plotlyjs) -> str:
     """report.html for one run (a :class:`deadscan.reportdata.ReportData`, live or from stats.h5)."""
     from .figures import report_figures
 
@@ -341,11 +368,11 @@ def _write_html(html: str, path: Path, plotlyjs: str) -> Path:
     return path
 
 
-def write_report(data, out_dir: str | Path, *, plotlyjs: str = "inline", name: str = "report.html") -> Path:
+def write_report(data, out_dir: str | Path, *, plotlyjs: str = DEFAULTS.plotlyjs, name: str = "report.html") -> Path:
     return _write_html(render_report(data, plotlyjs=plotlyjs), Path(out_dir) / name, plotlyjs)
 
 
-def write_outputs(data, out_dir: str | Path, *, plotlyjs: str = "inline") -> dict[str, Path]:
+def write_outputs(data, out_dir: str | Path, *, plotlyjs: str = DEFAULTS.plotlyjs) -> dict[str, Path]:
     """stats.h5 and report.html for a run (summary.json is written by :func:`write_summary`)."""
     from .stats_h5 import write_stats
 
@@ -354,7 +381,7 @@ def write_outputs(data, out_dir: str | Path, *, plotlyjs: str = "inline") -> dic
     return {"stats": stats, "report": write_report(data, out_dir, plotlyjs=plotlyjs)}
 
 
-def rerender(stats_path: str | Path, out_dir: str | Path | None = None, *, plotlyjs: str = "inline") -> Path:
+def rerender(stats_path: str | Path, out_dir: str | Path | None = None, *, plotlyjs: str = DEFAULTS.plotlyjs) -> Path:
     """``deadscan report``: report.html from a stats.h5 alone (no model, no data)."""
     from .stats_h5 import read_stats
 
@@ -471,7 +498,7 @@ def compare_warnings(a, b, la: str = "A", lb: str = "B") -> list[str]:
     return out
 
 
-def render_compare(a, b, *, plotlyjs: str = "inline", labels: tuple[str, str] = ("A", "B")) -> str:
+def render_compare(a, b, *, plotlyjs: str = DEFAULTS.plotlyjs, labels: tuple[str, str] = ("A", "B")) -> str:
     from .figures import compare_figures
 
     rows, only_a, only_b = compare_rows(a, b)
@@ -489,7 +516,7 @@ def render_compare(a, b, *, plotlyjs: str = "inline", labels: tuple[str, str] = 
     return _env().get_template("compare.html.j2").render(**ctx)
 
 
-def compare(stats_a: str | Path, stats_b: str | Path, out_dir: str | Path, *, plotlyjs: str = "inline",
+def compare(stats_a: str | Path, stats_b: str | Path, out_dir: str | Path, *, plotlyjs: str = DEFAULTS.plotlyjs,
             name: str = "compare.html") -> Path:
     """``deadscan compare``: a side-by-side report of two stats.h5 files."""
     from .stats_h5 import read_stats

@@ -18,9 +18,9 @@ from pathlib import Path
 from .defaults import DEFAULTS
 from .errors import ArchError, DataError, one_line
 from .files import open_regular
+from .options import DataOptions
 
 SUMMARY = "summary.json"
-DATA_OPTIONS = ("seed", "val_fraction", "mean", "std", "resize", "channels")  # load_data keywords a strip reuses
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,6 +45,7 @@ HISTORY_ROW = {
     "train_loss": Opt(NUM), "val_loss": Opt(NUM), "val_acc": Opt(NUM), "test_acc": Opt(NUM),
     "revived_neurons?": MapOf([COUNT]), "died_neurons?": MapOf([COUNT]), "held_by_bias?": COUNT,
     "seconds?": Opt(NUM), "val_acc_percent?": Opt(NUM), "test_acc_percent?": Opt(NUM),
+    "dead_by_site?": MapOf(COUNT), "val_perplexity?": Opt(NUM),
 }
 RESULT = {"loss": Opt(NUM), "acc": Opt(NUM), "acc_percent?": Opt(NUM)}  # acc is a percent too (kept)
 SITE = {
@@ -72,12 +73,19 @@ SUMMARY_SCHEMA = {
     "opaque?": [{"module": STR, "reason": STR}],
     "config?": MapOf(ANY),
     "history?": [HISTORY_ROW],
+    # a strip run's scan of its input checkpoint, before any training: the "before" of before/after
+    "start?": {"dead": COUNT, "neurons": COUNT, "active_percent": Opt(NUM),
+               "active_percent_feeding_weights": Opt(NUM), "sites": MapOf({"dead": COUNT, "active_percent": Opt(NUM)})},
     "test?": RESULT,
     "test_corrupted?": {"loss": Opt(NUM), "acc": Opt(NUM), "acc_percent?": Opt(NUM), "name": STR},
     "baseline?": {"history": [HISTORY_ROW], "test": RESULT},
-    "compact?": {"path": STR, "removed": MapOf(COUNT), "skipped": MapOf(ANY), "params_before": COUNT,
-                 "params_after": COUNT, "max_abs_diff": Opt(NUM)},
+    "compact?": {"path?": STR, "removed": MapOf(COUNT), "skipped": MapOf(ANY), "params_before": COUNT,
+                 "params_after": COUNT, "max_abs_diff?": Opt(NUM), "nothing_to_compact?": BOOL,
+                 "cpu_latency_ms_before?": Opt(NUM), "cpu_latency_ms_after?": Opt(NUM),
+                 "cpu_latency_ms?": MapOf({"median": NUM, "q1": NUM, "q3": NUM, "runs": COUNT})},
     "outputs?": MapOf(STR),
+    "warnings?": [STR],
+    "finalized?": {"epochs_done": COUNT, "epochs_planned": COUNT},
 }
 
 
@@ -239,9 +247,7 @@ class PreviousRun:
     sha256: str
     format: str
     arch: str | None  # None: the checkpoint's own metadata names it (safetensors written by deadscan)
-    data: str
-    data_root: str | None
-    data_options: dict  # load_data keywords: seed, val_fraction, mean, std, resize, channels (+ token options)
+    data: DataOptions  # the data it read and how (split seed, normalisation, token options)
     is_strip: bool  # the run was a strip run (it has a history)
 
 
@@ -275,10 +281,5 @@ def previous_run(from_dir: str | os.PathLike) -> PreviousRun:
             check_file_spec(spec, str(path))
         except ArchError as e:
             raise DataError(str(e)) from None
-    options = {k: d[k] for k in DATA_OPTIONS if d.get(k) is not None}
-    if d.get("kind") == "tokens":  # how the text was cut into sequences, so a strip cuts the same ones
-        options.update({k: d[k] for k in ("tokenizer", "text_field") if d.get(k) is not None})
-        if d.get("tokenizer") is not None and d.get("seq_len") is not None:
-            options["seq_len"] = d["seq_len"]
-    return PreviousRun(path, Path(ck["path"]), ck["sha256"], ck["format"], arch, d["name"], d.get("root"),
-                       options, "history" in s)
+    return PreviousRun(path, Path(ck["path"]), ck["sha256"], ck["format"], arch, DataOptions.from_record(d),
+                       "history" in s)

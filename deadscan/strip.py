@@ -3,10 +3,14 @@
 Decisions (README "The strip step"):
 - Only weights that hold the neuron down are candidates: negative *effective* weights, i.e. the
   weight times the sign of the per-feature scale after the layer (BatchNorm gamma < 0 flips it).
-  Pruning a positive weight can only push a dead neuron further down.
+  Where the layer's inputs are non-negative (it reads a ReLU's output), pruning a positive weight
+  can only push a dead neuron further down; where they can be negative (normalised data, after a
+  LayerNorm), ``criterion="contribution"`` ranks by w * E[x] instead.
 - Per dead neuron and step, prune ``max(1, floor(rate * remaining))`` weights, where remaining
   counts its not-yet-pruned incoming weights (the paper: "10% of the remaining weights"), capped
   by how many negative ones are left. Ties go to the lower flat index (stable sort).
+  ``rule="reference"`` reproduces the reference code instead: every remaining weight strictly below
+  the rate-quantile of the remaining nonzero weights, whatever its sign.
 - One vectorised operation per layer; no Python loop over neurons.
 - Pruned weights stay exactly zero: a gradient hook zeroes their gradients and their optimizer
   state is cleared when they are pruned, so Adam's moments cannot move them. Masks live beside the
@@ -27,9 +31,10 @@ from .layers import entry, neuron_rows, reader
 from .scan import ScanResult
 from .trace import effective_affine
 
-CRITERIA = ("weight", "contribution")
-METHODS = ("strip", "redo")
+from .defaults import DEFAULTS
+from .options import CRITERIA, METHODS, PRUNE_RULES, TrainConfig  # CRITERIA, METHODS: re-exported
 
+_TRAIN = TrainConfig()  # the defaults, in one place
 
 @dataclass
 class StripStats:
@@ -37,7 +42,10 @@ class StripStats:
 
     pruned: dict[str, int] = field(default_factory=dict)  # layer -> weights pruned this step
     dead_targeted: int = 0  # dead neurons with a feeding layer
-    without_negative: int = 0  # dead neurons with no negative weight left to prune
+    # dead neurons with no negative weight left, at sites whose feeding layer reads non-negative inputs (a
+    # ReLU's outputs): only their bias holds them down. Elsewhere a positive weight times a negative input
+    # can hold a neuron down too, so they are not counted (criterion="contribution" ranks by w * E[x] there).
+    without_negative: int = 0
 
     @property
     def total(self) -> int:
@@ -45,13 +53,15 @@ class StripStats:
 
 
 def strip_layer(weight: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, rate: float,
-                sign: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                sign: torch.Tensor | None = None, scores: torch.Tensor | None = None,
+                rule: str = "floor") -> tuple[torch.Tensor, int]:
     """Mark the most negative remaining incoming weights of ``rows`` in ``mask`` (in place).
 
     ``weight`` and ``mask`` are read as rows, (neurons, fan_in, *kernel): ``layers.Kind.rows`` views.
     ``scores`` (same shape as the rows' weights) replaces the weight as the ranking value, e.g.
     w * E[x] for the contribution criterion. Returns (new pruned count per row, rows with no
-    negative candidate).
+    negative candidate). ``rule="reference"``: the reference code's rule instead, every remaining weight
+    strictly below the ``rate``-quantile of the row's remaining nonzero weights, whatever its sign.
     """
     if rows.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=weight.device), 0
@@ -62,6 +72,10 @@ def strip_layer(weight: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, ra
     remaining = (~taken).sum(1)
     candidate = (w < 0) & ~taken
     n_candidates = candidate.sum(1)
+    if rule == "reference":
+        new = _below_quantile(w, ~taken & (w != 0), rate)
+        mask[rows] |= new.view_as(mask[rows])
+        return new.sum(1), int((n_candidates == 0).sum())
     # float64, as Python computes floor(rate * remaining); capped by the negative weights left
     k = torch.minimum(torch.clamp((remaining.double() * rate).floor().long(), min=1), n_candidates)
     # A partial selection instead of a full sort: the k-th most negative value per row (topk up to an
@@ -77,6 +91,15 @@ def strip_layer(weight: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, ra
     new = (below | (at & (at.cumsum(1) <= need))) & candidate & (k[:, None] > 0)
     mask[rows] |= new.view_as(mask[rows])
     return k, int((n_candidates == 0).sum())
+
+
+def _below_quantile(w: torch.Tensor, remaining: torch.Tensor, rate: float) -> torch.Tensor:
+    """Per row, the remaining entries strictly below the row's ``rate``-quantile of its remaining entries
+    (linear interpolation, as torch.quantile): the reference code's selection, vectorised over rows."""
+    values = w.masked_fill(~remaining, torch.nan)
+    chunk = max(1, (2**24 - 1) // max(w.shape[1], 1))  # torch's quantile takes at most 2**24 elements at once
+    q = torch.cat([torch.nanquantile(values[i:i + chunk], rate, dim=1) for i in range(0, len(w), chunk)])
+    return remaining & (w < q[:, None])  # a row with nothing left has q nan: nothing is below it
 
 
 class Masks:
@@ -127,7 +150,7 @@ class Masks:
 
 
 def strip(model: nn.Module, scan: ScanResult, masks: Masks, *, rate: float = 0.1, criterion: str = "weight",
-          optimizer: torch.optim.Optimizer | None = None) -> StripStats:
+          optimizer: torch.optim.Optimizer | None = None, rule: str = "floor") -> StripStats:
     """One strip step over every dead neuron that has a feeding layer.
 
     A gated site (relu(gate(x)) * up(x)) is stripped in its gate, the feeding layer, alone: the gate decides
@@ -136,6 +159,8 @@ def strip(model: nn.Module, scan: ScanResult, masks: Masks, *, rate: float = 0.1
         raise ValueError(f"rate must be in (0, 1], got {rate}")
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if rule not in PRUNE_RULES:
+        raise ValueError(f"rule must be one of {PRUNE_RULES}, got {rule!r}")
     stats = StripStats()
     for r in scan.sites:
         f = r.site.feeding
@@ -160,10 +185,11 @@ def strip(model: nn.Module, scan: ScanResult, masks: Masks, *, rate: float = 0.1
                 else:
                     scores = w * mean_in.view((1, -1) + (1,) * (w.ndim - 2))
             mask = entry(layer).rows(masks.get(f.layer))
-            k, none_left = strip_layer(weight, mask, rows, rate, torch.sign(scale), scores)
+            k, none_left = strip_layer(weight, mask, rows, rate, torch.sign(scale), scores, rule)
         stats.pruned[f.layer] = stats.pruned.get(f.layer, 0) + int(k.sum())
         stats.dead_targeted += int(rows.numel())
-        stats.without_negative += none_left
+        if r.site.input_nonneg:
+            stats.without_negative += none_left
     masks.apply(optimizer)
     return stats
 
@@ -248,13 +274,14 @@ class Stripper:
             print(epoch, report.dead, report.revived_count, report.active_percent)
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, rate: float = 0.1,
-                 criterion: str = "weight", every: int = 1, batch_size: int = 256, device=None, tau: float = 0.025,
-                 enabled: bool = True, method: str = "strip", seed: int = 0):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 rate: float = _TRAIN.rate, criterion: str = _TRAIN.criterion, every: int = _TRAIN.every,
+                 batch_size: int = DEFAULTS.batch_size, device=None, tau: float = DEFAULTS.tau, enabled: bool = True,
+                 method: str = _TRAIN.method, seed: int = _TRAIN.train_seed, rule: str = _TRAIN.prune_rule):
         from .trace import find_sites
 
         self.model, self.optimizer = model, optimizer
-        self.rate, self.criterion, self.every = rate, criterion, every
+        self.rate, self.criterion, self.every, self.rule = rate, criterion, every, rule
         self.batch_size, self.device, self.tau = batch_size, device, tau
         self.enabled = enabled  # False: detect and report only (the baseline run)
         if method not in METHODS:
@@ -287,7 +314,7 @@ class Stripper:
                 stripped = redo(self.model, result, optimizer=self.optimizer, generator=self.generator)
             else:
                 stripped = strip(self.model, result, self.masks, rate=self.rate, criterion=self.criterion,
-                                 optimizer=self.optimizer)
+                                 optimizer=self.optimizer, rule=self.rule)
                 if stripped.total and self.optimizer is None:
                     import warnings
 

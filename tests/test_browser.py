@@ -89,7 +89,7 @@ def check_figures(page, path: Path) -> None:
     drawn = page.evaluate("""Array.from(document.querySelectorAll('div.ds-plot')).map(d => ({
         spec: d.getAttribute('data-spec'),
         svg: d.querySelectorAll('svg.main-svg').length,
-        marks: d.querySelectorAll('g.trace path, g.trace .point, g.points path').length,
+        marks: d.querySelectorAll('g.trace path, g.trace .point, g.points path, g.hm image').length,
         width: d.getBoundingClientRect().width}))""")
     assert [d["spec"] for d in drawn] == ids
     for d in drawn:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import deadscan
-from deadscan.cli import _INSPECT_SECTIONS, _STRIP_SECTIONS, SAMPLE_MODEL, _LaterChoice, main
+from deadscan.cli import _INSPECT_SECTIONS, _STRIP_SECTIONS, SAMPLE_MODEL, main
 from deadscan.data import resource_path
 from deadscan.defaults import DEFAULTS
 
@@ -298,10 +298,10 @@ def test_strip_example_is_one_line(runner):
 def test_every_option_has_help_and_says_what_its_value_is():
     for name, cmd in [("", main), *_commands()]:
         for p in cmd.params:
-            if not isinstance(p, click.Option):
+            if not isinstance(p, click.Option) or p.hidden:  # hidden: an old spelling kept working
                 continue
             assert p.help, f"{name} {p.opts[0]} has no help"
-            if not p.is_flag and not p.count and not isinstance(p.type, (click.Choice, _LaterChoice)):
+            if not p.is_flag and not p.count and not isinstance(p.type, click.Choice):
                 assert p.metavar, f"{name} {p.opts[0]} has no metavar"
 
 
@@ -310,7 +310,8 @@ def test_long_helps_are_in_sections(runner, name, sections):
     cmd = main.commands[name]
     listed = [n for names in sections.values() for n in names]
     assert len(listed) == len(set(listed))
-    assert sorted(listed) == sorted(p.name for p in cmd.params if isinstance(p, click.Option) and p.name != "help")
+    assert sorted(listed) == sorted(p.name for p in cmd.params
+                                    if isinstance(p, click.Option) and p.name != "help" and not p.hidden)
     out = runner.invoke(main, [name, "-h"]).stdout
     heads = [line for line in out.split("\n") if line.endswith(":") and not line.startswith(" ")]
     assert heads == [f"{title}:" for title in sections] + ["Other options:"]
@@ -318,14 +319,15 @@ def test_long_helps_are_in_sections(runner, name, sections):
 
 def test_inspect_and_strip_share_the_data_options():
     ins, st = main.commands["inspect"], main.commands["strip"]
-    shared = ["data", "arch", "data_root", "download", "val_fraction", "mean", "std", "resize", "channels",
-              "corruption", "severity"]
+    shared = ["data", "arch", "data_root", "download", "split_seed", "val_fraction", "mean", "std", "resize",
+              "channels", "corruption", "severity"]
     a = {p.name: p for p in ins.params}
     b = {p.name: p for p in st.params}
     for name in shared:
         assert a[name].opts == b[name].opts and a[name].metavar == b[name].metavar
         assert type(a[name].type) is type(b[name].type)
-        if name != "download":  # strip's unset options come from the inspect it reuses
+        if name != "download":  # unset options: defaults (inspect), or the inspect's (strip)
+            assert a[name].default in (None, getattr(click.core, "UNSET", None))
             assert b[name].default in (None, getattr(click.core, "UNSET", None))  # click >= 8.3: no default
     assert a["data"].required and not b["data"].required
 

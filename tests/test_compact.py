@@ -362,6 +362,11 @@ def test_cli_strip_compact(tmp_path, runner):
     assert comp["max_abs_diff"] <= 1e-4
     assert summary["outputs"]["compact"] == str(out / "compact.safetensors")
     assert "compact: removed 5 dead neurons" in r.stdout
+    lat = comp["cpu_latency_ms"]  # interleaved repeats: median within the quartiles, never one timing
+    for t in (lat["before"], lat["after"]):
+        assert t["runs"] == 30 and 0 < t["q1"] <= t["median"] <= t["q3"]
+    assert (comp["cpu_latency_ms_before"], comp["cpu_latency_ms_after"]) == (lat["before"]["median"],
+                                                                           lat["after"]["median"])
 
     stripped = deadscan.load(out / "stripped.safetensors")
     compacted = deadscan.load(out / "compact.safetensors")
@@ -369,6 +374,31 @@ def test_cli_strip_compact(tmp_path, runner):
     x = torch.from_numpy(rng.random((30, 4)).astype(np.float32))
     with torch.inference_mode():
         assert torch.allclose(stripped(x), compacted(x), rtol=0, atol=1e-5)
+
+
+def test_cli_strip_compact_with_nothing_dead_says_so_and_writes_no_file(tmp_path, runner):
+    m = hand_mlp()
+    with torch.no_grad():  # every hidden neuron alive on inputs in [0, 1): positive weights and biases
+        for layer in (m.fc1, m.fc2):
+            layer.weight.abs_()
+            layer.bias.fill_(0.1)
+    ckpt = tmp_path / "alive.safetensors"
+    deadscan.save_safetensors(m, ckpt, MLP_SPEC)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=rng.random((100, 4)).astype(np.float32), y=(np.arange(100) % 3).astype(np.int64))
+    out = tmp_path / "out"
+    r = runner.invoke(main, ["strip", str(ckpt), "--data", str(data), "--finetune", "0", "--compact",
+                             "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert ("compact: nothing to compact (no neuron with a feeding layer is dead at the end); no compact file "
+            "written") in r.stdout.splitlines()
+    assert not (out / "compact.safetensors").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compact"] == {"removed": {}, "skipped": {}, "params_before": summary["compact"]["params_after"],
+                                  "params_after": summary["compact"]["params_before"], "nothing_to_compact": True}
+    assert "compact" not in summary["outputs"]
+    assert "nothing to compact" in (out / "report.html").read_text()
 
 
 def test_skip_site_fed_by_a_grouped_conv():

@@ -237,10 +237,22 @@ def test_interrupt_saves_the_completed_epochs_and_resume_finishes(tmp_path, stri
     assert saved == 1
     assert not (out / ".deadscan.lock").exists()  # released on the way out
     assert f"{saved} epoch(s) saved in {out / STATE_FILE}" in lines[0]
-    resume = lines[0].split("resume with: ", 1)[1]
+    resume, finalize = lines[0].split("resume with: ", 1)[1].split("; or write the completed epochs' outputs with: ")
     assert resume.startswith("deadscan strip ") and resume.endswith(" --resume")
+    assert finalize == resume[:-len("--resume")] + "--finalize"
     assert not (out / "summary.json").exists() and not (out / "stripped.safetensors").exists()
 
+    if sig == signal.SIGTERM:  # keep what is done: the outputs of the completed epoch, no more training
+        kept = subprocess.run(_strip_cmd(ckpt, data, out, "--finalize"), capture_output=True, text=True, env=ENV,
+                              timeout=600)
+        assert kept.returncode == 0, kept.stdout[-2000:] + kept.stderr[-2000:]
+        assert _epochs_printed(kept.stdout.splitlines()) == []  # nothing trained
+        summary = json.loads((out / "summary.json").read_text())
+        assert [row["epoch"] for row in summary["history"]] == [1]
+        assert summary["finalized"] == {"epochs_done": 1, "epochs_planned": EPOCHS}
+        assert (out / "stripped.safetensors").exists() and (out / STATE_FILE).exists()
+        assert load_state(out / STATE_FILE)["epoch"] == 1  # still resumable
+        return
     done = _finish_with_resume(ckpt, data, out)
     assert _epochs_printed(done.stdout.splitlines())[0] == saved + 1  # continued, not restarted
 

@@ -20,6 +20,7 @@ from deadscan.checkpoint import ARCH_KEY
 from deadscan.cli import main
 from deadscan.data import Dataset
 from deadscan.finetune import STATE_FILE, Interrupted, TrainConfig, finetune, load_state
+from deadscan.options import OutputOptions
 from deadscan.zoo import build
 
 SPEC = "mlp(depth=2, width=16, in_features=8, classes=3)"
@@ -64,7 +65,7 @@ def _splits():
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(epochs=4, warmup=1, batch_size=16, eval_batch_size=10, lr=1e-2, seed=0)
+    base = dict(epochs=4, warmup=1, batch_size=16, eval_batch_size=10, lr=1e-2, train_seed=0)
     return TrainConfig(**{**base, **kw})
 
 
@@ -277,7 +278,7 @@ def test_strip_checkpoint_exports_the_trained_model(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "finetune", capture)
     out = tmp_path / "out"
     run = pipeline.strip_checkpoint(ckpt, str(data), cfg=TrainConfig(epochs=2, warmup=0, batch_size=16),
-                                    out=out, device="cpu")
+                                    output=OutputOptions(out), device="cpu")
     model = captured["model"].eval()
     stripped = out / "stripped.safetensors"
     assert run.files["stripped"] == stripped and stripped.exists()
@@ -352,6 +353,85 @@ def test_cli_strip_reuses_the_last_inspect(tmp_path, runner):
     assert (out / "stripped.safetensors").exists()
 
 
+def test_cli_strip_keeps_the_split_seed_of_the_inspect_it_reuses(tmp_path, runner):
+    """The validation split a strip detects on is the inspect's: its split seed carries over (the training seed
+    is another option); a --split-seed given to strip wins."""
+    ckpt, data = _write_inputs(tmp_path)
+    inspected = tmp_path / "inspected"
+    r = runner.invoke(main, ["inspect", str(ckpt), "--data", str(data), "--split-seed", "3", "--out", str(inspected)])
+    assert r.exit_code == 0, r.output
+    base = json.loads((inspected / "summary.json").read_text())["data"]
+    r = runner.invoke(main, ["inspect", str(ckpt), "--data", str(data), "--out", str(tmp_path / "seed0")])
+    other = json.loads((tmp_path / "seed0" / "summary.json").read_text())["data"]
+    assert base["seed"] == 3 and other["seed"] == 0 and base["indices_sha256"] != other["indices_sha256"]
+    for extra, seed, sha in [([], 3, base["indices_sha256"]), (["--split-seed", "0"], 0, other["indices_sha256"])]:
+        out = tmp_path / f"strip{seed}"
+        r = runner.invoke(main, ["strip", "--finetune", "0", "--from", str(inspected), "--train-seed", "7",
+                                 "--out", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        summary = json.loads((out / "summary.json").read_text())
+        assert (summary["data"]["seed"], summary["data"]["indices_sha256"]) == (seed, sha)
+        assert summary["config"]["train_seed"] == 7
+
+
+@pytest.mark.parametrize("args, warning", [
+    (["--finetune", "2", "--every", "3", "--warmup", "0"],
+     "Warning: --every 3 is more than --finetune 2: no strip step will run"),
+    (["--finetune", "2"],
+     "Warning: --finetune 2 is not more than --warmup 5: the whole run is learning-rate warm-up (pass a smaller "
+     "--warmup, e.g. --warmup 0)"),
+])
+def test_cli_strip_warns_about_settings_that_cannot_do_what_they_say(tmp_path, runner, args, warning):
+    ckpt, data = _write_inputs(tmp_path)
+    r = runner.invoke(main, ["strip", str(ckpt), "--data", str(data), "--batch-size", "16", *args,
+                             "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines()[0] == warning
+
+
+def test_demo_then_strip_keeps_the_inspect_and_compares_with_it(tmp_path, runner, monkeypatch):
+    """The README's flow in one folder: the strip goes to deadscan-out/strip/, the inspect it started from stays,
+    and compare reads both; the checkpoint path is absolute, so a strip from another directory finds it."""
+    ckpt, data = _write_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(main, ["inspect", ckpt.name, "--data", data.name])  # relative paths, default --out
+    assert r.exit_code == 0, r.output
+    base = (tmp_path / "deadscan-out" / "summary.json").read_text()
+    assert json.loads(base)["checkpoint"]["path"] == str(ckpt)  # absolute
+    r = runner.invoke(main, ["strip", "--finetune", "1", "--warmup", "0", "--batch-size", "16"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "deadscan-out" / "summary.json").read_text() == base  # the inspect is kept
+    strip_dir = tmp_path / "deadscan-out" / "strip"
+    s = json.loads((strip_dir / "summary.json").read_text())
+    lines = r.stdout.splitlines()
+    assert f"start (the input checkpoint): dead {s['start']['dead']} of {s['totals']['neurons']}  " \
+           f"%A {s['start']['active_percent']:.2f}" in lines
+    assert s["start"]["dead"] == json.loads(base)["totals"]["dead"]  # the same checkpoint, split and data
+    assert any(ln.startswith(f"end (after the last strip step): dead {s['totals']['dead']} of ") for ln in lines)
+    r = runner.invoke(main, ["compare", "deadscan-out", "deadscan-out/strip", "--out", "cmp"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "cmp" / "compare.html").exists()
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = runner.invoke(main, ["strip", "--from", "../deadscan-out", "--finetune", "0", "--out", "again"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((elsewhere / "again" / "summary.json").read_text())["checkpoint"]["path"] == str(ckpt)
+
+
+def test_strip_from_a_run_whose_checkpoint_moved_says_where_the_path_came_from(tmp_path, runner):
+    ckpt, data = _write_inputs(tmp_path)
+    run = tmp_path / "run"
+    r = runner.invoke(main, ["inspect", str(ckpt), "--data", str(data), "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    ckpt.rename(tmp_path / "moved.safetensors")
+    r = runner.invoke(main, ["strip", "--from", str(run), "--finetune", "0", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1
+    assert r.stderr == (f"Error: {ckpt}: the checkpoint {run / 'summary.json'} records is not there; pass CKPT "
+                        "(and --data) yourself\n")
+
+
 def test_cli_strip_without_checkpoint_or_inspect_fails_in_one_line(tmp_path, runner):
     out = tmp_path / "out"
     r = runner.invoke(main, ["strip", "--from", str(tmp_path / "nothing-here"), "--out", str(out)])
@@ -411,12 +491,17 @@ def test_sigterm_stops_like_ctrl_c_and_keeps_completed_epochs(tmp_path):
 
 
 def test_history_counts_dead_neurons_held_by_their_bias_alone():
+    """Counted where the feeding layer reads a ReLU's outputs (fc2); fc1 reads the raw inputs, which could be
+    negative (here they are not, but nothing says so), so its rows are not counted."""
     train, val, test = _splits()
     m = _model()
     with torch.no_grad():
-        m.fc1.weight[1:3] = torch.linspace(0.1, 0.8, 8)  # no negative weight left: the bias ...
-        m.fc1.bias[1:3] = -100.0  # ... holds rows 1 and 2 down
+        m.fc2.weight[1:3] = torch.linspace(0.1, 1.6, 16)  # no negative weight left: the bias ...
+        m.fc2.bias[1:3] = -1000.0  # ... holds fc2 rows 1 and 2 down
+        m.fc1.weight[4] = torch.linspace(0.1, 0.8, 8)  # the same on fc1: not counted
+        m.fc1.bias[4] = -100.0
     res = finetune(m, train, val, _cfg(epochs=0), device=CPU, test=test)
+    assert res.history[0]["dead_by_site"] == {"relu1": 4, "relu2": 2}
     assert res.history[0]["held_by_bias"] == 2
 
 

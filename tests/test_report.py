@@ -28,7 +28,7 @@ import deadscan
 from deadscan import pipeline
 from deadscan.capacity import capacity
 from deadscan.cli import main
-from deadscan.finetune import TrainConfig
+from deadscan.options import OutputOptions, TrainConfig
 from deadscan.report import build_summary, write_outputs
 from deadscan.reportdata import collect
 from deadscan.stats_h5 import read_stats
@@ -66,8 +66,8 @@ def run_inspect(tmp: Path, model: nn.Module | None = None, **kw) -> pipeline.Ins
     ckpt = tmp / "mlp.safetensors"
     deadscan.save_safetensors(model if model is not None else _hand_mlp(), ckpt, MLP_SPEC)
     data = tmp / "data.npz" if (tmp / "data.npz").exists() else make_data(tmp)
-    return pipeline.inspect(ckpt, str(data), out=tmp / "inspect", command=f"deadscan inspect {ckpt} --data {data}",
-                            **kw)
+    return pipeline.inspect(ckpt, str(data), output=OutputOptions(tmp / "inspect"),
+                            command=f"deadscan inspect {ckpt} --data {data}", **kw)
 
 
 def run_strip(tmp: Path, **kw) -> pipeline.StripRun:
@@ -75,7 +75,7 @@ def run_strip(tmp: Path, **kw) -> pipeline.StripRun:
     deadscan.save_safetensors(reviving_mlp(), ckpt, MLP_SPEC)
     data = tmp / "data.npz" if (tmp / "data.npz").exists() else make_data(tmp)
     cfg = TrainConfig(epochs=4, rate=0.5, lr=1e-6, warmup=0, schedule="constant", batch_size=16)
-    return pipeline.strip_checkpoint(ckpt, str(data), cfg=cfg, out=tmp / "strip", baseline=True,
+    return pipeline.strip_checkpoint(ckpt, str(data), cfg=cfg, output=OutputOptions(tmp / "strip"), baseline=True,
                                      command=f"deadscan strip {ckpt} --data {data} --finetune 4", **kw)
 
 
@@ -400,14 +400,30 @@ def test_strip_report_has_history_and_revived_weights(stripped):
     check_self_contained((out / "report.html").read_text())
     assert page.figures == ["spec-dead-per-site", "spec-frequency", "spec-weights", "spec-pre-max",
                             "spec-history-dead", "spec-history-active", "spec-history-loss", "spec-history-acc",
-                            "spec-revived-weights"]
+                            "spec-history-sites", "spec-revived-weights"]
+    # the start: the input checkpoint as an inspect of it sees it (same data, split, seed)
+    ins = pipeline.inspect(stripped.summary["checkpoint"]["path"], s["data"]["name"],
+                           output=OutputOptions(out.parent / "start-inspect"))
+    start = s["start"]
+    assert {k: v["dead"] for k, v in start["sites"].items()} == {x["name"]: x["dead"] for x in ins.summary["sites"]}
+    assert (start["dead"], start["active_percent"]) == (ins.summary["totals"]["dead"],
+                                                        ins.summary["totals"]["active_percent"])
+    last = s["history"][-1]["epoch"]
     specs = figure_specs(page)
     dead = specs["spec-history-dead"]["data"]
     assert dead[0]["y"] == [r["revived"] for r in s["history"]]
     assert dead[1]["y"] == [r["dead"] for r in s["history"]]
-    assert dead[2]["y"] == [r["dead"] for r in s["baseline"]["history"]]  # stripped vs baseline
-    active = specs["spec-history-active"]["data"][0]["y"]
-    assert active == pytest.approx([r["active_percent"] for r in s["history"]])
+    assert (dead[2]["x"], dead[2]["y"]) == ([0, last], [start["dead"], s["totals"]["dead"]])  # start and end
+    assert dead[3]["y"] == [r["dead"] for r in s["baseline"]["history"]]  # stripped vs baseline
+    active = specs["spec-history-active"]["data"]
+    assert active[0]["y"] == pytest.approx([r["active_percent"] for r in s["history"]])
+    assert active[2]["y"] == pytest.approx([start["active_percent"], s["totals"]["active_percent"]])
+    # one end everywhere: the card says start -> end as the totals do
+    assert page.cards["start_end_dead"] == f"{start['dead']} \u2192 {s['totals']['dead']}"
+    sites = specs["spec-history-sites"]["data"][0]
+    assert sites["x"] == ["start"] + [f"epoch {r['epoch']}" for r in s["history"]] + ["end"]
+    assert sites["z"] == [[start["sites"][x["name"]]["dead"]] + [r["dead_by_site"][x["name"]] for r in s["history"]]
+                          + [x["dead"]] for x in s["sites"]]
     acc = specs["spec-history-acc"]["data"]
     assert acc[0]["y"] == pytest.approx([r["val_acc"] for r in s["history"]])
     # revived neurons' incoming weights: before = 4 weights each, after = those not stripped

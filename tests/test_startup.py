@@ -45,7 +45,7 @@ def test_help_without_torch(no_torch, args):
     assert "Commands:" in res.stdout and res.stderr == ""
 
 
-@pytest.mark.parametrize("command", ["report", "compare", "demo"])
+@pytest.mark.parametrize("command", ["report", "compare", "demo", "inspect", "strip"])
 def test_command_help_without_torch(no_torch, command):
     res = _deadscan(no_torch, command, "-h")
     assert res.returncode == 0, res.stderr

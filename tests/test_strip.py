@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -87,6 +88,46 @@ def test_rows_without_negative_weights_are_counted_and_untouched():
     assert k.tolist() == [2, 0, 0, 2]
     assert none_left == 2
     assert torch.nonzero(mask).tolist() == [[0, 0], [0, 1], [3, 0], [3, 2]]
+
+
+def _reference_oracle(row: np.ndarray, taken: np.ndarray, rate: float) -> np.ndarray:
+    """The reference code's rule, one row at a time: remaining nonzero weights below their rate-quantile."""
+    live = ~taken & (row != 0)
+    q = np.quantile(row[live], rate)  # linear interpolation, as torch.quantile
+    return live & (row < q)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.1, 0.2, 0.5])
+def test_the_reference_rule_prunes_below_the_quantile_of_the_remaining_nonzero_weights(rate):
+    rng = np.random.default_rng(3)
+    w = torch.from_numpy(rng.normal(size=(5, 25)).astype(np.float32))
+    w[1] = torch.arange(1.0, 26.0)  # all positive: the reference rule prunes them anyway (signs ignored)
+    w[2, :5] = 0.0  # zeros are not remaining weights
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    rows = torch.tensor([0, 1, 2, 4])
+    for _ in range(3):  # later steps: the quantile of what is left
+        expected = mask.clone()
+        for r in rows.tolist():
+            expected[r] |= torch.from_numpy(_reference_oracle(w[r].numpy(), mask[r].numpy(), rate))
+        before = mask.clone()
+        k, _ = strip_layer(w, mask, rows, rate, rule="reference")
+        assert torch.equal(mask, expected)
+        assert k.tolist() == (mask[rows] & ~before[rows]).sum(1).tolist()
+    assert not mask[3].any()  # not a dead row
+    assert mask[1].any()  # positive weights pruned: what the floor rule never does
+    floor_mask = torch.zeros_like(w, dtype=torch.bool)
+    strip_layer(w, floor_mask, torch.tensor([1]), rate)
+    assert not floor_mask.any()
+
+
+def test_the_reference_rule_prunes_one_more_weight_than_floor_when_the_quantile_falls_between():
+    w = -torch.arange(1.0, 26.0).view(1, 25)  # 25 distinct negatives; 0.1-quantile at position 2.4
+    ref = torch.zeros_like(w, dtype=torch.bool)
+    k_ref, _ = strip_layer(w, ref, torch.tensor([0]), 0.1, rule="reference")
+    flo = torch.zeros_like(w, dtype=torch.bool)
+    k_floor, _ = strip_layer(w, flo, torch.tensor([0]), 0.1)
+    assert (k_ref.tolist(), k_floor.tolist()) == ([3], [2])  # floor(2.5) = 2; below the quantile: -25, -24, -23
+    assert torch.nonzero(ref[0]).flatten().tolist() == [22, 23, 24]
 
 
 def test_only_the_given_rows_are_touched():
@@ -295,7 +336,8 @@ def test_strip_skips_live_neurons_and_counts_rows_without_negatives():
     masks = Masks(m)
     stats = strip(m, result, masks, rate=0.5)
     assert stats.pruned == {"fc1": 0}
-    assert stats.dead_targeted == 1 and stats.without_negative == 1
+    assert stats.dead_targeted == 1
+    assert stats.without_negative == 0  # fc1 reads raw inputs: not known non-negative, not counted
     assert masks.pruned() == 0
 
 
@@ -642,3 +684,22 @@ def test_stripper_with_redo_method_prunes_nothing():
     assert report.dead == 2 and report.pruned_weights == 0 and stripper.masks.pruned() == 0
     with pytest.raises(ValueError, match="method must be one of"):
         Stripper(m, method="bogus")
+
+
+def test_held_by_bias_counts_only_sites_whose_inputs_are_non_negative():
+    """A dead neuron with no negative weight left is held by its bias only where its inputs are >= 0 (a
+    ReLU's outputs). On raw inputs that can be negative, positive weights hold it down: not counted."""
+    m = nn.Sequential(OrderedDict([("fc1", nn.Linear(2, 2)), ("act1", nn.ReLU()), ("fc2", nn.Linear(2, 2)),
+                                   ("act2", nn.ReLU()), ("head", nn.Linear(2, 1))])).eval()
+    with torch.no_grad():
+        m.fc1.weight.copy_(torch.tensor([[1.0, 1.0], [1.0, 0.0]]))  # neuron 0: positive weights
+        m.fc1.bias.copy_(torch.tensor([0.0, 1.0]))
+        m.fc2.weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 1.0]]))  # neuron 0: positive weights, bias -10
+        m.fc2.bias.copy_(torch.tensor([-10.0, 0.0]))
+    x = -torch.rand(16, 2) - 0.1  # negative inputs: fc1 neuron 0 is dead through its positive weights
+    result = scan(m, x, batch_size=8)
+    assert [r.dead.tolist() for r in result.sites] == [[True, False], [True, False]]
+    assert [r.site.input_nonneg for r in result.sites] == [False, True]
+    stats = strip(m, result, Masks(m), rate=0.5)
+    assert stats.dead_targeted == 2 and stats.total == 0
+    assert stats.without_negative == 1  # act2's neuron only

@@ -6,7 +6,7 @@ import os
 
 
 
-SPLITS = ("train", "val", "test", "all")
+from ..options import SPLITS  # noqa: F401 (re-exported)
 
 
 # Per-dataset normalisation (mean, std per channel). CIFAR values are the paper's; override with --mean/--std.
