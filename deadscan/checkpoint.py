@@ -19,6 +19,7 @@ what a pickle would import by reading its opcodes, without importing or running 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import struct
@@ -33,10 +34,11 @@ from torch import nn
 
 from . import hf
 from .defaults import DEFAULTS
-from .errors import ArchError, CheckpointError, DeadscanWarning, one_line, printable
+from .errors import ArchError, CheckpointError, DeadscanNote, DeadscanWarning, one_line, printable
 from .outputs import atomic_path, check_out_dir, write_text_atomic  # re-exported: they lived here (no torch there)
 from .pickles import PickleScan, is_dangerous_global, scan_pickle, torch_allows
-from .zoo import SHAPES_KEY, ArchSpec, apply_shapes, build, check_file_spec, parse_spec
+from .zoo import (SHAPES_KEY, ArchSpec, apply_shapes, build, check_file_spec, linear_chain, mlp_kwargs,
+                  mlp_spec_text, paper_mlp, parse_spec)
 
 ARCH_KEY = "deadscan_arch"  # safetensors metadata key holding the arch spec
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
@@ -258,7 +260,7 @@ def _load(path: Path, fmt: str, arch: str | None, trust_pickle: bool, allow_glob
             return Checkpoint(model, CheckpointInfo(str(path), sha256_of(path), fmt, None))
         state = _find_state_dict(obj, path)
 
-    spec = _choose_spec(path, arch, metadata, arch_source)
+    spec = _choose_spec(path, arch, metadata, arch_source, state)
     # A file picked the architecture: it must name no code, nor sizes beyond the checkpoint's own tensors.
     from_file = arch is None or arch_source is not None
     try:
@@ -285,7 +287,7 @@ def _load(path: Path, fmt: str, arch: str | None, trust_pickle: bool, allow_glob
         what = (f"the architecture {arch_source} names:" if arch_source else "its metadata names architecture"
                 if from_file else "--arch")
         raise _error(f"{path}: cannot build {what} {spec} ({type(e).__name__}: {one_line(e)})") from None
-    load_into(model, state, path)
+    load_into(model, state, path, spec)
     return Checkpoint(model.eval(), CheckpointInfo(str(path), sha256_of(path), fmt, str(spec)))
 
 
@@ -676,7 +678,8 @@ def _dense(state: dict[str, torch.Tensor], where) -> dict[str, torch.Tensor]:
     return state
 
 
-def _choose_spec(path: Path, arch: str | None, metadata: dict[str, str], arch_source: str | None = None) -> ArchSpec:
+def _choose_spec(path: Path, arch: str | None, metadata: dict[str, str], arch_source: str | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> ArchSpec:
     if arch is not None:
         spec = parse_spec(arch)
         if arch_source is not None:
@@ -703,10 +706,33 @@ def _choose_spec(path: Path, arch: str | None, metadata: dict[str, str], arch_so
         except ArchError as e:
             raise _error(str(e)) from None
         return spec
+    shapes = _shapes_of(state or {})
+    kw = mlp_kwargs(shapes)
+    if kw is not None:  # the built-in mlp's keys and shapes, nothing else: no other spec builds this file
+        spec = ArchSpec("mlp", kw)
+        warnings.warn(DeadscanNote(f"{path}: no --arch given; its tensors are exactly the built-in mlp's: "
+                                   f"loading it as {spec} (pass --arch to choose another)"), stacklevel=3)
+        return spec
+    chain = linear_chain(shapes)
+    if chain is not None and len({out for _, _, out in chain[:-1]}) == 1:
+        # Shaped like the built-in mlp but named otherwise: the file does not say what runs between the layers.
+        kw = {"depth": len(chain) - 1, "width": chain[0][2], "in_features": chain[0][1], "classes": chain[-1][2]}
+        sizes = " -> ".join(str(n) for n in [chain[0][1], *(out for _, _, out in chain)])
+        names = [*(f"fc{i}" for i in range(1, len(chain))), "head"]
+        raise _error(f"{path}: holds only weights, of {len(chain)} Linear layers ({sizes}) named "
+                     f"{_few([n for n, _, _ in chain])}, which do not say what runs between them; if it is a ReLU "
+                     f"MLP, rename them {_few(names)} and pass --arch {mlp_spec_text(kw)}, else pass --arch "
+                     "pkg.module:factory for the code that built it")
     raise _error(
         f"{path}: holds only weights; pass --arch (e.g. --arch 'mlp(depth=2, width=256, in_features=64)' "
         "or --arch torchvision:resnet18)"
     )
+
+
+def _shapes_of(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape, wrapper prefixes (``module.``...) dropped as :func:`load_into` drops them."""
+    state = strip_prefixes(state, {"fc1.weight", "fc1.bias", "head.weight", "head.bias"})
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
@@ -725,8 +751,10 @@ def strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[s
     return best
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str | os.PathLike = "state dict") -> None:
-    """``load_state_dict(strict=True)`` with errors that name the keys and the fix."""
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str | os.PathLike = "state dict",
+              spec: ArchSpec | None = None) -> None:
+    """``load_state_dict(strict=True)`` with errors that name the keys and the fix (for an ``mlp`` ``spec``
+    whose sizes differ from the file's: the keywords to change and the --arch that fits)."""
     expected = model.state_dict()
     state = strip_prefixes(_dense(state, where), set(expected))
     missing = [k for k in expected if k not in state]
@@ -737,18 +765,31 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str | os.
             parts.append(f"missing {_few(missing)}")
         if unexpected:
             parts.append(f"unexpected {_few(unexpected)}")
-        raise _error(f"{where}: does not fit the architecture: {'; '.join(parts)}; check --arch")
+        fix = _mlp_fix(spec, state) or "check --arch"
+        raise _error(f"{where}: does not fit the architecture: {'; '.join(parts)}; {fix}")
     bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
            if tuple(state[k].shape) != tuple(v.shape)]
     if bad:
-        raise _error(
-            f"{where}: tensor shapes do not fit the architecture (file vs model): {_few(bad)}; check --arch sizes"
-        )
+        fix = _mlp_fix(spec, state) or "check --arch sizes"
+        raise _error(f"{where}: tensor shapes do not fit the architecture (file vs model): {_few(bad)}; {fix}")
     try:
         model.load_state_dict(state, strict=True)
     except Exception as e:  # tensors torch cannot copy into parameters (meta, sparse, odd dtypes)
         raise _error(f"{where}: cannot copy its tensors into the model ({type(e).__name__}: "
                      f"{one_line(e)})") from None
+
+
+def _mlp_fix(spec: ArchSpec | None, state: dict[str, torch.Tensor]) -> str | None:
+    """For an ``mlp`` spec and a file holding a built-in mlp of other sizes: which keywords to change, and
+    the whole --arch that fits (from the file's shapes)."""
+    if spec is None or spec.name != "mlp":
+        return None
+    kw = mlp_kwargs(_shapes_of(state))
+    if kw is None:
+        return None
+    given = {k: p.default for k, p in inspect.signature(paper_mlp).parameters.items()} | spec.kwargs
+    changes = [f"{k}={v} (not {given[k]!r})" for k, v in kw.items() if given.get(k) != v]
+    return f"the file holds an mlp with {', '.join(changes)}: pass --arch {mlp_spec_text(kw)}"
 
 
 def _few(items: list[str], n: int = 5) -> str:

@@ -16,7 +16,7 @@ import click
 
 from . import __version__
 from .defaults import DEFAULTS
-from .errors import DeadscanError, DeadscanWarning, printable
+from .errors import DeadscanError, DeadscanNote, DeadscanWarning, printable
 
 SAMPLE_MODEL = "mlp_digits.safetensors"
 SAMPLE_LM, SAMPLE_LM_TEXT, SAMPLE_LM_SEQ_LEN = "opt_pydoc", "pydoc_val.txt", 64  # demo --lm
@@ -152,7 +152,7 @@ def _warnings_as_lines(ctx: click.Context) -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, DeadscanWarning):
-            _echo(f"Warning: {message}", err=True)
+            _echo(f"{'Note' if issubclass(category, DeadscanNote) else 'Warning'}: {message}", err=True)
         else:
             shown(message, category, filename, lineno, file, line)
     warnings.showwarning = show

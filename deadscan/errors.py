@@ -34,6 +34,10 @@ class DeadscanWarning(UserWarning):
     """Something the user should know that does not stop the run (the CLI prints one ``Warning:`` line)."""
 
 
+class DeadscanNote(DeadscanWarning):
+    """A choice deadscan made for the user that they may want to know of (the CLI prints one ``Note:`` line)."""
+
+
 # C0/C1 controls, DEL, line/paragraph separators and bidi overrides: bytes from a file that could move
 # the cursor, recolour or reorder what a terminal shows.
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")

@@ -96,8 +96,17 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
         return "imagefolder", text
     if path.exists():
         return "arrays", text
-    raise DataError(f"unknown --data {spec!r}: use {', '.join(n for n in NAMES if n != 'fake')}, "
+    raise DataError(f"unknown --data {spec!r}{_did_you_mean(low)}: use {', '.join(n for n in NAMES if n != 'fake')}, "
                     "fake[:CxHxW[:CLASSES[:N]]], imagefolder:PATH, or a .npz/.h5 file")
+
+
+def _did_you_mean(low: str) -> str:
+    """`` (did you mean digits?)`` for a near miss of a dataset name or alias, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(low, [*NAMES, *ALIASES], n=2, cutoff=0.75)
+    names = list(dict.fromkeys(ALIASES.get(c, c) for c in close))  # an alias suggests its dataset, once
+    return f" (did you mean {' or '.join(names)}?)" if names else ""
 
 
 def _build(src: _Source, spec, split: str, seed: int, val_fraction: float, limit: int | None) -> Dataset:
