@@ -11,8 +11,8 @@ Untrusted bytes are checked before anything is allocated from what they declare:
 header length (every tensor's shape against its byte span: the safetensors library), zip members'
 declared sizes, legacy pickles' declared storage sizes, compacted widths against the file's own
 tensors, and an architecture named in a file's metadata (built on the meta device first, and stopped
-as soon as it registers far more tensors or elements than the file holds). :func:`list_globals` says
-what a pickle would import by reading its opcodes, without importing or running anything;
+as soon as it registers far more tensors or elements than the file holds). What a pickle would import
+is read from its opcodes by :mod:`deadscan.pickles` (``list_globals``, re-exported here);
 ``allow_globals`` lets named ones through ``torch.serialization.safe_globals``.
 """
 
@@ -35,18 +35,18 @@ from torch import nn
 from . import hf
 from .defaults import DEFAULTS
 from .errors import ArchError, CheckpointError, DeadscanNote, DeadscanWarning, one_line, printable
+from .errors import few as _few  # hf.py imports it from here
 from .outputs import atomic_path, check_out_dir, write_text_atomic  # re-exported: they lived here (no torch there)
-from .pickles import PickleScan, is_dangerous_global, scan_pickle, torch_allows
+from .pickles import (ALLOW_FLAG, TRUST_FLAG, GlobalsListing, PickleScan, list_globals,  # noqa: F401 (re-exported)
+                      scan_pickle)
 from .zoo import (SHAPES_KEY, ArchSpec, apply_shapes, build, check_file_spec, linear_chain, mlp_kwargs,
                   mlp_spec_text, paper_mlp, parse_spec)
 
 ARCH_KEY = "deadscan_arch"  # safetensors metadata key holding the arch spec
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
 PREFIXES = ("module.", "model.", "_orig_mod.")
-TRUST_FLAG = "--trust-pickle"
 ZIP_MAX_RATIO = DEFAULTS.max_expand_ratio  # deflate never expands data more than ~1032 times
 ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # all torch's zip reader (miniz) reads
-ALLOW_FLAG = "--allow-global"
 MAX_METADATA_CHARS = 1 << 20  # longest arch spec / shapes text read from a file's metadata
 
 
@@ -477,90 +477,6 @@ def _resolve_global(name: str):
     raise _error(f"{ALLOW_FLAG} {name}: no such class or function can be imported here")
 
 
-# ---------------------------------------------------------------------------------------------
-# What a pickle would import (its opcodes are read by deadscan.pickles; nothing is imported)
-
-
-@dataclass
-class GlobalsListing:
-    path: str
-    format: str
-    members: dict[str, PickleScan]  # pickle name -> what it imports
-    carries_code: bool  # TorchScript / .pt2: code travels beside the pickles
-
-    @property
-    def globals(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for scan in self.members.values():
-            for g in scan.globals:
-                seen.setdefault(g, None)
-        return list(seen)
-
-    @property
-    def needs_allowing(self) -> list[str]:
-        return [g for g in self.globals if not torch_allows(g)]
-
-    def describe(self) -> str:
-        """What ``deadscan inspect --list-globals FILE`` prints."""
-        if self.format == "safetensors":
-            return printable(f"{self.path}: safetensors: no pickle, nothing to import; it loads without any flag")
-        lines = [f"{self.path}: {self.format}; names read from the pickle opcodes (nothing was imported or run)"]
-        width = max([len(g) for g in self.globals] + [10])
-        for member, scan in self.members.items():
-            lines.append(f"{member}: {len(scan.globals)} global(s)"
-                         + (f"; reading stopped early ({scan.error})" if scan.error else ""))
-            for g in scan.globals:
-                if torch_allows(g):
-                    verdict = "allowed by torch.load(weights_only=True)"
-                elif is_dangerous_global(g):
-                    verdict = "DANGEROUS: can run arbitrary code (files, processes, imports); do not allow it"
-                else:
-                    verdict = f"not allowed: needs {ALLOW_FLAG} (or {TRUST_FLAG})"
-                lines.append(f"  {g.ljust(width)}  {verdict}")
-        needed = self.needs_allowing
-        dangerous = [g for g in needed if is_dangerous_global(g)]
-        stopped = [member for member, scan in self.members.items() if scan.error]
-        if self.carries_code:
-            lines.append(f"it also carries code ({self.format}): only {TRUST_FLAG} loads it, and that runs the code")
-        elif dangerous:
-            lines.append(f"it imports {_few(dangerous)}, which can run arbitrary code: do not load it unless you "
-                         "made it yourself")
-        elif stopped:
-            lines.append(f"{_few(stopped)} could not be read to the end, so this list may be incomplete; deadscan "
-                         f"does not load a pickle it cannot read through (without {TRUST_FLAG})")
-        elif needed:
-            flags = " ".join(f"{ALLOW_FLAG} {g}" for g in needed)
-            lines.append(f"to load it without {TRUST_FLAG}: {flags} (imports each named class or function; "
-                         "its code runs as the pickle builds objects with it)")
-        else:
-            lines.append("it loads without any flag")
-        return "\n".join(map(printable, lines))  # names from the file may hold control characters
-
-
-def list_globals(path: str | os.PathLike) -> GlobalsListing:
-    """What the pickles in ``path`` would import (classes, functions), without importing or running anything."""
-    path = Path(path)
-    fmt = detect_format(path)
-    if fmt == "safetensors":
-        return GlobalsListing(str(path), fmt, {}, False)
-    members = {}
-    if fmt == "torch-legacy":  # a bare pickle, or five in a row (legacy torch.save); streamed, not read whole
-        with open(path, "rb") as f:
-            members[path.name] = scan_pickle(f, max_pickles=5)
-    else:
-        try:
-            with zipfile.ZipFile(path) as z:
-                for info in z.infolist():  # streamed: scan_pickle stops at its opcode and byte limits
-                    if info.filename.endswith(".pkl"):
-                        with z.open(info) as f:
-                            members[info.filename] = scan_pickle(f)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise _error(f"{path}: damaged zip archive ({one_line(e) or type(e).__name__})") from None
-    return GlobalsListing(str(path), fmt, members, fmt in ("torchscript", "pt2"))
-
-
 def _check_storage_sizes(path: Path, fmt: str, strict: bool = True) -> None:
     """torch.load allocates each storage at the size its pickle declares (``('storage', type, key,
     location, numel)``) before reading its bytes: check every declared size against the bytes that hold
@@ -790,11 +706,6 @@ def _mlp_fix(spec: ArchSpec | None, state: dict[str, torch.Tensor]) -> str | Non
     given = {k: p.default for k, p in inspect.signature(paper_mlp).parameters.items()} | spec.kwargs
     changes = [f"{k}={v} (not {given[k]!r})" for k, v in kw.items() if given.get(k) != v]
     return f"the file holds an mlp with {', '.join(changes)}: pass --arch {mlp_spec_text(kw)}"
-
-
-def _few(items: list[str], n: int = 5) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 # ---------------------------------------------------------------------------------------------

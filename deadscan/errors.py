@@ -53,3 +53,9 @@ def printable(s: str, limit: int | None = None) -> str:
 def one_line(e: BaseException, limit: int = 300) -> str:
     """An exception's message folded onto one line, escaped and cut to ``limit`` characters (its type if empty)."""
     return printable(" ".join(str(e).split()) or type(e).__name__, limit)
+
+
+def few(items: list[str], n: int = 5) -> str:
+    """The first ``n`` items, comma-separated, and how many more."""
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
