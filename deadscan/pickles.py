@@ -315,5 +315,6 @@ def list_globals(path: str | os.PathLike) -> GlobalsListing:
         except CheckpointError:
             raise
         except Exception as e:
-            raise CheckpointError(printable(f"{path}: damaged zip archive ({one_line(e) or type(e).__name__})")) from None
+            what = one_line(e) or type(e).__name__
+            raise CheckpointError(printable(f"{path}: damaged zip archive ({what})")) from None
     return GlobalsListing(str(path), fmt, members, fmt in ("torchscript", "pt2"))

@@ -489,6 +489,14 @@ def test_misspelt_data_name_suggests_the_closest(spec, hint):
                             "imagefolder:PATH, or a .npz/.h5 file")
 
 
+def test_every_data_kind_has_one_loader():
+    from deadscan.data.load import SOURCES
+
+    assert set(SOURCES) == {*D.NAMES, "imagefolder", "arrays"}
+    assert [D.parse_spec(s)[0] for s in ("digits", "CIFAR-10", "fake:1x8x8", "imagefolder:x", "a.npz")] == [
+        "digits", "cifar10", "fake", "imagefolder", "arrays"]
+
+
 def test_unknown_spec_and_split():
     with pytest.raises(DataError, match="unknown --data 'cifar11'.*imagefolder:PATH"):
         load_data("cifar11", "val")
