@@ -630,7 +630,8 @@ def _choose_spec(path: Path, arch: str | None, metadata: dict[str, str], arch_so
                                    f"loading it as {spec} (pass --arch to choose another)"), stacklevel=3)
         return spec
     chain = linear_chain(shapes)
-    if chain is not None and len({out for _, _, out in chain[:-1]}) == 1:
+    if chain is not None and len({out for _, _, out in chain[:-1]}) == 1 \
+            and all(f"{n}.bias" in shapes for n, _, _ in chain):  # the built-in mlp's layers have biases
         # Shaped like the built-in mlp but named otherwise: the file does not say what runs between the layers.
         kw = {"depth": len(chain) - 1, "width": chain[0][2], "in_features": chain[0][1], "classes": chain[-1][2]}
         sizes = " -> ".join(str(n) for n in [chain[0][1], *(out for _, _, out in chain)])

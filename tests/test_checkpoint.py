@@ -394,6 +394,16 @@ def test_state_dict_of_a_linear_stack_without_arch_suggests_the_mlp(tmp_path):
     assert torch.equal(ck.model(x), stack(x))
 
 
+def test_linear_stack_without_biases_gets_no_mlp_suggestion(tmp_path):
+    stack = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.ReLU(), torch.nn.Linear(8, 3, bias=False))
+    p = tmp_path / "nobias.pt"
+    torch.save(stack.state_dict(), p)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(p)  # the built-in mlp has biases: it could not load these
+    assert str(e.value) == (f"{p}: holds only weights; pass --arch (e.g. --arch 'mlp(depth=2, width=256, "
+                            "in_features=64)' or --arch torchvision:resnet18)")
+
+
 def test_mlp_of_other_sizes_names_the_keywords_and_the_arch_that_fits(tmp_path, rand_mlp):
     p = tmp_path / "sd.pt"
     torch.save(rand_mlp.state_dict(), p)
