@@ -11,14 +11,15 @@ Untrusted bytes are checked before anything is allocated from what they declare:
 header length (every tensor's shape against its byte span: the safetensors library), zip members'
 declared sizes, legacy pickles' declared storage sizes, compacted widths against the file's own
 tensors, and an architecture named in a file's metadata (built on the meta device first, and stopped
-as soon as it registers far more tensors or elements than the file holds). :func:`list_globals` says
-what a pickle would import by reading its opcodes, without importing or running anything;
+as soon as it registers far more tensors or elements than the file holds). What a pickle would import
+is read from its opcodes by :mod:`deadscan.pickles` (``list_globals``, re-exported here);
 ``allow_globals`` lets named ones through ``torch.serialization.safe_globals``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import struct
@@ -33,18 +34,19 @@ from torch import nn
 
 from . import hf
 from .defaults import DEFAULTS
-from .errors import ArchError, CheckpointError, DeadscanWarning, one_line, printable
+from .errors import ArchError, CheckpointError, DeadscanNote, DeadscanWarning, one_line, printable
+from .errors import few as _few  # hf.py imports it from here
 from .outputs import atomic_path, check_out_dir, write_text_atomic  # re-exported: they lived here (no torch there)
-from .pickles import PickleScan, is_dangerous_global, scan_pickle, torch_allows
-from .zoo import SHAPES_KEY, ArchSpec, apply_shapes, build, check_file_spec, parse_spec
+from .pickles import (ALLOW_FLAG, TRUST_FLAG, GlobalsListing, PickleScan, list_globals,  # noqa: F401 (re-exported)
+                      scan_pickle)
+from .zoo import (SHAPES_KEY, ArchSpec, apply_shapes, build, check_file_spec, linear_chain, mlp_kwargs,
+                  mlp_spec_text, paper_mlp, parse_spec)
 
 ARCH_KEY = "deadscan_arch"  # safetensors metadata key holding the arch spec
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
 PREFIXES = ("module.", "model.", "_orig_mod.")
-TRUST_FLAG = "--trust-pickle"
 ZIP_MAX_RATIO = DEFAULTS.max_expand_ratio  # deflate never expands data more than ~1032 times
 ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # all torch's zip reader (miniz) reads
-ALLOW_FLAG = "--allow-global"
 MAX_METADATA_CHARS = 1 << 20  # longest arch spec / shapes text read from a file's metadata
 
 
@@ -258,7 +260,7 @@ def _load(path: Path, fmt: str, arch: str | None, trust_pickle: bool, allow_glob
             return Checkpoint(model, CheckpointInfo(str(path), sha256_of(path), fmt, None))
         state = _find_state_dict(obj, path)
 
-    spec = _choose_spec(path, arch, metadata, arch_source)
+    spec = _choose_spec(path, arch, metadata, arch_source, state)
     # A file picked the architecture: it must name no code, nor sizes beyond the checkpoint's own tensors.
     from_file = arch is None or arch_source is not None
     try:
@@ -285,7 +287,7 @@ def _load(path: Path, fmt: str, arch: str | None, trust_pickle: bool, allow_glob
         what = (f"the architecture {arch_source} names:" if arch_source else "its metadata names architecture"
                 if from_file else "--arch")
         raise _error(f"{path}: cannot build {what} {spec} ({type(e).__name__}: {one_line(e)})") from None
-    load_into(model, state, path)
+    load_into(model, state, path, spec)
     return Checkpoint(model.eval(), CheckpointInfo(str(path), sha256_of(path), fmt, str(spec)))
 
 
@@ -475,90 +477,6 @@ def _resolve_global(name: str):
     raise _error(f"{ALLOW_FLAG} {name}: no such class or function can be imported here")
 
 
-# ---------------------------------------------------------------------------------------------
-# What a pickle would import (its opcodes are read by deadscan.pickles; nothing is imported)
-
-
-@dataclass
-class GlobalsListing:
-    path: str
-    format: str
-    members: dict[str, PickleScan]  # pickle name -> what it imports
-    carries_code: bool  # TorchScript / .pt2: code travels beside the pickles
-
-    @property
-    def globals(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for scan in self.members.values():
-            for g in scan.globals:
-                seen.setdefault(g, None)
-        return list(seen)
-
-    @property
-    def needs_allowing(self) -> list[str]:
-        return [g for g in self.globals if not torch_allows(g)]
-
-    def describe(self) -> str:
-        """What ``deadscan inspect --list-globals FILE`` prints."""
-        if self.format == "safetensors":
-            return printable(f"{self.path}: safetensors: no pickle, nothing to import; it loads without any flag")
-        lines = [f"{self.path}: {self.format}; names read from the pickle opcodes (nothing was imported or run)"]
-        width = max([len(g) for g in self.globals] + [10])
-        for member, scan in self.members.items():
-            lines.append(f"{member}: {len(scan.globals)} global(s)"
-                         + (f"; reading stopped early ({scan.error})" if scan.error else ""))
-            for g in scan.globals:
-                if torch_allows(g):
-                    verdict = "allowed by torch.load(weights_only=True)"
-                elif is_dangerous_global(g):
-                    verdict = "DANGEROUS: can run arbitrary code (files, processes, imports); do not allow it"
-                else:
-                    verdict = f"not allowed: needs {ALLOW_FLAG} (or {TRUST_FLAG})"
-                lines.append(f"  {g.ljust(width)}  {verdict}")
-        needed = self.needs_allowing
-        dangerous = [g for g in needed if is_dangerous_global(g)]
-        stopped = [member for member, scan in self.members.items() if scan.error]
-        if self.carries_code:
-            lines.append(f"it also carries code ({self.format}): only {TRUST_FLAG} loads it, and that runs the code")
-        elif dangerous:
-            lines.append(f"it imports {_few(dangerous)}, which can run arbitrary code: do not load it unless you "
-                         "made it yourself")
-        elif stopped:
-            lines.append(f"{_few(stopped)} could not be read to the end, so this list may be incomplete; deadscan "
-                         f"does not load a pickle it cannot read through (without {TRUST_FLAG})")
-        elif needed:
-            flags = " ".join(f"{ALLOW_FLAG} {g}" for g in needed)
-            lines.append(f"to load it without {TRUST_FLAG}: {flags} (imports each named class or function; "
-                         "its code runs as the pickle builds objects with it)")
-        else:
-            lines.append("it loads without any flag")
-        return "\n".join(map(printable, lines))  # names from the file may hold control characters
-
-
-def list_globals(path: str | os.PathLike) -> GlobalsListing:
-    """What the pickles in ``path`` would import (classes, functions), without importing or running anything."""
-    path = Path(path)
-    fmt = detect_format(path)
-    if fmt == "safetensors":
-        return GlobalsListing(str(path), fmt, {}, False)
-    members = {}
-    if fmt == "torch-legacy":  # a bare pickle, or five in a row (legacy torch.save); streamed, not read whole
-        with open(path, "rb") as f:
-            members[path.name] = scan_pickle(f, max_pickles=5)
-    else:
-        try:
-            with zipfile.ZipFile(path) as z:
-                for info in z.infolist():  # streamed: scan_pickle stops at its opcode and byte limits
-                    if info.filename.endswith(".pkl"):
-                        with z.open(info) as f:
-                            members[info.filename] = scan_pickle(f)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise _error(f"{path}: damaged zip archive ({one_line(e) or type(e).__name__})") from None
-    return GlobalsListing(str(path), fmt, members, fmt in ("torchscript", "pt2"))
-
-
 def _check_storage_sizes(path: Path, fmt: str, strict: bool = True) -> None:
     """torch.load allocates each storage at the size its pickle declares (``('storage', type, key,
     location, numel)``) before reading its bytes: check every declared size against the bytes that hold
@@ -676,7 +594,8 @@ def _dense(state: dict[str, torch.Tensor], where) -> dict[str, torch.Tensor]:
     return state
 
 
-def _choose_spec(path: Path, arch: str | None, metadata: dict[str, str], arch_source: str | None = None) -> ArchSpec:
+def _choose_spec(path: Path, arch: str | None, metadata: dict[str, str], arch_source: str | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> ArchSpec:
     if arch is not None:
         spec = parse_spec(arch)
         if arch_source is not None:
@@ -703,10 +622,34 @@ def _choose_spec(path: Path, arch: str | None, metadata: dict[str, str], arch_so
         except ArchError as e:
             raise _error(str(e)) from None
         return spec
+    shapes = _shapes_of(state or {})
+    kw = mlp_kwargs(shapes)
+    if kw is not None:  # the built-in mlp's keys and shapes, nothing else: no other spec builds this file
+        spec = ArchSpec("mlp", kw)
+        warnings.warn(DeadscanNote(f"{path}: no --arch given; its tensors are exactly the built-in mlp's: "
+                                   f"loading it as {spec} (pass --arch to choose another)"), stacklevel=3)
+        return spec
+    chain = linear_chain(shapes)
+    if chain is not None and len({out for _, _, out in chain[:-1]}) == 1 \
+            and all(f"{n}.bias" in shapes for n, _, _ in chain):  # the built-in mlp's layers have biases
+        # Shaped like the built-in mlp but named otherwise: the file does not say what runs between the layers.
+        kw = {"depth": len(chain) - 1, "width": chain[0][2], "in_features": chain[0][1], "classes": chain[-1][2]}
+        sizes = " -> ".join(str(n) for n in [chain[0][1], *(out for _, _, out in chain)])
+        names = [*(f"fc{i}" for i in range(1, len(chain))), "head"]
+        raise _error(f"{path}: holds only weights, of {len(chain)} Linear layers ({sizes}) named "
+                     f"{_few([n for n, _, _ in chain])}, which do not say what runs between them; if it is a ReLU "
+                     f"MLP, rename them {_few(names)} and pass --arch {mlp_spec_text(kw)}, else pass --arch "
+                     "pkg.module:factory for the code that built it")
     raise _error(
         f"{path}: holds only weights; pass --arch (e.g. --arch 'mlp(depth=2, width=256, in_features=64)' "
         "or --arch torchvision:resnet18)"
     )
+
+
+def _shapes_of(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape, wrapper prefixes (``module.``...) dropped as :func:`load_into` drops them."""
+    state = strip_prefixes(state, {"fc1.weight", "fc1.bias", "head.weight", "head.bias"})
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
@@ -725,8 +668,10 @@ def strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[s
     return best
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str | os.PathLike = "state dict") -> None:
-    """``load_state_dict(strict=True)`` with errors that name the keys and the fix."""
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str | os.PathLike = "state dict",
+              spec: ArchSpec | None = None) -> None:
+    """``load_state_dict(strict=True)`` with errors that name the keys and the fix (for an ``mlp`` ``spec``
+    whose sizes differ from the file's: the keywords to change and the --arch that fits)."""
     expected = model.state_dict()
     state = strip_prefixes(_dense(state, where), set(expected))
     missing = [k for k in expected if k not in state]
@@ -737,13 +682,13 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str | os.
             parts.append(f"missing {_few(missing)}")
         if unexpected:
             parts.append(f"unexpected {_few(unexpected)}")
-        raise _error(f"{where}: does not fit the architecture: {'; '.join(parts)}; check --arch")
+        fix = _mlp_fix(spec, state) or "check --arch"
+        raise _error(f"{where}: does not fit the architecture: {'; '.join(parts)}; {fix}")
     bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
            if tuple(state[k].shape) != tuple(v.shape)]
     if bad:
-        raise _error(
-            f"{where}: tensor shapes do not fit the architecture (file vs model): {_few(bad)}; check --arch sizes"
-        )
+        fix = _mlp_fix(spec, state) or "check --arch sizes"
+        raise _error(f"{where}: tensor shapes do not fit the architecture (file vs model): {_few(bad)}; {fix}")
     try:
         model.load_state_dict(state, strict=True)
     except Exception as e:  # tensors torch cannot copy into parameters (meta, sparse, odd dtypes)
@@ -751,9 +696,17 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str | os.
                      f"{one_line(e)})") from None
 
 
-def _few(items: list[str], n: int = 5) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+def _mlp_fix(spec: ArchSpec | None, state: dict[str, torch.Tensor]) -> str | None:
+    """For an ``mlp`` spec and a file holding a built-in mlp of other sizes: which keywords to change, and
+    the whole --arch that fits (from the file's shapes)."""
+    if spec is None or spec.name != "mlp":
+        return None
+    kw = mlp_kwargs(_shapes_of(state))
+    if kw is None:
+        return None
+    given = {k: p.default for k, p in inspect.signature(paper_mlp).parameters.items()} | spec.kwargs
+    changes = [f"{k}={v} (not {given[k]!r})" for k, v in kw.items() if given.get(k) != v]
+    return f"the file holds an mlp with {', '.join(changes)}: pass --arch {mlp_spec_text(kw)}"
 
 
 # ---------------------------------------------------------------------------------------------

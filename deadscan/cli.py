@@ -17,7 +17,7 @@ import click
 
 from . import __version__
 from .defaults import DEFAULTS
-from .errors import DeadscanError, DeadscanWarning, printable
+from .errors import DeadscanError, DeadscanNote, DeadscanWarning, printable
 from .options import CRITERIA, METHODS, OPTIMIZERS, PRUNE_RULES, SCHEDULES, SPLITS, TrainConfig
 
 SAMPLE_MODEL = "mlp_digits.safetensors"
@@ -124,7 +124,7 @@ def _warnings_as_lines(ctx: click.Context) -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, DeadscanWarning):
-            _echo(f"Warning: {message}", err=True)
+            _echo(f"{'Note' if issubclass(category, DeadscanNote) else 'Warning'}: {message}", err=True)
         else:
             shown(message, category, filename, lineno, file, line)
     warnings.showwarning = show

@@ -34,6 +34,10 @@ class DeadscanWarning(UserWarning):
     """Something the user should know that does not stop the run (the CLI prints one ``Warning:`` line)."""
 
 
+class DeadscanNote(DeadscanWarning):
+    """A choice deadscan made for the user that they may want to know of (the CLI prints one ``Note:`` line)."""
+
+
 # C0/C1 controls, DEL, line/paragraph separators and bidi overrides: bytes from a file that could move
 # the cursor, recolour or reorder what a terminal shows.
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
@@ -49,3 +53,9 @@ def printable(s: str, limit: int | None = None) -> str:
 def one_line(e: BaseException, limit: int = 300) -> str:
     """An exception's message folded onto one line, escaped and cut to ``limit`` characters (its type if empty)."""
     return printable(" ".join(str(e).split()) or type(e).__name__, limit)
+
+
+def few(items: list[str], n: int = 5) -> str:
+    """The first ``n`` items, comma-separated, and how many more."""
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")

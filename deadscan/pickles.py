@@ -7,16 +7,21 @@ Python 2 names mapped) and persistent ids are collected, so a file can be judged
 from __future__ import annotations
 
 import _compat_pickle
+import os
 import pickletools
+import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .defaults import DEFAULTS
-from .errors import one_line
+from .errors import CheckpointError, few, one_line, printable
 
 
 # What one pickle may cost to read: DEFAULTS.max_pickle_ops / max_pickle_bytes (why: see defaults.py).
 MAX_PICKLE_OPS = DEFAULTS.max_pickle_ops
 MAX_PICKLE_BYTES = DEFAULTS.max_pickle_bytes
+TRUST_FLAG = "--trust-pickle"  # loads full pickles: runs code from the file
+ALLOW_FLAG = "--allow-global"  # lets one named global through torch.load(weights_only=True)
 
 _MARK = object()
 _UNKNOWN = object()
@@ -226,3 +231,90 @@ def torch_allows(name: str) -> bool:
         return name in w._get_allowed_globals() or name in w._get_user_allowed_globals()
     except Exception:  # a private API: if it moves, say "not allowed" (the safe answer)
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# What a file's pickles would import (``deadscan inspect --list-globals FILE``)
+
+
+@dataclass
+class GlobalsListing:
+    path: str
+    format: str
+    members: dict[str, PickleScan]  # pickle name -> what it imports
+    carries_code: bool  # TorchScript / .pt2: code travels beside the pickles
+
+    @property
+    def globals(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for scan in self.members.values():
+            for g in scan.globals:
+                seen.setdefault(g, None)
+        return list(seen)
+
+    @property
+    def needs_allowing(self) -> list[str]:
+        return [g for g in self.globals if not torch_allows(g)]
+
+    def describe(self) -> str:
+        """What ``deadscan inspect --list-globals FILE`` prints."""
+        if self.format == "safetensors":
+            return printable(f"{self.path}: safetensors: no pickle, nothing to import; it loads without any flag")
+        lines = [f"{self.path}: {self.format}; names read from the pickle opcodes (nothing was imported or run)"]
+        width = max([len(g) for g in self.globals] + [10])
+        for member, scan in self.members.items():
+            lines.append(f"{member}: {len(scan.globals)} global(s)"
+                         + (f"; reading stopped early ({scan.error})" if scan.error else ""))
+            for g in scan.globals:
+                if torch_allows(g):
+                    verdict = "allowed by torch.load(weights_only=True)"
+                elif is_dangerous_global(g):
+                    verdict = "DANGEROUS: can run arbitrary code (files, processes, imports); do not allow it"
+                else:
+                    verdict = f"not allowed: needs {ALLOW_FLAG} (or {TRUST_FLAG})"
+                lines.append(f"  {g.ljust(width)}  {verdict}")
+        needed = self.needs_allowing
+        dangerous = [g for g in needed if is_dangerous_global(g)]
+        stopped = [member for member, scan in self.members.items() if scan.error]
+        if self.carries_code:
+            lines.append(f"it also carries code ({self.format}): only {TRUST_FLAG} loads it, and that runs the code")
+        elif dangerous:
+            lines.append(f"it imports {few(dangerous)}, which can run arbitrary code: do not load it unless you "
+                         "made it yourself")
+        elif stopped:
+            lines.append(f"{few(stopped)} could not be read to the end, so this list may be incomplete; deadscan "
+                         f"does not load a pickle it cannot read through (without {TRUST_FLAG})")
+        elif needed:
+            flags = " ".join(f"{ALLOW_FLAG} {g}" for g in needed)
+            lines.append(f"to load it without {TRUST_FLAG}: {flags} (imports each named class or function; "
+                         "its code runs as the pickle builds objects with it)")
+        else:
+            lines.append("it loads without any flag")
+        return "\n".join(map(printable, lines))  # names from the file may hold control characters
+
+
+def list_globals(path: str | os.PathLike) -> GlobalsListing:
+    """What the pickles in ``path`` would import (classes, functions), without importing or running anything."""
+    from .checkpoint import detect_format  # format detection is the checkpoint module's (which imports this one)
+
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "safetensors":
+        return GlobalsListing(str(path), fmt, {}, False)
+    members = {}
+    if fmt == "torch-legacy":  # a bare pickle, or five in a row (legacy torch.save); streamed, not read whole
+        with open(path, "rb") as f:
+            members[path.name] = scan_pickle(f, max_pickles=5)
+    else:
+        try:
+            with zipfile.ZipFile(path) as z:
+                for info in z.infolist():  # streamed: scan_pickle stops at its opcode and byte limits
+                    if info.filename.endswith(".pkl"):
+                        with z.open(info) as f:
+                            members[info.filename] = scan_pickle(f)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            what = one_line(e) or type(e).__name__
+            raise CheckpointError(printable(f"{path}: damaged zip archive ({what})")) from None
+    return GlobalsListing(str(path), fmt, members, fmt in ("torchscript", "pt2"))

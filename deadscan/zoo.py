@@ -9,7 +9,9 @@ A spec is ``NAME`` or ``NAME(key=value, ...)`` with Python literal values, e.g.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib
+import inspect
 import math
 import shlex
 from collections import OrderedDict
@@ -184,6 +186,51 @@ class PaperViT(nn.Module):
         return self.head(self.norm(x[:, 0]))
 
 
+def mlp_kwargs(shapes: dict[str, tuple[int, ...]]) -> dict | None:
+    """The ``mlp`` keywords that build exactly these tensors (key -> shape, wrapper prefixes already
+    dropped), or None when they are not the built-in mlp's keys with one hidden width."""
+    depth = sum(1 for k in shapes if k.startswith("fc") and k.endswith(".weight"))
+    keys = {f"{layer}.{t}" for layer in [*(f"fc{i}" for i in range(1, depth + 1)), "head"] for t in ("weight", "bias")}
+    if depth < 1 or set(shapes) != keys or len(shapes["fc1.weight"]) != 2:
+        return None
+    width, in_features = shapes["fc1.weight"]
+    classes = shapes["head.weight"][0]
+    kw = {"depth": depth, "width": width, "in_features": in_features, "classes": classes}
+    built = {k: tuple(v.shape) for k, v in paper_mlp_shapes(**kw).items()}
+    return kw if built == {k: tuple(v) for k, v in shapes.items()} else None
+
+
+def paper_mlp_shapes(**kw) -> dict:
+    """``paper_mlp(**kw)``'s state dict on the meta device: shapes only, nothing allocated."""
+    with torch.device("meta"):
+        return paper_mlp(**kw).state_dict()
+
+
+def linear_chain(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, int, int]] | None:
+    """``[(layer, in, out), ...]`` when the tensors are only Linear layers (a 2-d weight and its bias) each
+    taking the previous one's output, in the file's order or in numeric order of their names; else None."""
+    layers: dict[str, tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        layer, _, leaf = key.rpartition(".")
+        if leaf == "weight" and len(shape) == 2:
+            layers[layer] = shape
+        elif not (leaf == "bias" and len(shape) == 1):
+            return None
+    if len(layers) < 2 or any(shapes.get(f"{n}.bias", (w[0],)) != (w[0],) for n, w in layers.items()) \
+            or any(k.rpartition(".")[0] not in layers for k in shapes):
+        return None
+    natural = sorted(layers, key=lambda n: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in n.split(".")])
+    for order in (list(layers), natural):
+        if all(layers[a][0] == layers[b][1] for a, b in zip(order, order[1:])):
+            return [(n, layers[n][1], layers[n][0]) for n in order]
+    return None
+
+
+def mlp_spec_text(kw: dict) -> str:
+    """The --arch text for ``mlp`` keywords, double-quoted for a shell (its values are numbers)."""
+    return f'"{ArchSpec("mlp", kw)}"'
+
+
 BUILTINS = {
     "mlp": paper_mlp,
     "vit-relu": lambda **kw: PaperViT(act="relu", **kw),
@@ -206,6 +253,7 @@ def build(spec: ArchSpec | str, *, allow_user_code: bool = True) -> nn.Module:
     name, kwargs = spec.name, dict(spec.kwargs)
     try:
         if name in BUILTINS:
+            _check_keywords(spec)
             return BUILTINS[name](**kwargs)
         prefix, _, fn = name.partition(":")
         if prefix == "torchvision":
@@ -225,6 +273,24 @@ def build(spec: ArchSpec | str, *, allow_user_code: bool = True) -> nn.Module:
         f"unknown --arch {name!r}: use one of {', '.join(BUILTINS)}, torchvision:NAME, timm:NAME "
         "or pkg.module:factory"
     )
+
+
+def builtin_keywords(name: str) -> tuple[str, ...]:
+    """The keywords a built-in architecture takes, in its signature's order."""
+    fn = PaperViT.__init__ if name.startswith("vit-") else BUILTINS[name]
+    return tuple(p for p in inspect.signature(fn).parameters if p not in ("self", "act"))
+
+
+def _check_keywords(spec: ArchSpec) -> None:
+    """A misspelt keyword names the valid ones (Python's TypeError names only the bad one)."""
+    name = spec.name
+    valid = builtin_keywords(name)
+    unknown = [k for k in spec.kwargs if k not in valid]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], valid, n=1)
+        hint = f" (did you mean {close[0]}=?)" if close else ""
+        raise ArchError(f"--arch {spec}: unknown keyword {unknown[0]}={hint}; {name} takes "
+                        f"{', '.join(k + '=' for k in valid)}")
 
 
 def _no_weights(kwargs: dict, what: str) -> None:

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import deadscan
 from deadscan.checkpoint import ARCH_KEY, detect_format, load_checkpoint
-from deadscan.errors import ArchError, CheckpointError
+from deadscan.errors import ArchError, CheckpointError, DeadscanNote
 from deadscan.zoo import ArchSpec, build, parse_spec
 
 from conftest import MLP_SPEC
@@ -149,12 +149,28 @@ def test_safetensors_with_deadscan_metadata_needs_no_arch(tmp_path, rand_mlp):
     assert_same_state(deadscan.load(p), rand_mlp.state_dict())
 
 
-def test_plain_safetensors_without_metadata_needs_arch(tmp_path, rand_mlp):
+def test_plain_safetensors_of_the_builtin_mlp_loads_without_arch_and_says_so(tmp_path, rand_mlp):
     p = tmp_path / "plain.safetensors"
     save_file({k: v.contiguous() for k, v in rand_mlp.state_dict().items()}, str(p))
-    with pytest.raises(CheckpointError, match="holds only weights; pass --arch"):
-        load_checkpoint(p)
+    with pytest.warns(DeadscanNote) as notes:
+        ck = load_checkpoint(p)
+    assert [str(n.message) for n in notes] == [
+        f"{p}: no --arch given; its tensors are exactly the built-in mlp's: loading it as {MLP_SPEC} "
+        "(pass --arch to choose another)"]
+    assert ck.info.arch == MLP_SPEC
+    assert_same_state(ck.model, rand_mlp.state_dict())
     assert_same_state(load_checkpoint(p, MLP_SPEC).model, rand_mlp.state_dict())
+
+
+def test_plain_safetensors_not_quite_the_builtin_mlp_needs_arch(tmp_path, rand_mlp):
+    state = {k: v.contiguous() for k, v in rand_mlp.state_dict().items()}
+    state["fc2.weight"], state["fc2.bias"] = torch.zeros(7, 8), torch.zeros(7)  # two hidden widths
+    p = tmp_path / "plain.safetensors"
+    save_file(state, str(p))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(p)
+    assert str(e.value) == (f"{p}: holds only weights; pass --arch (e.g. --arch 'mlp(depth=2, width=256, "
+                            "in_features=64)' or --arch torchvision:resnet18)")
 
 
 def test_plain_state_dict_pt_with_arch(tmp_path, rand_mlp):
@@ -310,13 +326,17 @@ def test_wrong_depth_names_missing_and_unexpected_keys(tmp_path, rand_mlp):
     deeper = "mlp(depth=3, width=8, in_features=4, classes=3)"
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(p2, deeper)
-    assert str(e.value) == f"{p2}: does not fit the architecture: missing fc3.weight, fc3.bias; check --arch"
+    assert str(e.value) == (f"{p2}: does not fit the architecture: missing fc3.weight, fc3.bias; "
+                            'the file holds an mlp with depth=2 (not 3): pass --arch '
+                            '"mlp(depth=2, width=8, in_features=4, classes=3)"')
 
     p3 = tmp_path / "depth3.pt"
     torch.save(build(deeper).state_dict(), p3)
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(p3, MLP_SPEC)
-    assert str(e.value) == f"{p3}: does not fit the architecture: unexpected fc3.weight, fc3.bias; check --arch"
+    assert str(e.value) == (f"{p3}: does not fit the architecture: unexpected fc3.weight, fc3.bias; "
+                            'the file holds an mlp with depth=3 (not 2): pass --arch '
+                            '"mlp(depth=3, width=8, in_features=4, classes=3)"')
 
 
 def test_wrong_width_names_the_shape_mismatch(tmp_path, rand_mlp):
@@ -327,16 +347,84 @@ def test_wrong_width_names_the_shape_mismatch(tmp_path, rand_mlp):
     assert str(e.value) == (
         f"{p}: tensor shapes do not fit the architecture (file vs model): fc1.weight (8, 4) vs (9, 4), "
         "fc1.bias (8,) vs (9,), fc2.weight (8, 8) vs (9, 9), fc2.bias (8,) vs (9,), head.weight (3, 8) vs (3, 9); "
-        "check --arch sizes"
+        'the file holds an mlp with width=8 (not 9): pass --arch "mlp(depth=2, width=8, in_features=4, classes=3)"'
     )
+
+
+def test_mismatch_that_is_not_a_builtin_mlp_says_check_arch(tmp_path, rand_mlp):
+    p = tmp_path / "sd.pt"
+    state = rand_mlp.state_dict()
+    state["fc2.weight"], state["fc2.bias"] = torch.zeros(7, 8), torch.zeros(7)  # no single width fits
+    torch.save(state, p)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(p, MLP_SPEC)
+    assert str(e.value) == (f"{p}: tensor shapes do not fit the architecture (file vs model): fc2.weight (7, 8) vs "
+                            "(8, 8), fc2.bias (7,) vs (8,); check --arch sizes")
 
 
 def test_plain_state_dict_without_arch_says_pass_arch(tmp_path, rand_mlp):
     p = tmp_path / "sd.pt"
-    torch.save(rand_mlp.state_dict(), p)
+    torch.save({**rand_mlp.state_dict(), "scale": torch.ones(1)}, p)  # not only the mlp's tensors
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(p)
     assert str(e.value).startswith(f"{p}: holds only weights; pass --arch (e.g. --arch 'mlp(")
+
+
+def test_state_dict_of_a_linear_stack_without_arch_suggests_the_mlp(tmp_path):
+    torch.manual_seed(0)
+    stack = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 10))
+    p = tmp_path / "stack.pt"
+    torch.save({"module." + k: v for k, v in stack.state_dict().items()}, p)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(p)
+    assert str(e.value) == (
+        f"{p}: holds only weights, of 3 Linear layers (64 -> 32 -> 32 -> 10) named module.0, module.2, "
+        "module.4, which do not say what runs between them; if it is a ReLU MLP, rename them fc1, fc2, head and "
+        "pass --arch "
+        '"mlp(depth=2, width=32, in_features=64, classes=10)", else pass --arch pkg.module:factory for the code '
+        "that built it")
+    # the suggestion is right: renamed, the weights load into that spec unchanged
+    renamed = dict(zip(["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "head.weight", "head.bias"],
+                       stack.state_dict().values()))
+    torch.save(renamed, p)
+    ck = load_checkpoint(p, "mlp(depth=2, width=32, in_features=64, classes=10)")
+    assert_same_state(ck.model, renamed)
+    x = torch.rand(5, 64)
+    assert torch.equal(ck.model(x), stack(x))
+
+
+def test_linear_stack_without_biases_gets_no_mlp_suggestion(tmp_path):
+    stack = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.ReLU(), torch.nn.Linear(8, 3, bias=False))
+    p = tmp_path / "nobias.pt"
+    torch.save(stack.state_dict(), p)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(p)  # the built-in mlp has biases: it could not load these
+    assert str(e.value) == (f"{p}: holds only weights; pass --arch (e.g. --arch 'mlp(depth=2, width=256, "
+                            "in_features=64)' or --arch torchvision:resnet18)")
+
+
+def test_mlp_of_other_sizes_names_the_keywords_and_the_arch_that_fits(tmp_path, rand_mlp):
+    p = tmp_path / "sd.pt"
+    torch.save(rand_mlp.state_dict(), p)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(p, "mlp(depth=3, width=8)")  # in_features and classes left at their defaults
+    assert str(e.value) == (
+        f"{p}: does not fit the architecture: missing fc3.weight, fc3.bias; the file holds an mlp with depth=2 "
+        '(not 3), in_features=4 (not 3072), classes=3 (not 10): pass --arch '
+        '"mlp(depth=2, width=8, in_features=4, classes=3)"')
+
+
+def test_unknown_arch_keyword_lists_the_valid_ones(tmp_path, rand_mlp):
+    with pytest.raises(ArchError) as e:
+        build("mlp(widht=10)")
+    assert str(e.value) == ("--arch mlp(widht=10): unknown keyword widht= (did you mean width=?); mlp takes depth=, "
+                            "width=, in_features=, classes=")
+    with pytest.raises(ArchError) as e:
+        build("vit-relu(depht=2, dim=8)")
+    assert str(e.value) == ("--arch vit-relu(depht=2, dim=8): unknown keyword depht= (did you mean depth=?); "
+                            "vit-relu takes img_size=, patch_size=, in_chans=, classes=, depth=, heads=, dim=, "
+                            "mlp_dim=, dropout=")
 
 
 def test_unknown_arch_name(tmp_path, rand_mlp):

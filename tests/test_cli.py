@@ -138,13 +138,39 @@ def _case(name, tmp_path, hand_mlp, mlp_file, npz_data):
         return p, npz_data, [], f"Error: {p}: no such file"
     if name == "state-dict-without-arch":
         p = tmp_path / "sd.pt"
-        torch.save(hand_mlp.state_dict(), p)
+        torch.save({**hand_mlp.state_dict(), "temperature": torch.ones(1)}, p)  # not only the built-in mlp's
         return p, npz_data, [], (f"Error: {p}: holds only weights; pass --arch (e.g. --arch "
                                  "'mlp(depth=2, width=256, in_features=64)' or --arch torchvision:resnet18)")
+    if name == "linear-stack-without-arch":
+        p = tmp_path / "stack.pt"
+        stack = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        torch.save(stack.state_dict(), p)
+        return p, npz_data, [], (
+            f"Error: {p}: holds only weights, of 2 Linear layers (4 -> 8 -> 3) named 0, 2, which do not say what "
+            "runs between them; if it is a ReLU MLP, rename them fc1, head and pass --arch "
+            '"mlp(depth=1, width=8, in_features=4, classes=3)", else pass --arch pkg.module:factory for the code '
+            "that built it")
+    if name == "sample-mlp-wrong-input-size":
+        p = resource_path("sample_models", "mlp_digits.pt")
+        return p, "digits", ["--arch", "mlp(depth=4, width=256)"], (
+            f"Error: {p}: tensor shapes do not fit the architecture (file vs model): fc1.weight (256, 64) vs "
+            '(256, 3072); the file holds an mlp with in_features=64 (not 3072): pass --arch '
+            '"mlp(depth=4, width=256, in_features=64, classes=10)"')
+    if name == "unknown-arch-keyword":
+        p = tmp_path / "sd.pt"
+        torch.save(hand_mlp.state_dict(), p)
+        return p, npz_data, ["--arch", "mlp(widht=10)"], (
+            f"Error: {p}: --arch mlp(widht=10): unknown keyword widht= (did you mean width=?); mlp takes depth=, "
+            "width=, in_features=, classes=")
     if name == "unknown-data-name":
-        return mlp_file, "cifar11", [], ("Error: unknown --data 'cifar11': use digits, cifar10, cifar100, svhn, "
-                                         "mnist, fashion-mnist, tiny-imagenet, cifar10-c, cifar100-c, "
-                                         "fake[:CxHxW[:CLASSES[:N]]], imagefolder:PATH, or a .npz/.h5 file")
+        return mlp_file, "cifar11", [], ("Error: unknown --data 'cifar11' (did you mean cifar10 or cifar100?): use "
+                                         "digits, cifar10, cifar100, svhn, mnist, fashion-mnist, tiny-imagenet, "
+                                         "cifar10-c, cifar100-c, fake[:CxHxW[:CLASSES[:N]]], imagefolder:PATH, or a "
+                                         ".npz/.h5 file")
+    if name == "misspelt-data-name":
+        return mlp_file, "digitz", [], ("Error: unknown --data 'digitz' (did you mean digits?): use digits, cifar10, "
+                                        "cifar100, svhn, mnist, fashion-mnist, tiny-imagenet, cifar10-c, cifar100-c, "
+                                        "fake[:CxHxW[:CLASSES[:N]]], imagefolder:PATH, or a .npz/.h5 file")
     if name == "npz-missing-keys":
         d = _npz(tmp_path / "bad.npz", a=np.zeros((3, 4), np.float32), b=np.zeros(3, np.int64))
         return mlp_file, d, [], f"Error: {d}: expected arrays 'x' (inputs) and 'y' (labels), found ['a', 'b']"
@@ -173,13 +199,15 @@ def _case(name, tmp_path, hand_mlp, mlp_file, npz_data):
         torch.save(hand_mlp.state_dict(), p)
         return p, npz_data, ["--arch", "mlp(depth=2, width=8, in_features=5, classes=3)"], (
             f"Error: {p}: tensor shapes do not fit the architecture (file vs model): fc1.weight (8, 4) vs (8, 5); "
-            "check --arch sizes")
+            'the file holds an mlp with in_features=4 (not 5): pass --arch '
+            '"mlp(depth=2, width=8, in_features=4, classes=3)"')
     raise AssertionError(name)
 
 
 @pytest.mark.parametrize("name", [
     "missing-checkpoint", "state-dict-without-arch", "unknown-data-name", "npz-missing-keys", "refused-pickle",
     "wrong-feature-size", "labels-beyond-classes", "x-y-length-mismatch", "float-labels", "wrong-arch-width",
+    "linear-stack-without-arch", "sample-mlp-wrong-input-size", "unknown-arch-keyword", "misspelt-data-name",
 ])
 def test_bad_input_gives_one_error_line_and_exit_1(runner, tmp_path, hand_mlp, mlp_file, npz_data, name):
     ckpt, data, extra, expected = _case(name, tmp_path, hand_mlp, mlp_file, npz_data)
@@ -195,6 +223,17 @@ def test_bad_input_gives_one_error_line_and_exit_1(runner, tmp_path, hand_mlp, m
     else:
         assert line == expected
     assert not out.exists()  # no half-written output
+
+
+def test_builtin_mlp_state_dict_loads_without_arch_with_a_note(runner, tmp_path, hand_mlp, npz_data):
+    p = tmp_path / "sd.pt"
+    torch.save(hand_mlp.state_dict(), p)
+    res = _inspect(runner, p, "--data", npz_data, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines()[0] == (f"Note: {p}: no --arch given; its tensors are exactly the built-in mlp's: "
+                                          f"loading it as {MLP_SPEC} (pass --arch to choose another)")
+    assert res.stdout.splitlines()[0] == f"checkpoint {p} (torch-zip, arch {MLP_SPEC})"
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["totals"] == EXPECTED_TOTALS
 
 
 @pytest.mark.parametrize("args, message", [

@@ -476,6 +476,27 @@ def test_empty_dataset(tmp_path):
         load_data("digits", "val", val_fraction=0)
 
 
+@pytest.mark.parametrize("spec, hint", [
+    ("digitz", " (did you mean digits?)"), ("Fashion_MNST", " (did you mean fashion-mnist?)"),
+    ("cifar-100c", " (did you mean cifar100-c or cifar100?)"), ("imagenet", " (did you mean tiny-imagenet?)"),
+    ("coco", ""),
+])
+def test_misspelt_data_name_suggests_the_closest(spec, hint):
+    with pytest.raises(DataError) as e:
+        load_data(spec, "val")
+    assert str(e.value) == (f"unknown --data {spec!r}{hint}: use digits, cifar10, cifar100, svhn, mnist, "
+                            "fashion-mnist, tiny-imagenet, cifar10-c, cifar100-c, fake[:CxHxW[:CLASSES[:N]]], "
+                            "imagefolder:PATH, or a .npz/.h5 file")
+
+
+def test_every_data_kind_has_one_loader():
+    from deadscan.data.load import SOURCES
+
+    assert set(SOURCES) == {*D.NAMES, "imagefolder", "arrays"}
+    assert [D.parse_spec(s)[0] for s in ("digits", "CIFAR-10", "fake:1x8x8", "imagefolder:x", "a.npz")] == [
+        "digits", "cifar10", "fake", "imagefolder", "arrays"]
+
+
 def test_unknown_spec_and_split():
     with pytest.raises(DataError, match="unknown --data 'cifar11'.*imagefolder:PATH"):
         load_data("cifar11", "val")

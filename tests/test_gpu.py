@@ -14,6 +14,22 @@ from deadscan.strip import Masks, strip
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
+# Known by construction and from the CPU run (the CPU tests pin the same values): dead indices per site.
+MLP_DEAD = {"relu1": [0, 1, 2, 3], "relu2": [0, 13, 15]}  # relu2's pre-activations stay below -0.05
+CONV_DEAD = {"2": [2]}
+# One of the 32 validation samples, in percent: CUDA sums in another order, so a near-tie argmax may flip.
+ACC_TOLERANCE = 100 / 32
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """Full float32 on CUDA: cuDNN convolutions default to TF32 (10-bit mantissa), far from CPU's sums.
+    Set and restored by hand: torch.backends.cuda.matmul's flags are properties monkeypatch cannot restore."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
 
 def _mlp() -> nn.Module:
     """fc1 rows 0-3 dead on inputs in [0, 1] (negative weights and bias); the rest alive."""
@@ -38,18 +54,21 @@ def _conv() -> nn.Module:
     return m.eval()
 
 
-@pytest.mark.parametrize("make, shape", [(_mlp, (64, 8)), (_conv, (16, 3, 8, 8))])
-def test_scan_on_cuda_equals_cpu(make, shape):
+@pytest.mark.parametrize("make, shape, dead, elements", [(_mlp, (64, 8), MLP_DEAD, 64),
+                                                        (_conv, (16, 3, 8, 8), CONV_DEAD, 16 * 8 * 8)])
+def test_scan_on_cuda_equals_cpu(make, shape, dead, elements):
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
     cpu = deadscan.scan(make(), x, batch_size=16, device="cpu")
     gpu = deadscan.scan(make(), x, batch_size=16, device="cuda")
-    assert gpu.device.startswith("cuda")
-    for a, b in zip(cpu.sites, gpu.sites):
-        assert np.array_equal(a.dead, b.dead) and np.array_equal(a.active, b.active)
-        assert a.elements == b.elements
-        np.testing.assert_allclose(a.out_sum, b.out_sum, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(a.pre_max, b.pre_max, rtol=1e-6, atol=1e-6)
-    assert cpu.sites[0].dead.any()  # the construction really has dead neurons to compare
+    assert cpu.device == "cpu" and gpu.device.startswith("cuda")
+    assert {r.site.name: r.dead_indices for r in cpu.sites} == dead
+    assert {r.site.name: r.dead_indices for r in gpu.sites} == dead
+    assert gpu.dead == cpu.dead == sum(map(len, dead.values()))
+    for a, b in zip(cpu.sites, gpu.sites, strict=True):
+        assert np.array_equal(a.active, b.active)
+        assert a.elements == b.elements == elements
+        np.testing.assert_allclose(b.out_sum, a.out_sum, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b.pre_max, a.pre_max, rtol=1e-6, atol=1e-6)
 
 
 def test_pruned_weights_stay_zero_through_adam_on_cuda():
@@ -71,11 +90,32 @@ def test_pruned_weights_stay_zero_through_adam_on_cuda():
     assert torch.equal(m.fc1.weight[pruned], torch.zeros(int(pruned.sum()), device="cuda"))
 
 
-def test_finetune_on_cuda_runs_and_records_history():
+def _finetune(device: str):
     g = torch.Generator().manual_seed(2)
     train = Dataset("t", "train", torch.rand(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g))
     val = Dataset("t", "val", torch.rand(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g))
-    res = finetune(_mlp(), train, val, TrainConfig(epochs=2, warmup=0, batch_size=16, augment="none"),
-                   device=torch.device("cuda"), test=val)
-    assert [r["epoch"] for r in res.history] == [1, 2] and res.history[0]["dead"] >= 1
-    assert res.test["acc"] is not None
+    # One batch of all 96 samples per epoch: the shuffle (drawn on the device's generator, which differs
+    # between CPU and CUDA) cannot change the gradient, so both runs take the same steps.
+    cfg = TrainConfig(epochs=3, warmup=0, batch_size=96, augment="none")
+    return finetune(_mlp(), train, val, cfg, device=torch.device(device), test=val)
+
+
+def test_finetune_on_cuda_equals_cpu():
+    cpu, gpu = _finetune("cpu"), _finetune("cuda")
+    counts = ("epoch", "dead", "revived", "died", "pruned_weights", "pruned_this_epoch", "revived_neurons",
+              "died_neurons")
+    for a, b in zip(cpu.history, gpu.history, strict=True):
+        assert {k: b[k] for k in counts} == {k: a[k] for k in counts}
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+        assert abs(b["val_acc"] - a["val_acc"]) <= ACC_TOLERANCE
+    # the CPU run's values (the same on every CPU): 9 dead after epoch 1, 4 revived by stripping in epoch 2
+    assert [r["dead"] for r in cpu.history] == [9, 5, 5]
+    assert [r["revived"] for r in cpu.history] == [0, 4, 0]
+    assert [r["pruned_weights"] for r in cpu.history] == [9, 14, 19]
+    assert cpu.test["acc"] == 34.375
+    assert abs(gpu.test["acc"] - cpu.test["acc"]) <= ACC_TOLERANCE
+    cpu_masks, gpu_masks = cpu.stripper.masks.state_dict(), gpu.stripper.masks.state_dict()
+    assert cpu_masks.keys() == gpu_masks.keys() == {"fc1", "fc2"}
+    for layer in cpu_masks:  # the same weights pruned
+        assert torch.equal(gpu_masks[layer], cpu_masks[layer])

@@ -582,11 +582,13 @@ def test_bad_input_is_one_line(runner, tmp_path, hand_mlp, mlp_file, npz_data, c
     elif case == "missing-keys":
         torch.save(hand_mlp.state_dict(), p)
         ckpt, extra = p, ["--arch", "mlp(depth=3, width=8, in_features=4, classes=3)"]
-        expect = f"{p}: does not fit the architecture: missing fc3.weight, fc3.bias; check --arch"
+        expect = (f"{p}: does not fit the architecture: missing fc3.weight, fc3.bias; the file holds an mlp with "
+                  'depth=2 (not 3): pass --arch "mlp(depth=2, width=8, in_features=4, classes=3)"')
     elif case == "unexpected-keys":
         torch.save(hand_mlp.state_dict(), p)
         ckpt, extra = p, ["--arch", "mlp(depth=1, width=8, in_features=4, classes=3)"]
-        expect = f"{p}: does not fit the architecture: unexpected fc2.weight, fc2.bias; check --arch"
+        expect = (f"{p}: does not fit the architecture: unexpected fc2.weight, fc2.bias; the file holds an mlp "
+                  'with depth=2 (not 1): pass --arch "mlp(depth=2, width=8, in_features=4, classes=3)"')
     elif case == "negative-labels":
         data = _npz(tmp_path / "neg.npz", x=np.zeros((30, 4), np.float32), y=np.full(30, -1, np.int64))
         expect = "labels must be 0 or more, found -1"

@@ -69,14 +69,14 @@ from .augment import Augment, AutoAugment, default_padding, parse_augment, rando
 from .dataset import Dataset, fingerprint
 from .fit import check_fits, model_input
 from .images import LazyImages
-from .load import load_data, parse_spec, resource_path, split_indices
+from .load import SOURCES, SourceRequest, load_data, parse_spec, resource_path, split_indices
 from .presets import AUGMENT_DEFAULTS, NAMES, NORMALISATION, SPLITS
 from .tokens import TokenDataset, load_tokens
-from .sources import adapt_images, default_root, read_cifar_batch, read_idx
+from .sources import Adapt, Pool, Source, adapt_images, default_root, read_cifar_batch, read_idx
 
 __all__ = [
     "Augment", "AutoAugment", "default_padding", "parse_augment", "random_crop_flip", "Dataset", "fingerprint",
     "check_fits", "model_input", "LazyImages", "load_data", "parse_spec", "resource_path", "split_indices",
     "AUGMENT_DEFAULTS", "NAMES", "NORMALISATION", "SPLITS", "adapt_images", "default_root", "read_cifar_batch",
-    "read_idx", "TokenDataset", "load_tokens",
+    "read_idx", "TokenDataset", "load_tokens", "SOURCES", "SourceRequest", "Source", "Pool", "Adapt",
 ]

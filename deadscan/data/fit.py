@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError, one_line
+from ..locate import raised_in  # names the module whose forward raised (a model bug, or the shape)
 from typing import TYPE_CHECKING
 
 
@@ -62,8 +63,6 @@ def check_fits(model: nn.Module, ds: Dataset, device: torch.device) -> None:
         else:
             wants = f"the model's first layer {expect[1] or '(root)'} takes {expect[2]} input features, " \
                     f"the data has {math.prod(shape)} per sample"
-        from ..scan import raised_in  # names the module whose forward raised (a model bug, or the shape)
-
         raise DataError(
             f"the model cannot take --data {ds.name} inputs of shape {shape} ({shown}; {wants}; "
             f"{type(e).__name__}{raised_in(e, model)}: {one_line(e, 160)}); {_fix_hint(expect, shape)}"
@@ -101,8 +100,6 @@ def _check_tokens_fit(model: nn.Module, ds, device: torch.device) -> None:
         with torch.inference_mode():
             model.eval()(**model_kwargs(model, batch))
     except Exception as e:
-        from ..scan import raised_in
-
         raise DataError(f"the model cannot take --data {ds.name} token batches of shape {tuple(batch['input_ids'].shape)} "
                         f"({type(e).__name__}{raised_in(e, model)}: {one_line(e, 160)}); is it a language model?") from None
     finally:

@@ -17,7 +17,7 @@ import torch
 from ..errors import DataError, one_line
 from ..files import not_regular, open_regular, shown
 from .presets import HOST_BYTES_LIMIT, IMAGE_SUFFIXES, TINY_IMAGENET_URL
-from .sources import _Adapt, _Pool, _Source, _fetch_archive, _missing
+from .sources import Adapt, Pool, Source, _fetch_archive, _missing
 
 # The decoders an image file may reach: raster formats only, whatever its bytes say (PIL would hand an EPS
 # to Ghostscript). PPM also reads .pgm.
@@ -100,17 +100,17 @@ class LazyImages:
         return self.load().to(device, non_blocking=non_blocking)
 
 
-def _image_pool(paths: list, labels: list, adapt: _Adapt) -> _Pool:
+def _image_pool(paths: list, labels: list, adapt: Adapt) -> Pool:
     def take(idx: np.ndarray):
         chosen = [paths[i] for i in idx]
         shape, mode = _probe(chosen[0], adapt)
         if len(chosen) * math.prod(shape) > HOST_BYTES_LIMIT:
             return LazyImages(chosen, shape, mode, adapt.resize)
         return _decode_all(chosen, shape, mode, adapt.resize)
-    return _Pool(np.asarray(labels, dtype=np.int64), take)
+    return Pool(np.asarray(labels, dtype=np.int64), take)
 
 
-def _probe(path: Path, adapt: _Adapt) -> tuple[tuple[int, int, int], str]:
+def _probe(path: Path, adapt: Adapt) -> tuple[tuple[int, int, int], str]:
     """Shape (C, H, W) and PIL mode every image gets: the first image's, unless --channels/--resize say."""
     with _open_image(path) as im:
         grey = im.mode in ("1", "L", "LA", "I", "I;16", "F")
@@ -192,7 +192,7 @@ def _class_folders(folder: Path, classes: list[str] | None = None, hint: str = "
     return classes, paths, labels
 
 
-def _imagefolder(path: str | None, adapt: _Adapt) -> _Source:
+def imagefolder_source(path: str | None, adapt: Adapt) -> Source:
     folder = Path(path or "").expanduser()
     if not path or not folder.is_dir():
         raise DataError(f"imagefolder:{path}: no such folder; give a folder of class folders, "
@@ -204,18 +204,18 @@ def _imagefolder(path: str | None, adapt: _Adapt) -> _Source:
         test_dir = folder / ("val" if "val" in subdirs else "test")
         hint = "; for Tiny ImageNet's own layout use --data tiny-imagenet" if test_dir.name == "val" else ""
 
-        def test() -> _Pool:
+        def test() -> Pool:
             _, tpaths, tlabels = _class_folders(test_dir, classes, hint)
             return _image_pool(tpaths, tlabels, adapt)
         has_test = test_dir.is_dir()
-        return _Source(name, "imagefolder", lambda: _image_pool(paths, labels, adapt), test if has_test else None,
+        return Source(name, "imagefolder", lambda: _image_pool(paths, labels, adapt), test if has_test else None,
                        str(folder), len(classes))
     classes, paths, labels = _class_folders(folder)
-    return _Source(name, "imagefolder", lambda: _image_pool(paths, labels, adapt), None, str(folder),
+    return Source(name, "imagefolder", lambda: _image_pool(paths, labels, adapt), None, str(folder),
                    len(classes))
 
 
-def _tiny_imagenet(root: Path, download: bool, adapt: _Adapt) -> _Source:
+def tiny_imagenet_source(root: Path, download: bool, adapt: Adapt) -> Source:
     base = root / "tiny-imagenet-200"
     if not base.is_dir() and (root / "wnids.txt").exists():
         base = root  # --data-root is the folder itself
@@ -231,7 +231,7 @@ def _tiny_imagenet(root: Path, download: bool, adapt: _Adapt) -> _Source:
     _, paths, labels = _class_folders(base / "train", wnids)
     index = {w: i for i, w in enumerate(wnids)}
 
-    def test() -> _Pool:
+    def test() -> Pool:
         notes = base / "val" / "val_annotations.txt"
         if not notes.exists():
             raise _missing("tiny-imagenet", root, "tiny-imagenet-200/val/val_annotations.txt",
@@ -250,5 +250,5 @@ def _tiny_imagenet(root: Path, download: bool, adapt: _Adapt) -> _Source:
         if not tpaths:
             raise DataError(f"{notes}: no annotations")
         return _image_pool(tpaths, tlabels, adapt)
-    return _Source("tiny-imagenet", "tiny-imagenet", lambda: _image_pool(paths, labels, adapt), test, str(base),
+    return Source("tiny-imagenet", "tiny-imagenet", lambda: _image_pool(paths, labels, adapt), test, str(base),
                    len(wnids))

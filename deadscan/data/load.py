@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -13,9 +15,10 @@ from ..defaults import DEFAULTS
 from ..errors import DataError
 from ..resources import resource_path
 from .dataset import Dataset
-from .images import _imagefolder, _tiny_imagenet
+from .images import imagefolder_source, tiny_imagenet_source
 from .presets import ALIASES, AUGMENT_DEFAULTS, AUTOAUGMENT_POLICY, CORRUPTED, LUMA, NAMES, NORMALISATION, SPLITS
-from .sources import _Adapt, _Source, _arrays_source, _cifar, _corrupted, _fake, _mnist, _svhn, default_root
+from .sources import (Adapt, Source, arrays_source, cifar_source, corrupted_source, default_root, fake_source,
+                      mnist_source, svhn_source)
 
 
 def load_data(spec: str, split: str = DEFAULTS.split, *, root: str | os.PathLike | None = None,
@@ -52,31 +55,45 @@ def load_data(spec: str, split: str = DEFAULTS.split, *, root: str | os.PathLike
                         "or a .npz/.h5 file holding input_ids)")
     root = Path(root).expanduser() if root else default_root()
     kind, arg = parse_spec(spec)
-    adapt = _Adapt(_positive(resize, "--resize"), _channel_count(channels))
+    adapt = Adapt(_positive(resize, "--resize"), _channel_count(channels))
     if kind not in CORRUPTED and (corruption is not None or severity is not None):
         raise DataError("--corruption and --severity apply to cifar10-c and cifar100-c only")
-    if kind == "digits":
-        src = _arrays_source("digits", resource_path("sample_models", "digits.npz"), adapt, kind="digits")
-    elif kind in ("cifar10", "cifar100"):
-        src = _cifar(kind, root, download, adapt)
-    elif kind == "svhn":
-        src = _svhn(root, download, adapt)
-    elif kind in ("mnist", "fashion-mnist"):
-        src = _mnist(kind, root, download, adapt)
-    elif kind == "tiny-imagenet":
-        src = _tiny_imagenet(root, download, adapt)
-    elif kind in CORRUPTED:
-        src = _corrupted(kind, root, download, adapt, corruption, severity)
-    elif kind == "imagefolder":
-        src = _imagefolder(arg, adapt)
-    elif kind == "fake":
-        src = _fake(arg, adapt)
-    else:
-        src = _arrays_source(str(spec), Path(arg).expanduser(), adapt)
+    src = SOURCES[kind](SourceRequest(str(spec), kind, arg, root, download, adapt, corruption, severity))
     ds = _build(src, spec, split, seed, val_fraction, limit)
     ds.mean, ds.std = _normalisation(NORMALISATION.get(src.kind), mean, std, ds)
     ds.info.update({k: v for k, v in (("resize", adapt.resize), ("channels", adapt.channels)) if v})
     return ds
+
+
+@dataclass(frozen=True)
+class SourceRequest:
+    """What a source's loader is given: the --data spec parsed, and the options that choose files and shapes."""
+
+    spec: str
+    kind: str  # a key of SOURCES (parse_spec's first value)
+    arg: str | None  # what follows ``imagefolder:`` / ``fake:``, or the file path
+    root: Path  # --data-root
+    download: bool
+    adapt: Adapt
+    corruption: str | None = None
+    severity: object = None
+
+
+# --data kind -> loader. Every kind parse_spec returns has one entry.
+SOURCES: dict[str, Callable[[SourceRequest], Source]] = {
+    "digits": lambda r: arrays_source("digits", resource_path("sample_models", "digits.npz"), r.adapt, kind="digits"),
+    "cifar10": lambda r: cifar_source(r.kind, r.root, r.download, r.adapt),
+    "cifar100": lambda r: cifar_source(r.kind, r.root, r.download, r.adapt),
+    "svhn": lambda r: svhn_source(r.root, r.download, r.adapt),
+    "mnist": lambda r: mnist_source(r.kind, r.root, r.download, r.adapt),
+    "fashion-mnist": lambda r: mnist_source(r.kind, r.root, r.download, r.adapt),
+    "tiny-imagenet": lambda r: tiny_imagenet_source(r.root, r.download, r.adapt),
+    **{k: (lambda r: corrupted_source(r.kind, r.root, r.download, r.adapt, r.corruption, r.severity))
+       for k in CORRUPTED},
+    "imagefolder": lambda r: imagefolder_source(r.arg, r.adapt),
+    "fake": lambda r: fake_source(r.arg, r.adapt),
+    "arrays": lambda r: arrays_source(r.spec, Path(r.arg).expanduser(), r.adapt),
+}
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -96,11 +113,20 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
         return "imagefolder", text
     if path.exists():
         return "arrays", text
-    raise DataError(f"unknown --data {spec!r}: use {', '.join(n for n in NAMES if n != 'fake')}, "
+    raise DataError(f"unknown --data {spec!r}{_did_you_mean(low)}: use {', '.join(n for n in NAMES if n != 'fake')}, "
                     "fake[:CxHxW[:CLASSES[:N]]], imagefolder:PATH, or a .npz/.h5 file")
 
 
-def _build(src: _Source, spec, split: str, seed: int, val_fraction: float, limit: int | None) -> Dataset:
+def _did_you_mean(low: str) -> str:
+    """`` (did you mean digits?)`` for a near miss of a dataset name or alias, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(low, [*NAMES, *ALIASES], n=2, cutoff=0.75)
+    names = list(dict.fromkeys(ALIASES.get(c, c) for c in close))  # an alias suggests its dataset, once
+    return f" (did you mean {' or '.join(names)}?)" if names else ""
+
+
+def _build(src: Source, spec, split: str, seed: int, val_fraction: float, limit: int | None) -> Dataset:
     test_fraction = None
     if src.test_only:
         if split in ("train", "val"):

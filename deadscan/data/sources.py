@@ -28,7 +28,7 @@ def default_root() -> Path:
 
 
 @dataclass(frozen=True)
-class _Adapt:
+class Adapt:
     """Load-time changes the user asked for."""
 
     resize: int | None = None
@@ -36,7 +36,7 @@ class _Adapt:
 
 
 @dataclass
-class _Pool:
+class Pool:
     """A set of samples: labels now, inputs on demand (``take(indices)``)."""
 
     y: np.ndarray
@@ -44,11 +44,14 @@ class _Pool:
 
 
 @dataclass
-class _Source:
+class Source:
+    """What every source's loader returns (``load.SOURCES`` maps a --data kind to its loader): the pools
+    are read only when called, so a split reads only the files it needs."""
+
     name: str
     kind: str  # key into NORMALISATION, AUGMENT_DEFAULTS, ...
-    train: Callable[[], _Pool]  # the training set (or the whole file)
-    test: Callable[[], _Pool] | None  # the official test set, if any
+    train: Callable[[], Pool]  # the training set (or the whole file)
+    test: Callable[[], Pool] | None  # the official test set, if any
     location: str
     num_classes: int | None = None
     info: dict = field(default_factory=dict)
@@ -90,15 +93,15 @@ def _resize(x: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
     return torch.cat(out) if out else x.new_zeros((0, x.shape[1], size, size))
 
 
-def _array_pool(x: np.ndarray, y: np.ndarray, adapt: _Adapt, where: str) -> _Pool:
+def _array_pool(x: np.ndarray, y: np.ndarray, adapt: Adapt, where: str) -> Pool:
     def take(idx: np.ndarray) -> torch.Tensor:
         return adapt_images(torch.from_numpy(np.ascontiguousarray(x[idx])), adapt.resize, adapt.channels, where)
-    return _Pool(np.asarray(y, dtype=np.int64), take)
+    return Pool(np.asarray(y, dtype=np.int64), take)
 
 
-def _arrays_source(name: str, path: Path, adapt: _Adapt, kind: str = "arrays") -> _Source:
+def arrays_source(name: str, path: Path, adapt: Adapt, kind: str = "arrays") -> Source:
     x, y = _read_arrays(path)
-    return _Source(name, kind, lambda: _array_pool(x, y, adapt, str(path)), None, str(path),
+    return Source(name, kind, lambda: _array_pool(x, y, adapt, str(path)), None, str(path),
                    NUM_CLASSES.get(kind))
 
 
@@ -175,15 +178,15 @@ CIFAR_FILES = {
 }
 
 
-def _cifar(name: str, root: Path, download: bool, adapt: _Adapt) -> _Source:
+def cifar_source(name: str, root: Path, download: bool, adapt: Adapt) -> Source:
     folder = CIFAR_FILES[name][0]
     if download and not all((root / folder / f).exists() for f in CIFAR_FILES[name][1] + CIFAR_FILES[name][2]):
         _download(name, root)
 
-    def pool(train: bool) -> _Pool:
+    def pool(train: bool) -> Pool:
         x, y = _read_cifar(name, root, train)
         return _array_pool(x, y, adapt, str(root / folder))
-    return _Source(name, name, lambda: pool(True), lambda: pool(False), str(root / folder), NUM_CLASSES[name])
+    return Source(name, name, lambda: pool(True), lambda: pool(False), str(root / folder), NUM_CLASSES[name])
 
 
 def _read_cifar(name: str, root: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -337,12 +340,12 @@ def read_cifar_batch(path: Path) -> dict:
     return out
 
 
-def _svhn(root: Path, download: bool, adapt: _Adapt) -> _Source:
+def svhn_source(root: Path, download: bool, adapt: Adapt) -> Source:
     files = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
     if download and not all((root / f).exists() for f in files.values()):
         _download("svhn", root)
 
-    def pool(split: str) -> _Pool:
+    def pool(split: str) -> Pool:
         path = root / files[split]
         if not path.exists():
             raise _missing("svhn", root, files[split])
@@ -367,7 +370,7 @@ def _svhn(root: Path, download: bool, adapt: _Adapt) -> _Source:
         if len(x) != len(y):
             raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
         return _array_pool(x, y, adapt, str(path))
-    return _Source("svhn", "svhn", lambda: pool("train"), lambda: pool("test"), str(root), 10)
+    return Source("svhn", "svhn", lambda: pool("train"), lambda: pool("test"), str(root), 10)
 
 
 _MAT_ITEMSIZE = {"uint8": 1, "int8": 1, "uint16": 2, "int16": 2, "uint32": 4, "int32": 4, "uint64": 8,
@@ -391,7 +394,7 @@ def _check_mat(path: Path, f, variables: list) -> None:
 MNIST_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 
 
-def _mnist(name: str, root: Path, download: bool, adapt: _Adapt) -> _Source:
+def mnist_source(name: str, root: Path, download: bool, adapt: Adapt) -> Source:
     raw = root / MNIST_FOLDERS[name] / "raw"
     files = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -401,7 +404,7 @@ def _mnist(name: str, root: Path, download: bool, adapt: _Adapt) -> _Source:
     if download and not all(present(f) for pair in files.values() for f in pair):
         _download(name, root)
 
-    def pool(split: str) -> _Pool:
+    def pool(split: str) -> Pool:
         for f in files[split]:
             if not present(f):
                 raise _missing(name, root, f"{MNIST_FOLDERS[name]}/raw/{f}")
@@ -410,7 +413,7 @@ def _mnist(name: str, root: Path, download: bool, adapt: _Adapt) -> _Source:
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise DataError(f"{raw}: idx files hold images {x.shape} and labels {y.shape}; expected (N, H, W), (N,)")
         return _array_pool(x[:, None], y, adapt, str(raw))
-    return _Source(name, name, lambda: pool("train"), lambda: pool("test"), str(raw), 10)
+    return Source(name, name, lambda: pool("train"), lambda: pool("test"), str(raw), 10)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -441,7 +444,7 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
-def _corrupted(kind: str, root: Path, download: bool, adapt: _Adapt, corruption, severity) -> _Source:
+def corrupted_source(kind: str, root: Path, download: bool, adapt: Adapt, corruption, severity) -> Source:
     folder, url = CORRUPTED[kind]
     base = root / folder
     if not (base / "labels.npy").exists() and (root / "labels.npy").exists():
@@ -485,7 +488,7 @@ def _corrupted(kind: str, root: Path, download: bool, adapt: _Adapt, corruption,
             out[where] = rows
         return adapt_images(torch.from_numpy(out), adapt.resize, adapt.channels, str(base))
     info = {"corruption": names, "severity": severities}
-    return _Source(kind, kind, lambda: _Pool(y, take), None, str(base), NUM_CLASSES[kind], info, test_only=True)
+    return Source(kind, kind, lambda: Pool(y, take), None, str(base), NUM_CLASSES[kind], info, test_only=True)
 
 
 def load_npy(path: Path, mmap: bool = False) -> np.ndarray:
@@ -519,7 +522,7 @@ def _severities(severity) -> list[int]:
     return out
 
 
-def _fake(arg: str | None, adapt: _Adapt) -> _Source:
+def fake_source(arg: str | None, adapt: Adapt) -> Source:
     shape, classes, n = (3, 32, 32), 10, 1000
     parts = [p for p in (arg or "").split(":")]
     usage = f"bad --data fake:{arg}: use fake:CxHxW:CLASSES:N (C is 1 or 3), e.g. fake:3x32x32:10:1000"
@@ -547,4 +550,4 @@ def _fake(arg: str | None, adapt: _Adapt) -> _Source:
         x[i] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
         y[i] = int(label)
     name = f"fake:{'x'.join(map(str, shape))}:{classes}:{n}"
-    return _Source(name, "fake", lambda: _array_pool(x, y, adapt, name), None, "torchvision FakeData", classes)
+    return Source(name, "fake", lambda: _array_pool(x, y, adapt, name), None, "torchvision FakeData", classes)
