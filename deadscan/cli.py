@@ -115,6 +115,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except DeadscanError as e:
+            if not _main_process():  # under torchrun process 0 prints the error (another's as "process N: ...")
+                raise click.exceptions.Exit(1) from None
             raise _Error(_error_message(ctx, e)) from None
         except KeyboardInterrupt:
             out = ctx.meta.get(_STRIP_OUT)
@@ -126,6 +128,13 @@ class _Group(click.Group):
             # what stdout still buffers goes to /dev/null, so the final flush prints no traceback either
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
+
+
+def _main_process() -> bool:
+    """False in a torchrun process other than 0: it keeps stdout and stderr quiet."""
+    from .distributed import launched
+
+    return launched().is_main
 
 
 def _error_message(ctx: click.Context, e: DeadscanError) -> str:
@@ -152,7 +161,8 @@ def _warnings_as_lines(ctx: click.Context) -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, DeadscanWarning):
-            _echo(f"Warning: {message}", err=True)
+            if _main_process():
+                _echo(f"Warning: {message}", err=True)
         else:
             shown(message, category, filename, lineno, file, line)
     warnings.showwarning = show
@@ -330,7 +340,8 @@ def inspect(checkpoint, data, arch, split, limit, batch_size, device, tau, data_
                               download=download, seed=seed, command=_command_line(), progress=not as_json,
                               plotlyjs=plotlyjs, overwrite=overwrite, allow_globals=allow_global, csv=csv,
                               **data_options)
-    _print_inspection(result, as_json)
+    if result.main:
+        _print_inspection(result, as_json)
 
 
 @main.command()
@@ -353,23 +364,25 @@ def demo(out, lm, device, overwrite):
     from . import pipeline
     from .resources import resource_path
 
+    say = _echo if _main_process() else (lambda *_: None)
     if lm:
         model = resource_path("sample_models", SAMPLE_LM)
         text = resource_path("sample_models", SAMPLE_LM_TEXT)
-        _echo(f"deadscan demo --lm: a small ReLU OPT trained on Python's pydoc topics ({model.name}), "
-              f"on held-out topics ({text.name})\n")
+        say(f"deadscan demo --lm: a small ReLU OPT trained on Python's pydoc topics ({model.name}), "
+            f"on held-out topics ({text.name})\n")
         data, options = str(text), {"split": "all", "seq_len": SAMPLE_LM_SEQ_LEN}
     else:
         model = resource_path("sample_models", SAMPLE_MODEL)
-        _echo(f"deadscan demo: the paper's MLP trained on sklearn's digits ({model.name})\n")
+        say(f"deadscan demo: the paper's MLP trained on sklearn's digits ({model.name})\n")
         data, options = "digits", {}
     previous = pipeline.summary_in(Path(out))  # a demo may redo its own folder (the same model and data)
     own = ((previous.get("checkpoint") or {}).get("path") == str(model)
            and (previous.get("data") or {}).get("name") == data)
     result = pipeline.inspect(model, data, out=out, device=device, command=_command_line(), progress=True,
                               overwrite=overwrite or own, **options)
-    _print_inspection(result, as_json=False)
-    _echo(f"outputs in {result.summary_path.parent}/")
+    if result.main:
+        _print_inspection(result, as_json=False)
+        _echo(f"outputs in {result.summary_path.parent}/")
 
 
 _STRIP_SECTIONS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import asdict, dataclass, replace
@@ -11,7 +12,8 @@ from .capacity import Capacity, capacity
 from .checkpoint import Checkpoint, load_checkpoint, save_masks, save_safetensors
 from .data import Dataset, check_fits, load_data
 from .defaults import DEFAULTS
-from .errors import DataError, OutputError, TraceError
+from . import distributed
+from .errors import DataError, DeadscanError, OutputError, TraceError
 from .finetune import STATE_FILE, TrainConfig, evaluate, finetune
 from .outputs import claim_out_dir
 from .report import build_summary, write_outputs, write_summary
@@ -31,6 +33,7 @@ class Inspection:
     summary: dict
     summary_path: Path
     files: dict[str, Path] | None = None  # stats.h5 and report.html
+    main: bool = True  # False: another torchrun process writes and prints (nothing was written here)
 
 
 def inspect(checkpoint: str | Path, data: str, *, out: str | Path = DEFAULTS.out_dir, arch: str | None = None,
@@ -43,24 +46,34 @@ def inspect(checkpoint: str | Path, data: str, *, out: str | Path = DEFAULTS.out
             allow_globals: tuple[str, ...] = (), seq_len: int | None = None, tokenizer: str | None = None,
             text_field: str | None = None, csv: bool = False) -> Inspection:
     start = time.perf_counter()
-    with claim_out_dir(out, INSPECT_OUTPUTS, overwrite=overwrite, inputs=(checkpoint, data)):  # before any work
-        dev = resolve_device(device)
-        ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, allow_globals=allow_globals)
-        ds = load_data(data, split, root=data_root, download=download, limit=limit, seed=seed,
-                       val_fraction=val_fraction, mean=mean, std=std, resize=resize, channels=channels,
-                       corruption=corruption, severity=severity, seq_len=seq_len, tokenizer=tokenizer,
-                       text_field=text_field, model_folder=_hf_folder(checkpoint))
-        model = ckpt.model.to(dev)
-        check_fits(model, ds, dev)
-        sitemap = find_sites(model)
-        result = scan(model, ds, sitemap=sitemap, batch_size=batch_size, device=dev, tau=tau, progress=progress,
-                      input_means=True)
+    group = distributed.setup(resolve_device(device))
+    with contextlib.ExitStack() as stack:
+        try:  # only process 0 claims --out and writes; every process loads, then all agree before scanning
+            if group.is_main:
+                stack.enter_context(claim_out_dir(out, INSPECT_OUTPUTS, overwrite=overwrite,
+                                                  inputs=(checkpoint, data)))  # before any work
+            dev = distributed.scan_device(resolve_device(device))
+            ckpt = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, allow_globals=allow_globals)
+            ds = load_data(data, split, root=data_root, download=download, limit=limit, seed=seed,
+                           val_fraction=val_fraction, mean=mean, std=std, resize=resize, channels=channels,
+                           corruption=corruption, severity=severity, seq_len=seq_len, tokenizer=tokenizer,
+                           text_field=text_field, model_folder=_hf_folder(checkpoint))
+            model = ckpt.model.to(dev)
+            check_fits(model, ds, dev)
+            sitemap = find_sites(model)
+        except DeadscanError as e:
+            group.check(e)
+        group.check()
+        result = scan(model, ds, sitemap=sitemap, batch_size=batch_size, device=dev, tau=tau,
+                      progress=progress and group.is_main, input_means=True)
         cap = capacity(model, result)
         data_info = {**ds.describe(), "root": data_root}
         if result.tokens is not None:
             data_info["tokens"] = result.tokens  # real tokens scanned: padded positions never count
         summary = build_summary(result, cap, command=command, checkpoint=ckpt.info, data=data_info,
                                 elapsed=time.perf_counter() - start)
+        if not group.is_main:
+            return Inspection(ckpt, ds, result, cap, summary, Path(out) / "summary.json", main=False)
         path = write_summary(summary, out)
         report_data = collect(summary, result, model)
         files = write_outputs(report_data, out, plotlyjs=plotlyjs)  # stats.h5, report.html
@@ -101,6 +114,9 @@ def strip_checkpoint(checkpoint: str | Path | None, data: str | None, *, cfg: Tr
                      allow_globals: tuple[str, ...] = (), csv: bool = False) -> StripRun:
     """Fine-tune with stripping and write the outputs. ``data_options``: load_data keywords (val_fraction,
     mean, std, resize, channels); ``corrupted``: a test set (e.g. cifar10-c) also evaluated at the end."""
+    if distributed.launched().world > 1:
+        raise TraceError("strip under torchrun is not supported yet (fine-tuning runs in one process): run "
+                         "deadscan strip without torchrun; deadscan inspect runs data-parallel under torchrun")
     start = time.perf_counter()
     data_options = {"seed": data_seed, **(data_options or {})}
     reusing = checkpoint is None  # the documented flow: strip into the folder of the inspect it reuses

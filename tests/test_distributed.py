@@ -1,0 +1,239 @@
+"""``torchrun ... -m deadscan inspect`` (issue 14): N processes on CPU (gloo) give the one-process result.
+
+Each test launches torchrun as a subprocess, one thread per process. Summaries must match exactly (dead and
+dormant sets, counts); per-neuron float sums and maxima within float tolerance (each process adds its own
+batches in float32, and a forward's rounding depends on its batch size)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from deadscan.cli import main
+from deadscan.resources import resource_path
+
+MLP = resource_path("sample_models", "mlp_digits.safetensors")
+VIT = resource_path("sample_models", "vit_digits.safetensors")
+LM, LM_TEXT = resource_path("sample_models", "opt_pydoc"), resource_path("sample_models", "pydoc_val.txt")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+# 101 samples: 50/51 in two processes, 33/34/34 in three (uneven shards)
+DIGITS = ["--data", "digits", "--limit", "101", "--batch-size", "16"]
+LM_ARGS = ["--data", str(LM_TEXT), "--split", "all", "--seq-len", "64", "--batch-size", "32"]
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # a test run under torchrun must not hand its own group to the children
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_process(model, out: Path, *args) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "deadscan", "inspect", str(model), *args, "--out", str(out)],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def _torchrun(nproc: int, target: list[str], logs: Path, *, nnodes: int = 1, node_rank: int = 0, port: int,
+              env: dict | None = None, wait: bool = True):
+    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "--log-dir", str(logs), "--redirects", "3",
+           "--tee", "3", *target]
+    proc = subprocess.Popen(cmd, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _rank_logs(logs: Path, rank: int, stream: str) -> str:
+    files = list(logs.glob(f"*/attempt_0/{rank}/{stream}.log"))
+    assert len(files) == 1, list(logs.rglob("*"))
+    return files[0].read_text()
+
+
+def _assert_same_scan(one: Path, many: Path, processes: int) -> None:
+    a, b = (json.loads((p / "summary.json").read_text()) for p in (one, many))
+    assert (a["processes"], b["processes"]) == (1, processes)
+    assert b["totals"] == a["totals"]
+    assert b["sites"] == a["sites"]  # dead_indices, dormant, provably dead, capacity: exactly equal
+    assert b["data"] == a["data"]  # samples (and real tokens) of the whole split
+    with h5py.File(one / "stats.h5") as fa, h5py.File(many / "stats.h5") as fb:
+        assert list(fa["sites"]) == list(fb["sites"])
+        for name in fa["sites"]:
+            sa, sb = fa["sites"][name], fb["sites"][name]
+            for exact in ("active", "dead", "dormant", "provably_dead"):
+                np.testing.assert_array_equal(sb[exact][()], sa[exact][()], err_msg=f"{name}/{exact}")
+            # pre_max too: a forward's float rounding depends on its batch's size (BLAS blocking)
+            for close in ("sum", "score", "mean_input", "pre_max"):
+                np.testing.assert_allclose(sb[close][()], sa[close][()], rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{name}/{close}")
+
+
+@pytest.fixture(scope="module")
+def digits_reference(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("one")
+    return {m.name: _one_process(m, folder / m.stem, *DIGITS) for m in (MLP, VIT)}, folder
+
+
+@pytest.mark.parametrize("model, nproc", [(MLP, 2), (VIT, 3)], ids=["mlp-2", "vit-3"])
+def test_inspect_in_n_processes_equals_one_process(digits_reference, tmp_path, model, nproc):
+    reference, folder = digits_reference
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    res = _torchrun(nproc, ["-m", "deadscan", "inspect", str(model), *DIGITS, "--out", str(out)], logs,
+                    port=_free_port())
+    assert res.returncode == 0, res.stderr
+    _assert_same_scan(folder / model.stem, out, nproc)
+    # process 0 prints the one-process table (only the out folder differs); the others say nothing
+    assert _rank_logs(logs, 0, "stdout") == reference[model.name].stdout.replace(str(folder / model.stem), str(out))
+    for rank in range(1, nproc):
+        assert _rank_logs(logs, rank, "stdout") == ""
+        assert "Error" not in _rank_logs(logs, rank, "stderr")
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "stats.h5", "summary.json"]
+
+
+def test_two_machines_equal_one_process(digits_reference, tmp_path):
+    """Two torchrun launches ("machines") on 127.0.0.1 joined through the same master address and port."""
+    _, folder = digits_reference
+    out, port = tmp_path / "out", _free_port()
+    target = ["-m", "deadscan", "inspect", str(MLP), *DIGITS, "--out", str(out)]
+    second = _torchrun(1, target, tmp_path / "logs1", nnodes=2, node_rank=1, port=port, wait=False)
+    first = _torchrun(1, target, tmp_path / "logs0", nnodes=2, node_rank=0, port=port)
+    out1, err1 = second.communicate(timeout=300)
+    assert (first.returncode, second.returncode) == (0, 0), first.stderr + err1
+    _assert_same_scan(folder / MLP.stem, out, 2)
+    assert _rank_logs(tmp_path / "logs0", 0, "stdout").startswith(f"checkpoint {MLP} ")
+    assert _rank_logs(tmp_path / "logs1", 0, "stdout") == ""  # global rank 1
+
+
+def test_language_model_in_two_processes_equals_one_process(tmp_path):
+    """Token data: padded positions (attention_mask 0) never count, in any process's shard."""
+    pytest.importorskip("transformers")
+    one, out = tmp_path / "one", tmp_path / "out"
+    _one_process(LM, one, *LM_ARGS)
+    res = _torchrun(2, ["-m", "deadscan", "inspect", str(LM), *LM_ARGS, "--out", str(out)], tmp_path / "logs",
+                    port=_free_port())
+    assert res.returncode == 0, res.stderr
+    _assert_same_scan(one, out, 2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["tokens"] < summary["data"]["samples"] * 64  # the last block is padded
+
+
+FAULTY = """
+import importlib, os, signal
+scan = importlib.import_module("deadscan.scan")  # the module: deadscan.scan is also the function
+from deadscan.errors import DataError
+
+run = scan._scan_pass
+def faulty(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        if os.environ["FAULT"] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ["FAULT"] == "hang":
+            signal.pause()
+        raise DataError("shard 1 is unreadable")
+    return run(*args, **kwargs)
+scan._scan_pass = faulty
+
+from deadscan.cli import main
+main(prog_name="deadscan")
+"""
+
+
+def _errors(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("Error:")]
+
+
+def test_an_error_in_another_process_is_process_0s_one_error_line(tmp_path):
+    script = tmp_path / "faulty.py"
+    script.write_text(FAULTY)
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    res = _torchrun(2, [str(script), "inspect", str(MLP), *DIGITS, "--out", str(out)], logs, port=_free_port(),
+                    env=_env(FAULT="error"))
+    assert res.returncode != 0
+    assert _errors(_rank_logs(logs, 0, "stderr")) == ["Error: process 1 of 2: shard 1 is unreadable"]
+    assert _rank_logs(logs, 1, "stderr") == _rank_logs(logs, 1, "stdout") == ""  # quiet, exit 1
+    assert "exitcode  : 1" in res.stderr  # torchrun's summary: rank 1 exited 1
+    assert not out.exists() or list(out.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_a_dead_or_hung_process_makes_the_others_exit_within_the_timeout(tmp_path, fault):
+    """Process 1 (the second "machine") is killed, or hangs, mid-scan; process 0 must not wait forever."""
+    script = tmp_path / "faulty.py"
+    script.write_text(FAULTY)
+    out, port = tmp_path / "out", _free_port()
+    env = _env(FAULT=fault, DEADSCAN_DIST_TIMEOUT="8")
+    target = [str(script), "inspect", str(MLP), *DIGITS, "--out", str(out)]
+    second = _torchrun(1, target, tmp_path / "logs1", nnodes=2, node_rank=1, port=port, env=env, wait=False)
+    try:
+        start = time.monotonic()
+        first = _torchrun(1, target, tmp_path / "logs0", nnodes=2, node_rank=0, port=port, env=env)
+        elapsed = time.monotonic() - start
+    finally:
+        if fault == "hang":
+            second.terminate()  # torchrun stops its hung worker
+        second.communicate(timeout=120)
+    assert first.returncode != 0 and second.returncode != 0
+    assert elapsed < 8 + 40, elapsed  # the timeout, plus startup on a busy machine
+    if fault == "hang":
+        assert elapsed > 8, elapsed  # the timeout ended the wait (a killed peer's closed socket ends it sooner)
+    errors = _errors(_rank_logs(tmp_path / "logs0", 0, "stderr"))
+    assert len(errors) == 1 and errors[0].startswith(
+        "Error: another process of the torchrun group failed or stopped answering within 8 s"), errors
+    assert not (out / "summary.json").exists()
+
+
+def test_strip_under_torchrun_refuses(monkeypatch, tmp_path):
+    """What torchrun's environment looks like to each process; strip must refuse before any work."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    args = ["strip", str(MLP), "--data", "digits", "--finetune", "1", "--out", str(tmp_path / "out")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1
+    assert res.stdout == ""
+    assert res.stderr == ("Error: strip under torchrun is not supported yet (fine-tuning runs in one process): run "
+                          "deadscan strip without torchrun; deadscan inspect runs data-parallel under torchrun\n")
+    monkeypatch.setenv("RANK", "1")  # the others: the same exit, quietly
+    res = CliRunner().invoke(main, args)
+    assert (res.exit_code, res.stdout, res.stderr) == (1, "", "")
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_process_group_is_a_no_op():
+    from deadscan.distributed import Group, launched
+
+    g = Group()
+    assert (g.rank, g.world, g.is_main, g.active, g.span(7), g.check(), g.check(oom=8)) == (0, 1, True, False,
+                                                                                          (0, 7), None, 8)
+    assert launched() == g  # this test process is not under torchrun (or its world is 1)
+
+
+def test_shards_are_disjoint_contiguous_and_cover_everything():
+    from deadscan.distributed import Group
+
+    for n in (0, 1, 2, 7, 101):
+        for world in (1, 2, 3, 8):
+            spans = [Group(r, world).span(n) for r in range(world)]
+            assert spans[0][0] == 0 and spans[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            sizes = [b - a for a, b in spans]
+            assert max(sizes) - min(sizes) <= 1
+    assert [Group(r, 3).span(101) for r in range(3)] == [(0, 33), (33, 67), (67, 101)]
