@@ -32,7 +32,8 @@ LM_ARGS = ["--data", str(LM_TEXT), "--split", "all", "--seq-len", "64", "--batch
 
 
 def _env(**extra) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    # a short timeout: a regression that hangs a collective fails in seconds, not in torch's 30 minutes
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEADSCAN_DIST_TIMEOUT": "120", **extra}
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # a test run under torchrun must not hand its own group to the children
     return env
@@ -199,6 +200,93 @@ def test_a_dead_or_hung_process_makes_the_others_exit_within_the_timeout(tmp_pat
     assert len(errors) == 1 and errors[0].startswith(
         "Error: another process of the torchrun group failed or stopped answering within 8 s"), errors
     assert not (out / "summary.json").exists()
+
+
+SCAN_SCRIPT = """
+import os, sys, warnings
+import numpy as np
+from deadscan import distributed
+from deadscan.scan import scan
+from branchy import Branchy, branch_data  # beside this script
+
+group = distributed.setup("cpu")
+model = Branchy(oom_rank=os.environ.get("OOM_RANK"))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    r = scan(model, branch_data(), batch_size=4, input_means=True)
+np.savez(os.path.join(sys.argv[1], f"rank{group.rank}.npz"), samples=r.samples, batch_size=r.batch_size,
+         processes=r.processes, warnings=len(caught),
+         **{f"{s.site.name}/{k}": getattr(s, k) for s in r.sites
+            for k in ("out_sum", "active", "elements", "pre_max", "mean_input")})
+"""
+
+BRANCHY = """
+import os
+import torch
+from torch import nn
+
+
+class Branchy(nn.Module):
+    \"\"\"Each batch takes one of two branches (a data-dependent `if`: fx traces a and b apart).\"\"\"
+
+    def __init__(self, oom_rank=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+        self.b = nn.Sequential(nn.Linear(4, 5), nn.ReLU())
+        self.oom_rank = oom_rank
+
+    def forward(self, x):
+        if self.oom_rank is not None and os.environ.get("RANK") == self.oom_rank and len(x) > 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        if bool(x[0, 0] > 0):
+            return self.a(x).sum(1)
+        return self.b(x).sum(1)
+
+
+def branch_data():
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(1))
+    x[:20, 0] = x[:20, 0].abs() + 0.1  # the first half (process 0's shard) takes branch a only
+    x[20:, 0] = -x[20:, 0].abs() - 0.1  # the second half (process 1's) branch b only
+    return x
+"""
+
+
+def _scan_in_processes(tmp_path, **env) -> list[dict]:
+    (tmp_path / "branchy.py").write_text(BRANCHY)
+    (tmp_path / "scan2.py").write_text(SCAN_SCRIPT)
+    res = _torchrun(2, [str(tmp_path / "scan2.py"), str(tmp_path)], tmp_path / "logs", port=_free_port(),
+                    env=_env(**env))
+    assert res.returncode == 0, res.stderr
+    return [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(2)]
+
+
+@pytest.mark.parametrize("oom_rank", [None, "1"], ids=["branches", "oom-on-rank-1"])
+def test_a_branch_one_process_never_reaches_and_out_of_memory_on_one(tmp_path, monkeypatch, oom_rank):
+    """Process 0's shard reaches only site a.1, process 1's only b.1: both still join every collective
+    and hold the one-process statistics. With an out-of-memory error on process 1 only, both start over
+    with half batches (they agree) and the result is unchanged."""
+    env = {} if oom_rank is None else {"OOM_RANK": oom_rank}
+    ranks = _scan_in_processes(tmp_path, **env)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from branchy import Branchy, branch_data
+
+    from deadscan.scan import scan
+
+    one = scan(Branchy(), branch_data(), batch_size=4, input_means=True)
+    assert [r.site.name for r in one.sites] == ["a.1", "b.1"]
+    assert [r.elements for r in one.sites] == [20, 20]
+    for got in ranks:
+        assert (int(got["samples"]), int(got["processes"])) == (40, 2)
+        assert int(got["batch_size"]) == (4 if oom_rank is None else 2)
+        assert int(got["warnings"]) == (0 if oom_rank is None else 1)  # "out of memory ...; scanning again"
+        for r in one.sites:
+            name = r.site.name
+            assert int(got[f"{name}/elements"]) == r.elements
+            np.testing.assert_array_equal(got[f"{name}/active"], r.active)
+            np.testing.assert_allclose(got[f"{name}/out_sum"], r.out_sum, rtol=1e-6)
+            np.testing.assert_allclose(got[f"{name}/pre_max"], r.pre_max, rtol=1e-6)
+            np.testing.assert_allclose(got[f"{name}/mean_input"], r.mean_input, rtol=1e-6)
 
 
 def test_strip_under_torchrun_refuses(monkeypatch, tmp_path):
