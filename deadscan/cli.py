@@ -188,11 +188,12 @@ def _print_inspection(result, as_json: bool) -> None:
     ck = s["checkpoint"]
     _echo(f"checkpoint {ck['path']} ({ck['format']}, arch {ck['arch'] or 'pickled module'})")
     d = s["data"]
+    where = f" in {s['processes']} processes (torchrun)" if s.get("processes", 1) > 1 else ""
     if d.get("kind") == "tokens":  # padded positions are not part of the scanned data
         _echo(f"data {d['name']} split {d['split']}: {d['samples']} sequences of {d.get('seq_len')}, "
-              f"{d.get('tokens')} tokens (padding excluded) on {s['device']}")
+              f"{d.get('tokens')} tokens (padding excluded) on {s['device']}{where}")
     else:
-        _echo(f"data {d['name']} split {d['split']}: {d['samples']} samples on {s['device']}")
+        _echo(f"data {d['name']} split {d['split']}: {d['samples']} samples on {s['device']}{where}")
     _echo("")
     _echo(format_table(s))
     _echo("")

@@ -8,6 +8,7 @@ so the single-process path is unchanged. Importing this module does not import t
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -148,7 +149,17 @@ def setup(device=None) -> Group:
         except (RuntimeError, ValueError) as e:
             raise TraceError(f"cannot join the torchrun process group ({backend}): {one_line(e, 200)}") from None
     _current = Group(env.rank, env.world, env.local_rank, backend)
+    atexit.register(_teardown)
     return _current
+
+
+def _teardown() -> None:
+    # A group left to the interpreter's exit can abort the process ("terminate called without an active
+    # exception") while its communication threads still run.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def current() -> Group:

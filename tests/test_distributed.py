@@ -103,7 +103,9 @@ def test_inspect_in_n_processes_equals_one_process(digits_reference, tmp_path, m
     assert res.returncode == 0, res.stderr
     _assert_same_scan(folder / model.stem, out, nproc)
     # process 0 prints the one-process table (only the out folder differs); the others say nothing
-    assert _rank_logs(logs, 0, "stdout") == reference[model.name].stdout.replace(str(folder / model.stem), str(out))
+    expected = reference[model.name].stdout.replace(str(folder / model.stem), str(out)).replace(
+        "101 samples on cpu\n", f"101 samples on cpu in {nproc} processes (torchrun)\n")
+    assert _rank_logs(logs, 0, "stdout") == expected
     for rank in range(1, nproc):
         assert _rank_logs(logs, rank, "stdout") == ""
         assert "Error" not in _rank_logs(logs, rank, "stderr")
