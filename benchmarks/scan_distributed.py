@@ -11,8 +11,8 @@ between two barriers: its shard's forwards plus the all-reduce of the statistics
 model building and the warm-up are not timed. Throughput = samples / the slowest process's time.
 Reported: the median throughput of each, and the speed-up (2-process / 1-process, ratio of medians;
 target >= 1.7). Printed beside it: the same ratio from the slowest process's CPU time (time spent
-descheduled does not count), an estimate of what an idle machine would give. With two processes on a two-core machine every core is busy: anything else running
-there shows up in the 2-process figure first.
+descheduled does not count), an estimate of what an idle machine would give. With two processes on a
+two-core machine every core is busy: anything else running there shows up in the 2-process figure first.
 """
 
 from __future__ import annotations

@@ -141,6 +141,10 @@ def setup(device=None) -> Group:
     cuda = device is not None and torch.device(device).type == "cuda"
     backend = "nccl" if cuda else "gloo"
     if cuda:
+        if env.local_rank >= torch.cuda.device_count():
+            raise TraceError(f"torchrun process {env.rank} has LOCAL_RANK {env.local_rank} but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s): use --nproc-per-node "
+                             f"{torch.cuda.device_count()} or fewer, or --device cpu")
         torch.cuda.set_device(env.local_rank)
     timeout = timedelta(seconds=timeout_seconds())
     if not dist.is_initialized():

@@ -177,6 +177,19 @@ def test_an_error_in_another_process_is_process_0s_one_error_line(tmp_path):
     assert not out.exists() or list(out.iterdir()) == []  # nothing written
 
 
+def test_an_existing_out_folder_is_refused_once_and_left_alone(tmp_path):
+    """Only process 0 claims --out; the others learn that it refused and stop before scanning."""
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    res = _torchrun(2, ["-m", "deadscan", "inspect", str(MLP), *DIGITS, "--out", str(out)], logs, port=_free_port())
+    assert res.returncode != 0
+    errors = _errors(_rank_logs(logs, 0, "stderr"))
+    assert len(errors) == 1 and errors[0].startswith(f"Error: --out {out}"), errors
+    assert _rank_logs(logs, 1, "stderr") == _rank_logs(logs, 1, "stdout") == ""
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"] and (out / "summary.json").read_text() == "{}"
+
+
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_a_dead_or_hung_process_makes_the_others_exit_within_the_timeout(tmp_path, fault):
     """Process 1 (the second "machine") is killed, or hangs, mid-scan; process 0 must not wait forever."""
