@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from deadscan.cli import main
+from deadscan.defaults import DEFAULTS
 from deadscan.resources import resource_path
 
 MLP = resource_path("sample_models", "mlp_digits.safetensors")
@@ -229,10 +230,12 @@ model = Branchy(oom_rank=os.environ.get("OOM_RANK"))
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     r = scan(model, branch_data(), batch_size=4, input_means=True)
-np.savez(os.path.join(sys.argv[1], f"rank{group.rank}.npz"), samples=r.samples, batch_size=r.batch_size,
-         processes=r.processes, warnings=len(caught),
-         **{f"{s.site.name}/{k}": getattr(s, k) for s in r.sites
-            for k in ("out_sum", "active", "elements", "pre_max", "mean_input")})
+    batches = scan(model, list(branch_data().split(4)), input_means=True)  # an iterable: every world-th batch
+for what, res in (("tensor", r), ("batches", batches)):
+    np.savez(os.path.join(sys.argv[1], f"{what}{group.rank}.npz"), samples=res.samples, batch_size=res.batch_size,
+             processes=res.processes, warnings=len(caught),
+             **{f"{s.site.name}/{k}": getattr(s, k) for s in res.sites
+                for k in ("out_sum", "active", "elements", "pre_max", "mean_input")})
 """
 
 BRANCHY = """
@@ -273,14 +276,15 @@ def _scan_in_processes(tmp_path, **env) -> list[dict]:
     res = _torchrun(2, [str(tmp_path / "scan2.py"), str(tmp_path)], tmp_path / "logs", port=_free_port(),
                     env=_env(**env))
     assert res.returncode == 0, res.stderr
-    return [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(2)]
+    return [dict(np.load(tmp_path / f"{what}{r}.npz")) for what in ("tensor", "batches") for r in range(2)]
 
 
 @pytest.mark.parametrize("oom_rank", [None, "1"], ids=["branches", "oom-on-rank-1"])
 def test_a_branch_one_process_never_reaches_and_out_of_memory_on_one(tmp_path, monkeypatch, oom_rank):
     """Process 0's shard reaches only site a.1, process 1's only b.1: both still join every collective
-    and hold the one-process statistics. With an out-of-memory error on process 1 only, both start over
-    with half batches (they agree) and the result is unchanged."""
+    and hold the one-process statistics, from a tensor (contiguous shards) or a list of batches (every
+    other batch). With an out-of-memory error on process 1 only, both start over with half batches (they
+    agree) and the result is unchanged."""
     env = {} if oom_rank is None else {"OOM_RANK": oom_rank}
     ranks = _scan_in_processes(tmp_path, **env)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -291,10 +295,10 @@ def test_a_branch_one_process_never_reaches_and_out_of_memory_on_one(tmp_path, m
     one = scan(Branchy(), branch_data(), batch_size=4, input_means=True)
     assert [r.site.name for r in one.sites] == ["a.1", "b.1"]
     assert [r.elements for r in one.sites] == [20, 20]
-    for got in ranks:
+    for i, got in enumerate(ranks):  # tensor in process 0, 1; batches in process 0, 1
         assert (int(got["samples"]), int(got["processes"])) == (40, 2)
-        assert int(got["batch_size"]) == (4 if oom_rank is None else 2)
-        assert int(got["warnings"]) == (0 if oom_rank is None else 1)  # "out of memory ...; scanning again"
+        assert int(got["batch_size"]) == (2 if oom_rank else 4 if i < 2 else DEFAULTS.batch_size)
+        assert int(got["warnings"]) == (0 if oom_rank is None else 2)  # "out of memory ...; scanning again", each scan
         for r in one.sites:
             name = r.site.name
             assert int(got[f"{name}/elements"]) == r.elements
