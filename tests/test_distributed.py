@@ -95,6 +95,7 @@ def digits_reference(tmp_path_factory):
     return {m.name: _one_process(m, folder / m.stem, *DIGITS) for m in (MLP, VIT)}, folder
 
 
+@pytest.mark.slow  # torchrun subprocesses
 @pytest.mark.parametrize("model, nproc", [(MLP, 2), (VIT, 3)], ids=["mlp-2", "vit-3"])
 def test_inspect_in_n_processes_equals_one_process(digits_reference, tmp_path, model, nproc):
     reference, folder = digits_reference
@@ -113,6 +114,7 @@ def test_inspect_in_n_processes_equals_one_process(digits_reference, tmp_path, m
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "stats.h5", "summary.json"]
 
 
+@pytest.mark.slow  # torchrun subprocesses
 def test_two_machines_equal_one_process(digits_reference, tmp_path):
     """Two torchrun launches ("machines") on 127.0.0.1 joined through the same master address and port."""
     _, folder = digits_reference
@@ -127,6 +129,7 @@ def test_two_machines_equal_one_process(digits_reference, tmp_path):
     assert _rank_logs(tmp_path / "logs1", 0, "stdout") == ""  # global rank 1
 
 
+@pytest.mark.slow  # torchrun subprocesses
 def test_language_model_in_two_processes_equals_one_process(tmp_path):
     """Token data: padded positions (attention_mask 0) never count, in any process's shard."""
     pytest.importorskip("transformers")
@@ -165,6 +168,7 @@ def _errors(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("Error:")]
 
 
+@pytest.mark.slow  # torchrun subprocesses
 def test_an_error_in_another_process_is_process_0s_one_error_line(tmp_path):
     script = tmp_path / "faulty.py"
     script.write_text(FAULTY)
@@ -178,6 +182,7 @@ def test_an_error_in_another_process_is_process_0s_one_error_line(tmp_path):
     assert not out.exists() or list(out.iterdir()) == []  # nothing written
 
 
+@pytest.mark.slow  # torchrun subprocesses
 def test_an_existing_out_folder_is_refused_once_and_left_alone(tmp_path):
     """Only process 0 claims --out; the others learn that it refused and stop before scanning."""
     out, logs = tmp_path / "out", tmp_path / "logs"
@@ -191,6 +196,7 @@ def test_an_existing_out_folder_is_refused_once_and_left_alone(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["summary.json"] and (out / "summary.json").read_text() == "{}"
 
 
+@pytest.mark.slow  # torchrun subprocesses
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_a_dead_or_hung_process_makes_the_others_exit_within_the_timeout(tmp_path, fault):
     """Process 1 (the second "machine") is killed, or hangs, mid-scan; process 0 must not wait forever."""
@@ -279,6 +285,7 @@ def _scan_in_processes(tmp_path, **env) -> list[dict]:
     return [dict(np.load(tmp_path / f"{what}{r}.npz")) for what in ("tensor", "batches") for r in range(2)]
 
 
+@pytest.mark.slow  # torchrun subprocesses
 @pytest.mark.parametrize("oom_rank", [None, "1"], ids=["branches", "oom-on-rank-1"])
 def test_a_branch_one_process_never_reaches_and_out_of_memory_on_one(tmp_path, monkeypatch, oom_rank):
     """Process 0's shard reaches only site a.1, process 1's only b.1: both still join every collective
