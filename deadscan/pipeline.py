@@ -48,6 +48,10 @@ def inspect(checkpoint: str | Path, data: str, *, out: str | Path = DEFAULTS.out
     start = time.perf_counter()
     group = distributed.setup(resolve_device(device))
     with contextlib.ExitStack() as stack:
+        staged = download and group.active  # --download: process 0 fetches the files, then the others read them
+        if staged and not group.is_main:
+            group.check()
+        error = None
         try:  # only process 0 claims --out and writes; every process loads, then all agree before scanning
             if group.is_main:
                 stack.enter_context(claim_out_dir(out, INSPECT_OUTPUTS, overwrite=overwrite,
@@ -62,8 +66,10 @@ def inspect(checkpoint: str | Path, data: str, *, out: str | Path = DEFAULTS.out
             check_fits(model, ds, dev)
             sitemap = find_sites(model)
         except DeadscanError as e:
-            group.check(e)
-        group.check()
+            error = e
+        if staged and group.is_main:
+            group.check(error)
+        group.check(error)
         result = scan(model, ds, sitemap=sitemap, batch_size=batch_size, device=dev, tau=tau,
                       progress=progress and group.is_main, input_means=True)
         cap = capacity(model, result)

@@ -183,12 +183,15 @@ def test_an_error_in_another_process_is_process_0s_one_error_line(tmp_path):
 
 
 @pytest.mark.slow  # torchrun subprocesses
-def test_an_existing_out_folder_is_refused_once_and_left_alone(tmp_path):
-    """Only process 0 claims --out; the others learn that it refused and stop before scanning."""
+@pytest.mark.parametrize("download", [[], ["--download"]], ids=["", "download"])
+def test_an_existing_out_folder_is_refused_once_and_left_alone(tmp_path, download):
+    """Only process 0 claims --out; the others learn that it refused and stop before scanning (with
+    --download they wait for process 0 to load first)."""
     out, logs = tmp_path / "out", tmp_path / "logs"
     out.mkdir()
     (out / "summary.json").write_text("{}")
-    res = _torchrun(2, ["-m", "deadscan", "inspect", str(MLP), *DIGITS, "--out", str(out)], logs, port=_free_port())
+    res = _torchrun(2, ["-m", "deadscan", "inspect", str(MLP), *DIGITS, *download, "--out", str(out)], logs,
+                    port=_free_port())
     assert res.returncode != 0
     errors = _errors(_rank_logs(logs, 0, "stderr"))
     assert len(errors) == 1 and errors[0].startswith(f"Error: --out {out}"), errors
