@@ -84,6 +84,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except DeadscanError as e:
+            if not _main_process():  # under torchrun process 0 prints the error (another's as "process N: ...")
+                raise click.exceptions.Exit(1) from None
             raise _Error(_error_message(ctx, e)) from None
         except KeyboardInterrupt:
             out = ctx.meta.get(_STRIP_OUT)
@@ -95,6 +97,13 @@ class _Group(click.Group):
             # what stdout still buffers goes to /dev/null, so the final flush prints no traceback either
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
+
+
+def _main_process() -> bool:
+    """False in a torchrun process other than 0: it keeps stdout and stderr quiet."""
+    from .distributed import launched
+
+    return launched().is_main
 
 
 def _error_message(ctx: click.Context, e: DeadscanError) -> str:
@@ -124,7 +133,8 @@ def _warnings_as_lines(ctx: click.Context) -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, DeadscanWarning):
-            _echo(f"{'Note' if issubclass(category, DeadscanNote) else 'Warning'}: {message}", err=True)
+            if _main_process():
+                _echo(f"{'Note' if issubclass(category, DeadscanNote) else 'Warning'}: {message}", err=True)
         else:
             shown(message, category, filename, lineno, file, line)
     warnings.showwarning = show
@@ -150,11 +160,12 @@ def _print_inspection(result, as_json: bool) -> None:
     ck = s["checkpoint"]
     _echo(f"checkpoint {ck['path']} ({ck['format']}, arch {ck['arch'] or 'pickled module'})")
     d = s["data"]
+    where = f" in {s['processes']} processes (torchrun)" if s.get("processes", 1) > 1 else ""
     if d.get("kind") == "tokens":  # padded positions are not part of the scanned data
         _echo(f"data {d['name']} split {d['split']}: {d['samples']} sequences of {d.get('seq_len')}, "
-              f"{d.get('tokens')} tokens (padding excluded) on {s['device']}")
+              f"{d.get('tokens')} tokens (padding excluded) on {s['device']}{where}")
     else:
-        _echo(f"data {d['name']} split {d['split']}: {d['samples']} samples on {s['device']}")
+        _echo(f"data {d['name']} split {d['split']}: {d['samples']} samples on {s['device']}{where}")
     _echo("")
     _echo(format_table(s))
     _echo("")
@@ -318,7 +329,8 @@ def inspect(checkpoint, arch, split, limit, old_seed, batch_size, device, tau, o
                               load=LoadOptions(arch, trust_pickle, allow_global),
                               output=OutputOptions(out, overwrite, plotlyjs, csv), batch_size=batch_size,
                               device=device, tau=tau, command=_command_line(), progress=not as_json)
-    _print_inspection(result, as_json)
+    if result.main:
+        _print_inspection(result, as_json)
 
 
 @main.command()
@@ -342,23 +354,25 @@ def demo(out, lm, device, overwrite):
     from .options import DataOptions, OutputOptions
     from .resources import resource_path
 
+    say = _echo if _main_process() else (lambda *_: None)
     if lm:
         model = resource_path("sample_models", SAMPLE_LM)
         text = resource_path("sample_models", SAMPLE_LM_TEXT)
-        _echo(f"deadscan demo --lm: a small ReLU OPT trained on Python's pydoc topics ({model.name}), "
-              f"on held-out topics ({text.name})\n")
+        say(f"deadscan demo --lm: a small ReLU OPT trained on Python's pydoc topics ({model.name}), "
+            f"on held-out topics ({text.name})\n")
         data, split = DataOptions(str(text), seq_len=SAMPLE_LM_SEQ_LEN), "all"
     else:
         model = resource_path("sample_models", SAMPLE_MODEL)
-        _echo(f"deadscan demo: the paper's MLP trained on sklearn's digits ({model.name})\n")
+        say(f"deadscan demo: the paper's MLP trained on sklearn's digits ({model.name})\n")
         data, split = DataOptions("digits"), DEFAULTS.split
     previous = pipeline.summary_in(Path(out))  # a demo may redo its own folder (the same model and data)
     own = ((previous.get("checkpoint") or {}).get("path") == str(model)
            and (previous.get("data") or {}).get("name") == data.name)
     result = pipeline.inspect(model, data, split=split, output=OutputOptions(out, overwrite or own), device=device,
                               command=_command_line(), progress=True)
-    _print_inspection(result, as_json=False)
-    _echo(f"outputs in {result.summary_path.parent}/")
+    if result.main:
+        _print_inspection(result, as_json=False)
+        _echo(f"outputs in {result.summary_path.parent}/")
 
 
 _STRIP_SECTIONS = {

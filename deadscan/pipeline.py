@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -13,7 +14,8 @@ from .capacity import Capacity, capacity
 from .checkpoint import Checkpoint, load_checkpoint, save_masks, save_safetensors
 from .data import Dataset, check_fits, load_data
 from .defaults import DEFAULTS
-from .errors import DataError, DeadscanWarning, OutputError, TraceError
+from . import distributed
+from .errors import DataError, DeadscanError, DeadscanWarning, OutputError, TraceError
 from .finetune import STATE_FILE, evaluate, finetune
 from .options import DataOptions, LoadOptions, OutputOptions, TrainConfig
 from .outputs import claim_out_dir
@@ -34,6 +36,7 @@ class Inspection:
     summary: dict
     summary_path: Path
     files: dict[str, Path] | None = None  # stats.h5 and report.html
+    main: bool = True  # False: another torchrun process writes and prints (nothing was written here)
 
 
 def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEFAULTS.split,
@@ -44,22 +47,38 @@ def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEF
     start = time.perf_counter()
     data = (DataOptions(name=data) if isinstance(data, str) else data).absolute()  # as the record keeps it
     out = Path(output.out or DEFAULTS.out_dir)
-    with claim_out_dir(out, INSPECT_OUTPUTS, overwrite=output.overwrite, inputs=(checkpoint, data.name)):
-        dev = resolve_device(device)
-        ckpt = load_checkpoint(checkpoint, load.arch, trust_pickle=load.trust_pickle,
-                               allow_globals=load.allow_globals)
-        ds = load_data(data.name, split, limit=limit, model_folder=_hf_folder(checkpoint), **data.load_kwargs())
-        model = ckpt.model.to(dev)
-        check_fits(model, ds, dev)
-        sitemap = find_sites(model)
-        result = scan(model, ds, sitemap=sitemap, batch_size=batch_size, device=dev, tau=tau, progress=progress,
-                      input_means=True)
+    group = distributed.setup(resolve_device(device))
+    with contextlib.ExitStack() as stack:
+        staged = data.download and group.active  # --download: process 0 fetches the files, then the others read
+        if staged and not group.is_main:
+            group.check()
+        error = None
+        try:  # only process 0 claims --out and writes; every process loads, then all agree before scanning
+            if group.is_main:
+                stack.enter_context(claim_out_dir(out, INSPECT_OUTPUTS, overwrite=output.overwrite,
+                                                  inputs=(checkpoint, data.name)))  # before any work
+            dev = distributed.scan_device(resolve_device(device))
+            ckpt = load_checkpoint(checkpoint, load.arch, trust_pickle=load.trust_pickle,
+                                   allow_globals=load.allow_globals)
+            ds = load_data(data.name, split, limit=limit, model_folder=_hf_folder(checkpoint), **data.load_kwargs())
+            model = ckpt.model.to(dev)
+            check_fits(model, ds, dev)
+            sitemap = find_sites(model)
+        except DeadscanError as e:
+            error = e
+        if staged and group.is_main:
+            group.check(error)
+        group.check(error)
+        result = scan(model, ds, sitemap=sitemap, batch_size=batch_size, device=dev, tau=tau,
+                      progress=progress and group.is_main, input_means=True)
         cap = capacity(model, result)
         data_info = {**ds.describe(), "root": data.root}
         if result.tokens is not None:
             data_info["tokens"] = result.tokens  # real tokens scanned: padded positions never count
         summary = build_summary(result, cap, command=command, checkpoint=_recorded(ckpt.info), data=data_info,
                                 elapsed=time.perf_counter() - start)
+        if not group.is_main:
+            return Inspection(ckpt, ds, result, cap, summary, Path(out) / "summary.json", main=False)
         path = write_summary(summary, out)
         report_data = collect(summary, result, model)
         files = write_outputs(report_data, out, plotlyjs=output.plotlyjs)  # stats.h5, report.html
@@ -105,6 +124,9 @@ def strip_checkpoint(checkpoint: str | Path | None, data: DataOptions | str | No
     scanned, with its data options under the ones ``data`` gives. ``corrupted``: a test set (e.g. cifar10-c)
     also evaluated at the end. ``finalize``: write the outputs of an interrupted run's completed epochs (its
     train-state.pt in ``output.out``) without training further."""
+    if distributed.launched().world > 1:
+        raise TraceError("strip under torchrun is not supported yet (fine-tuning runs in one process): run "
+                         "deadscan strip without torchrun; deadscan inspect runs data-parallel under torchrun")
     start = time.perf_counter()
     if finalize and baseline:
         raise DataError("--finalize writes the outputs of the stripped run's completed epochs; the baseline is "

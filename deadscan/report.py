@@ -117,6 +117,7 @@ def build_summary(scan: ScanResult, cap: Capacity, *, command: str, checkpoint: 
         },
         "data": data,
         "device": scan.device,
+        "processes": scan.processes,  # torchrun processes that scanned a share of the data each
         "definitions": DEFINITIONS,
         "totals": totals,
         "sites": sites,

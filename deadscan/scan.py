@@ -8,6 +8,7 @@ never waits on the host. They are sums, counts and maxima, so shards scanned apa
 from __future__ import annotations
 
 import contextlib
+import operator
 import sys
 import warnings
 from dataclasses import dataclass, field, replace
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .defaults import DEFAULTS
-from . import layers
+from . import distributed, layers
 from .errors import DataError, DeadscanError, DeadscanWarning, TraceError, one_line
 from .neurons import PerNeuron
 from .locate import raised_in
@@ -284,6 +285,7 @@ class ScanResult:
     tau: float
     batch_size: int | None = None  # the batch size the scan ended with (halved after running out of memory)
     tokens: int | None = None  # token data: real (unpadded) tokens scanned; None for other data
+    processes: int = 1  # torchrun processes whose shards were reduced into this result
 
     def __getitem__(self, name: str) -> SiteResult:
         for r in self.sites:
@@ -325,20 +327,27 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _input_batches(data, batch_size: int, device: torch.device) -> tuple[Iterable, int | None]:
+def _input_batches(data, batch_size: int, device: torch.device,
+                   group: distributed.Group = distributed.Group()) -> tuple[Iterable, int | None]:
     """Batches of model inputs from a deadscan Dataset or TokenDataset, a tensor, or an iterable of
-    batches (tensors, ``(x, y, ...)`` tuples, or token dicts with ``input_ids`` and ``attention_mask``)."""
+    batches (tensors, ``(x, y, ...)`` tuples, or token dicts with ``input_ids`` and ``attention_mask``).
+    Of several processes' ``group``, this one's share only: a contiguous span of samples (datasets,
+    tensors) or every world-th batch (other iterables, whose length is unknown)."""
     if hasattr(data, "batches"):
+        data = _shard_dataset(data, group)
         return data.batches(batch_size, device), len(data)
     if (isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
             and data[1].ndim == 1 and not data[1].is_floating_point() and len(data[0]) == len(data[1])):
         data = data[0]  # a whole (inputs, labels) pair, not two batches
     if isinstance(data, torch.Tensor):
-        x = data.to(device)
+        start, stop = group.span(len(data))
+        x = data[start:stop].to(device)
         return (x[i:i + batch_size] for i in range(0, len(x), batch_size)), len(x)
 
     def from_iterable():
-        for item in data:
+        for i, item in enumerate(data):
+            if i % group.world != group.rank:
+                continue
             if isinstance(item, dict):  # a token batch: ids stay integers
                 yield {k: v.to(device, non_blocking=True) for k, v in item.items() if k in TOKEN_KEYS}
                 continue
@@ -348,6 +357,18 @@ def _input_batches(data, batch_size: int, device: torch.device) -> tuple[Iterabl
 
 
 TOKEN_KEYS = ("input_ids", "attention_mask")
+
+
+def _shard_dataset(data, group: distributed.Group):
+    """This process's span of a Dataset (``x``, ``y``) or TokenDataset (``input_ids``, ``attention_mask``)."""
+    if group.world == 1:
+        return data
+    start, stop = group.span(len(data))
+    indices = None if data.indices is None else data.indices[start:stop]
+    if hasattr(data, "input_ids"):
+        return replace(data, input_ids=data.input_ids[start:stop], attention_mask=data.attention_mask[start:stop],
+                       indices=indices, _device_copy=None)
+    return replace(data, x=data.x[start:stop], y=data.y[start:stop], indices=indices)
 
 
 def _batch_len(xb) -> int:
@@ -382,6 +403,7 @@ def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: 
     generator) cannot be started over: its out-of-memory error is one clear line instead.
     """
     dev = resolve_device(device)
+    group = distributed.current()
     model.to(dev)
     if sitemap is None:
         sitemap = find_sites(model)
@@ -393,32 +415,93 @@ def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: 
         while True:
             inputs = {s.feeding.layer: InputStats(_feature_axis(model, s.feeding.layer), valid)
                       for s in sitemap.sites if input_means and s.feeding is not None}
+            error = oom = None
             try:
                 stats, samples, forwards, tokens = _scan_pass(model, data, sitemap, inputs, batch_size, chunk, dev,
-                                                              progress, valid)
+                                                              progress, valid, group)
+            except _OutOfMemory as e:
+                oom = e.batch
+            except DeadscanError as e:
+                error = e
+            oom = group.check(error, oom)  # every process learns whether any failed or ran out of memory
+            if oom is None:
                 break
-            except _OutOfMemory as oom:
-                if oom.batch <= 1:
-                    raise TraceError(f"out of memory on {dev} with a batch of 1 sample during the scan; "
-                                     "use a smaller model or input size, or --device cpu") from None
-                if not _restartable(data):
-                    raise TraceError(f"out of memory on {dev} with a batch of {oom.batch} during the scan; the "
-                                     "data is a one-pass iterator, so it cannot be scanned again: use smaller "
-                                     "batches") from None
-                chunk = oom.batch // 2
-                _free_cached(dev)
-                warnings.warn(DeadscanWarning(
-                    f"out of memory on {dev} with a batch of {oom.batch}; scanning again from the start with "
-                    f"batches of {chunk}"), stacklevel=2)
+            if oom <= 1:
+                raise TraceError(f"out of memory on {dev} with a batch of 1 sample during the scan; "
+                                 "use a smaller model or input size, or --device cpu") from None
+            if not _restartable(data):
+                raise TraceError(f"out of memory on {dev} with a batch of {oom} during the scan; the "
+                                 "data is a one-pass iterator, so it cannot be scanned again: use smaller "
+                                 "batches") from None
+            chunk = oom // 2
+            _free_cached(dev)
+            warnings.warn(DeadscanWarning(
+                f"out of memory on {dev} with a batch of {oom}; scanning again from the start with "
+                f"batches of {chunk}"), stacklevel=2)
     finally:
         model.train(was_training)
+    if group.active:
+        with torch.inference_mode():  # the statistics are inference tensors: updated in place only there
+            samples, forwards, tokens = _all_reduce(group, dev, stats, list(inputs.values()), samples, forwards,
+                                                    tokens)
     if samples == 0:
         raise DataError("no samples to scan: the data split is empty")
     results = [_result(model, st, tau, forwards) for st in stats]  # one host transfer per site, after the loop
     for r in results:
         if r.site.feeding is not None and r.site.feeding.layer in inputs:
             r.mean_input = inputs[r.site.feeding.layer].mean()
-    return ScanResult(results, sitemap, samples, str(dev), tau, batch_size if chunk is None else chunk, tokens)
+    return ScanResult(results, sitemap, samples, str(dev), tau, batch_size if chunk is None else chunk, tokens,
+                      group.world)
+
+
+# How each statistic combines over data shards: merge() and a distributed scan's all-reduce both follow it.
+COMBINE = {"out_sum": "sum", "active": "sum", "elements": "sum", "pre_max": "max"}
+_RUNNING = {"out_sum": "sum", "active": "active", "pre_max": "pre_max"}  # SiteResult field -> SiteStats tensor
+
+
+def _all_reduce(group: distributed.Group, dev: torch.device, stats: list[SiteStats], inputs: list[InputStats],
+                samples: int, forwards: int, tokens: int | None) -> tuple[int, int, int | None]:
+    """Sum or max every process's statistics into each process's own (the rules of :data:`COMBINE`).
+
+    Every process joins the same collectives in the same order, whichever sites its shard reached: the
+    widths are reduced first and a site this process never called gets zeros (and -inf maxima) of that
+    width. Returns the reduced (samples, forwards, tokens)."""
+    running = stats + inputs
+    own = [0 if r.sum is None else r.sum.shape[0] for r in running]
+    absent = -(2**62)
+    widths = torch.tensor(own + [-w if w else absent for w in own], dtype=torch.int64, device=group.device)
+    group.all_reduce(widths, "max")
+    widest, narrowest = widths[:len(own)].tolist(), [-w for w in widths[len(own):].tolist()]
+    for r, n, m in zip(running, widest, narrowest):
+        if n and n != m:
+            name = r.site.name if isinstance(r, SiteStats) else "a feeding layer's input"
+            raise TraceError(f"site {name}: {m} neurons in one process, {n} in another; "
+                             "a module reused with different widths cannot be one site")
+        if n and r.sum is None:  # a branch this shard never reached
+            r.sum = torch.zeros(n, dtype=torch.float64, device=dev)
+            if isinstance(r, SiteStats):
+                r.active = torch.zeros(n, dtype=torch.int64, device=dev)
+                r.pre_max = torch.full((n,), -torch.inf, dtype=torch.float32, device=dev)
+    present = [r for r in running if r.sum is not None]
+    sites = [st for st in stats if st.sum is not None]
+    for fld, attr in _RUNNING.items():  # a feeding layer's input sum adds like out_sum
+        tensors = [getattr(r, attr) for r in (present if fld == "out_sum" else sites)]
+        if tensors:
+            flat = group.all_reduce(torch.cat([t.to(group.device) for t in tensors]), COMBINE[fld])
+            for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+                t.copy_(part)
+    # host counts (calls, unmasked, samples, forwards, tokens) add like elements
+    counts = [r.elements for r in present] + [st.calls for st in stats] + [st.unmasked for st in stats]
+    counts += [samples, forwards, tokens or 0, tokens is not None]
+    total = group.all_reduce(torch.tensor(counts, dtype=torch.int64, device=group.device), COMBINE["elements"])
+    total = total.tolist()
+    k = len(present)
+    for r, n in zip(present, total[:k]):
+        r.elements = n
+    for i, st in enumerate(stats):
+        st.calls, st.unmasked = total[k + i], total[k + len(stats) + i]
+    samples, forwards, tokens, has_tokens = total[-4:]
+    return samples, forwards, tokens if has_tokens else None
 
 
 def _feature_axis(model: nn.Module, name: str) -> int:
@@ -453,14 +536,14 @@ def _free_cached(dev: torch.device) -> None:
 
 
 def _scan_pass(model: nn.Module, data, sitemap: SiteMap, inputs: dict, batch_size: int, chunk: int | None,
-               dev: torch.device, progress: bool, valid: ValidPositions
+               dev: torch.device, progress: bool, valid: ValidPositions, group: distributed.Group
                ) -> tuple[list[SiteStats], int, int, int | None]:
     """One pass over the data with fresh statistics; ``chunk``: split batches larger than this.
     Returns (stats, samples, forwards, real tokens or None)."""
     samples = forwards = 0
     tokens = None
     request = batch_size if chunk is None else min(batch_size, chunk)
-    batches, total = _input_batches(data, request, dev)
+    batches, total = _input_batches(data, request, dev, group)
     with instrument(model, sitemap, inputs, valid) as (runner, stats), torch.inference_mode():
         bar = _progress(total, progress)
         try:
@@ -586,6 +669,6 @@ def _merge_site(ra: SiteResult, rb: SiteResult) -> SiteResult:
         total = ra.elements + rb.elements
         mean_input = ((ra.mean_input.astype(np.float64) * ra.elements + rb.mean_input.astype(np.float64) * rb.elements)
                       / total).astype(np.float32)
-    return replace(ra, out_sum=ra.out_sum + rb.out_sum, active=ra.active + rb.active,
-                   elements=ra.elements + rb.elements, pre_max=np.maximum(ra.pre_max, rb.pre_max),
+    how = {"sum": operator.add, "max": np.maximum}
+    return replace(ra, **{f: how[op](getattr(ra, f), getattr(rb, f)) for f, op in COMBINE.items()},
                    mean_input=mean_input)

@@ -1,0 +1,181 @@
+"""Data-parallel scans under torchrun: the one module that reads torchrun's environment.
+
+:func:`setup` resolves the process group once per process (like nanoGPT's ``master_process``); scan and
+the writers ask :func:`current`. In one process (no torchrun, or a world of 1) every method is a no-op,
+so the single-process path is unchanged. Importing this module does not import torch (the CLI asks
+:func:`launched` on its torch-free error path).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+from .errors import DeadscanError, TraceError, one_line
+
+TIMEOUT_ENV = "DEADSCAN_DIST_TIMEOUT"  # seconds a collective waits for the other processes
+DEFAULT_TIMEOUT = 1800.0
+_STATUS_BYTES = 1024  # one process's status line in check(): "ok", "oom N" or "error MESSAGE"
+
+
+class PeerError(TraceError):
+    """Another process of the group failed; its message, prefixed with its rank."""
+
+
+@dataclass(frozen=True)
+class Group:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None  # nccl or gloo; None: one process, nothing initialised
+
+    @property
+    def is_main(self) -> bool:
+        """Only this process claims --out, writes outputs and prints."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1 and self.backend is not None
+
+    def span(self, n: int) -> tuple[int, int]:
+        """This process's contiguous share [start, stop) of ``n`` samples: disjoint, no padding, the first
+        ``n % world`` ranks one sample more (a DistributedSampler pads, which would count samples twice)."""
+        return n * self.rank // self.world, n * (self.rank + 1) // self.world
+
+    def check(self, error: DeadscanError | None = None, oom: int | None = None) -> int | None:
+        """Every process reports how its step ended; all then raise or go on together, so none waits
+        forever in a later collective. Raises this process's own ``error``, else the lowest failing
+        rank's (as :class:`PeerError`). Returns the smallest batch any process ran out of memory on
+        (None if none did), so all back off alike."""
+        if not self.active:
+            if error is not None:
+                raise error
+            return oom
+        import torch
+        import torch.distributed as dist
+
+        mine = "ok" if error is None and oom is None else f"oom {oom}" if error is None else f"error {one_line(error)}"
+        buf = torch.zeros(_STATUS_BYTES, dtype=torch.uint8, device=self.device)
+        raw = mine.encode()[:_STATUS_BYTES]
+        buf[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+        gathered = [torch.empty_like(buf) for _ in range(self.world)]
+        _collective(dist.all_gather, gathered, buf)
+        statuses = [bytes(t.cpu().tolist()).rstrip(b"\0").decode(errors="replace") for t in gathered]
+        if error is not None:
+            raise error
+        for rank, status in enumerate(statuses):
+            if status.startswith("error "):
+                raise PeerError(f"process {rank} of {self.world}: {status[6:]}")
+        ooms = [int(s[4:]) for s in statuses if s.startswith("oom ")]
+        return min(ooms) if ooms else None
+
+    def all_reduce(self, tensor, op: str):
+        """In place over all processes; ``op``: "sum" or "max" (the rules of :data:`deadscan.scan.COMBINE`)."""
+        if not self.active:
+            return tensor
+        import torch.distributed as dist
+
+        _collective(dist.all_reduce, tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return tensor
+
+    @property
+    def device(self):
+        """Where collectives' tensors live: this process's GPU under NCCL, else the CPU."""
+        import torch
+
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+
+def _collective(fn, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except RuntimeError as e:  # gloo: a peer's socket closed; either backend: the timeout passed
+        raise TraceError(f"another process of the torchrun group failed or stopped answering within "
+                         f"{timeout_seconds():g} s ({one_line(e, 160)}); see its own output "
+                         f"(set {TIMEOUT_ENV} to wait longer)") from None
+
+
+_ONE = Group()
+_current: Group | None = None
+
+
+def launched() -> Group:
+    """torchrun's rank and world size from its environment, without initialising anything."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return _ONE
+    return Group(rank, world, local) if world > 1 else _ONE
+
+
+def timeout_seconds() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        raise TraceError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds") from None
+    if not value > 0:
+        raise TraceError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def setup(device=None) -> Group:
+    """Resolve this process's group once: under torchrun with a world of several processes, initialise
+    torch.distributed (NCCL on CUDA, each process on its LOCAL_RANK GPU; gloo on CPU) with the timeout
+    of ``DEADSCAN_DIST_TIMEOUT``. ``device``: the resolved scan device of the first call."""
+    global _current
+    if _current is not None:
+        return _current
+    env = launched()
+    if env.world == 1:
+        _current = _ONE
+        return _current
+    import torch
+    import torch.distributed as dist
+
+    cuda = device is not None and torch.device(device).type == "cuda"
+    backend = "nccl" if cuda else "gloo"
+    if cuda:
+        if env.local_rank >= torch.cuda.device_count():
+            raise TraceError(f"torchrun process {env.rank} has LOCAL_RANK {env.local_rank} but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s): use --nproc-per-node "
+                             f"{torch.cuda.device_count()} or fewer, or --device cpu")
+        torch.cuda.set_device(env.local_rank)
+    timeout = timedelta(seconds=timeout_seconds())
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group(backend, timeout=timeout)
+        except (RuntimeError, ValueError) as e:
+            raise TraceError(f"cannot join the torchrun process group ({backend}): {one_line(e, 200)}") from None
+    _current = Group(env.rank, env.world, env.local_rank, backend)
+    atexit.register(_teardown)
+    return _current
+
+
+def _teardown() -> None:
+    # A group left to the interpreter's exit can abort the process ("terminate called without an active
+    # exception") while its communication threads still run.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def current() -> Group:
+    """The group :func:`setup` resolved; one process if it was never called."""
+    return _current or _ONE
+
+
+def scan_device(device):
+    """The device this process scans on: under NCCL its own LOCAL_RANK GPU (``cuda`` means that one)."""
+    g = current()
+    if g.backend == "nccl":
+        import torch
+
+        return torch.device("cuda", g.local_rank)
+    return device

@@ -1,0 +1,356 @@
+"""``torchrun ... -m deadscan inspect`` (issue 14): N processes on CPU (gloo) give the one-process result.
+
+Each test launches torchrun as a subprocess, one thread per process. Summaries must match exactly (dead and
+dormant sets, counts); per-neuron float sums and maxima within float tolerance (each process adds its own
+batches in float32, and a forward's rounding depends on its batch size)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from deadscan.cli import main
+from deadscan.defaults import DEFAULTS
+from deadscan.resources import resource_path
+
+MLP = resource_path("sample_models", "mlp_digits.safetensors")
+VIT = resource_path("sample_models", "vit_digits.safetensors")
+LM, LM_TEXT = resource_path("sample_models", "opt_pydoc"), resource_path("sample_models", "pydoc_val.txt")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+# 101 samples: 50/51 in two processes, 33/34/34 in three (uneven shards)
+DIGITS = ["--data", "digits", "--limit", "101", "--batch-size", "16"]
+LM_ARGS = ["--data", str(LM_TEXT), "--split", "all", "--seq-len", "64", "--batch-size", "32"]
+
+
+def _env(**extra) -> dict:
+    # a short timeout: a regression that hangs a collective fails in seconds, not in torch's 30 minutes
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEADSCAN_DIST_TIMEOUT": "120", **extra}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # a test run under torchrun must not hand its own group to the children
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_process(model, out: Path, *args) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "deadscan", "inspect", str(model), *args, "--out", str(out)],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def _torchrun(nproc: int, target: list[str], logs: Path, *, nnodes: int = 1, node_rank: int = 0, port: int,
+              env: dict | None = None, wait: bool = True):
+    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "--log-dir", str(logs), "--redirects", "3",
+           "--tee", "3", *target]
+    proc = subprocess.Popen(cmd, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _rank_logs(logs: Path, rank: int, stream: str) -> str:
+    files = list(logs.glob(f"*/attempt_0/{rank}/{stream}.log"))
+    assert len(files) == 1, list(logs.rglob("*"))
+    return files[0].read_text()
+
+
+def _assert_same_scan(one: Path, many: Path, processes: int) -> None:
+    a, b = (json.loads((p / "summary.json").read_text()) for p in (one, many))
+    assert (a["processes"], b["processes"]) == (1, processes)
+    assert b["totals"] == a["totals"]
+    assert b["sites"] == a["sites"]  # dead_indices, dormant, provably dead, capacity: exactly equal
+    assert b["data"] == a["data"]  # samples (and real tokens) of the whole split
+    with h5py.File(one / "stats.h5") as fa, h5py.File(many / "stats.h5") as fb:
+        assert list(fa["sites"]) == list(fb["sites"])
+        for name in fa["sites"]:
+            sa, sb = fa["sites"][name], fb["sites"][name]
+            for exact in ("active", "dead", "dormant", "provably_dead"):
+                np.testing.assert_array_equal(sb[exact][()], sa[exact][()], err_msg=f"{name}/{exact}")
+            # pre_max too: a forward's float rounding depends on its batch's size (BLAS blocking)
+            for close in ("sum", "score", "mean_input", "pre_max"):
+                np.testing.assert_allclose(sb[close][()], sa[close][()], rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{name}/{close}")
+
+
+@pytest.fixture(scope="module")
+def digits_reference(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("one")
+    return {m.name: _one_process(m, folder / m.stem, *DIGITS) for m in (MLP, VIT)}, folder
+
+
+@pytest.mark.slow  # torchrun subprocesses
+@pytest.mark.parametrize("model, nproc", [(MLP, 2), (VIT, 3)], ids=["mlp-2", "vit-3"])
+def test_inspect_in_n_processes_equals_one_process(digits_reference, tmp_path, model, nproc):
+    reference, folder = digits_reference
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    res = _torchrun(nproc, ["-m", "deadscan", "inspect", str(model), *DIGITS, "--out", str(out)], logs,
+                    port=_free_port())
+    assert res.returncode == 0, res.stderr
+    _assert_same_scan(folder / model.stem, out, nproc)
+    # process 0 prints the one-process table (only the out folder differs); the others say nothing
+    expected = reference[model.name].stdout.replace(str(folder / model.stem), str(out)).replace(
+        "101 samples on cpu\n", f"101 samples on cpu in {nproc} processes (torchrun)\n")
+    assert _rank_logs(logs, 0, "stdout") == expected
+    for rank in range(1, nproc):
+        assert _rank_logs(logs, rank, "stdout") == ""
+        assert "Error" not in _rank_logs(logs, rank, "stderr")
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "stats.h5", "summary.json"]
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_two_machines_equal_one_process(digits_reference, tmp_path):
+    """Two torchrun launches ("machines") on 127.0.0.1 joined through the same master address and port."""
+    _, folder = digits_reference
+    out, port = tmp_path / "out", _free_port()
+    target = ["-m", "deadscan", "inspect", str(MLP), *DIGITS, "--out", str(out)]
+    second = _torchrun(1, target, tmp_path / "logs1", nnodes=2, node_rank=1, port=port, wait=False)
+    first = _torchrun(1, target, tmp_path / "logs0", nnodes=2, node_rank=0, port=port)
+    out1, err1 = second.communicate(timeout=300)
+    assert (first.returncode, second.returncode) == (0, 0), first.stderr + err1
+    _assert_same_scan(folder / MLP.stem, out, 2)
+    assert _rank_logs(tmp_path / "logs0", 0, "stdout").startswith(f"checkpoint {MLP} ")
+    assert _rank_logs(tmp_path / "logs1", 0, "stdout") == ""  # global rank 1
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_language_model_in_two_processes_equals_one_process(tmp_path):
+    """Token data: padded positions (attention_mask 0) never count, in any process's shard."""
+    pytest.importorskip("transformers")
+    one, out = tmp_path / "one", tmp_path / "out"
+    _one_process(LM, one, *LM_ARGS)
+    res = _torchrun(2, ["-m", "deadscan", "inspect", str(LM), *LM_ARGS, "--out", str(out)], tmp_path / "logs",
+                    port=_free_port())
+    assert res.returncode == 0, res.stderr
+    _assert_same_scan(one, out, 2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["tokens"] < summary["data"]["samples"] * 64  # the last block is padded
+
+
+FAULTY = """
+import importlib, os, signal
+scan = importlib.import_module("deadscan.scan")  # the module: deadscan.scan is also the function
+from deadscan.errors import DataError
+
+run = scan._scan_pass
+def faulty(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        if os.environ["FAULT"] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ["FAULT"] == "hang":
+            signal.pause()
+        raise DataError("shard 1 is unreadable")
+    return run(*args, **kwargs)
+scan._scan_pass = faulty
+
+from deadscan.cli import main
+main(prog_name="deadscan")
+"""
+
+
+def _errors(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("Error:")]
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_an_error_in_another_process_is_process_0s_one_error_line(tmp_path):
+    script = tmp_path / "faulty.py"
+    script.write_text(FAULTY)
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    res = _torchrun(2, [str(script), "inspect", str(MLP), *DIGITS, "--out", str(out)], logs, port=_free_port(),
+                    env=_env(FAULT="error"))
+    assert res.returncode != 0
+    assert _errors(_rank_logs(logs, 0, "stderr")) == ["Error: process 1 of 2: shard 1 is unreadable"]
+    assert _rank_logs(logs, 1, "stderr") == _rank_logs(logs, 1, "stdout") == ""  # quiet, exit 1
+    assert "exitcode  : 1" in res.stderr  # torchrun's summary: rank 1 exited 1
+    assert not out.exists() or list(out.iterdir()) == []  # nothing written
+
+
+@pytest.mark.slow  # torchrun subprocesses
+@pytest.mark.parametrize("download", [[], ["--download"]], ids=["", "download"])
+def test_an_existing_out_folder_is_refused_once_and_left_alone(tmp_path, download):
+    """Only process 0 claims --out; the others learn that it refused and stop before scanning (with
+    --download they wait for process 0 to load first)."""
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    res = _torchrun(2, ["-m", "deadscan", "inspect", str(MLP), *DIGITS, *download, "--out", str(out)], logs,
+                    port=_free_port())
+    assert res.returncode != 0
+    errors = _errors(_rank_logs(logs, 0, "stderr"))
+    assert len(errors) == 1 and errors[0].startswith(f"Error: --out {out}"), errors
+    assert _rank_logs(logs, 1, "stderr") == _rank_logs(logs, 1, "stdout") == ""
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"] and (out / "summary.json").read_text() == "{}"
+
+
+@pytest.mark.slow  # torchrun subprocesses
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_a_dead_or_hung_process_makes_the_others_exit_within_the_timeout(tmp_path, fault):
+    """Process 1 (the second "machine") is killed, or hangs, mid-scan; process 0 must not wait forever."""
+    script = tmp_path / "faulty.py"
+    script.write_text(FAULTY)
+    out, port = tmp_path / "out", _free_port()
+    env = _env(FAULT=fault, DEADSCAN_DIST_TIMEOUT="8")
+    target = [str(script), "inspect", str(MLP), *DIGITS, "--out", str(out)]
+    second = _torchrun(1, target, tmp_path / "logs1", nnodes=2, node_rank=1, port=port, env=env, wait=False)
+    try:
+        start = time.monotonic()
+        first = _torchrun(1, target, tmp_path / "logs0", nnodes=2, node_rank=0, port=port, env=env)
+        elapsed = time.monotonic() - start
+    finally:
+        if fault == "hang":
+            second.terminate()  # torchrun stops its hung worker
+        second.communicate(timeout=120)
+    assert first.returncode != 0 and second.returncode != 0
+    assert elapsed < 8 + 40, elapsed  # the timeout, plus startup on a busy machine
+    if fault == "hang":
+        assert elapsed > 8, elapsed  # the timeout ended the wait (a killed peer's closed socket ends it sooner)
+    errors = _errors(_rank_logs(tmp_path / "logs0", 0, "stderr"))
+    assert len(errors) == 1 and errors[0].startswith(
+        "Error: another process of the torchrun group failed or stopped answering within 8 s"), errors
+    assert not (out / "summary.json").exists()
+
+
+SCAN_SCRIPT = """
+import os, sys, warnings
+import numpy as np
+from deadscan import distributed
+from deadscan.scan import scan
+from branchy import Branchy, branch_data  # beside this script
+
+group = distributed.setup("cpu")
+model = Branchy(oom_rank=os.environ.get("OOM_RANK"))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    r = scan(model, branch_data(), batch_size=4, input_means=True)
+    batches = scan(model, list(branch_data().split(4)), input_means=True)  # an iterable: every world-th batch
+for what, res in (("tensor", r), ("batches", batches)):
+    np.savez(os.path.join(sys.argv[1], f"{what}{group.rank}.npz"), samples=res.samples, batch_size=res.batch_size,
+             processes=res.processes, warnings=len(caught),
+             **{f"{s.site.name}/{k}": getattr(s, k) for s in res.sites
+                for k in ("out_sum", "active", "elements", "pre_max", "mean_input")})
+"""
+
+BRANCHY = """
+import os
+import torch
+from torch import nn
+
+
+class Branchy(nn.Module):
+    \"\"\"Each batch takes one of two branches (a data-dependent `if`: fx traces a and b apart).\"\"\"
+
+    def __init__(self, oom_rank=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+        self.b = nn.Sequential(nn.Linear(4, 5), nn.ReLU())
+        self.oom_rank = oom_rank
+
+    def forward(self, x):
+        if self.oom_rank is not None and os.environ.get("RANK") == self.oom_rank and len(x) > 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        if bool(x[0, 0] > 0):
+            return self.a(x).sum(1)
+        return self.b(x).sum(1)
+
+
+def branch_data():
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(1))
+    x[:20, 0] = x[:20, 0].abs() + 0.1  # the first half (process 0's shard) takes branch a only
+    x[20:, 0] = -x[20:, 0].abs() - 0.1  # the second half (process 1's) branch b only
+    return x
+"""
+
+
+def _scan_in_processes(tmp_path, **env) -> list[dict]:
+    (tmp_path / "branchy.py").write_text(BRANCHY)
+    (tmp_path / "scan2.py").write_text(SCAN_SCRIPT)
+    res = _torchrun(2, [str(tmp_path / "scan2.py"), str(tmp_path)], tmp_path / "logs", port=_free_port(),
+                    env=_env(**env))
+    assert res.returncode == 0, res.stderr
+    return [dict(np.load(tmp_path / f"{what}{r}.npz")) for what in ("tensor", "batches") for r in range(2)]
+
+
+@pytest.mark.slow  # torchrun subprocesses
+@pytest.mark.parametrize("oom_rank", [None, "1"], ids=["branches", "oom-on-rank-1"])
+def test_a_branch_one_process_never_reaches_and_out_of_memory_on_one(tmp_path, monkeypatch, oom_rank):
+    """Process 0's shard reaches only site a.1, process 1's only b.1: both still join every collective
+    and hold the one-process statistics, from a tensor (contiguous shards) or a list of batches (every
+    other batch). With an out-of-memory error on process 1 only, both start over with half batches (they
+    agree) and the result is unchanged."""
+    env = {} if oom_rank is None else {"OOM_RANK": oom_rank}
+    ranks = _scan_in_processes(tmp_path, **env)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from branchy import Branchy, branch_data
+
+    from deadscan.scan import scan
+
+    one = scan(Branchy(), branch_data(), batch_size=4, input_means=True)
+    assert [r.site.name for r in one.sites] == ["a.1", "b.1"]
+    assert [r.elements for r in one.sites] == [20, 20]
+    for i, got in enumerate(ranks):  # tensor in process 0, 1; batches in process 0, 1
+        assert (int(got["samples"]), int(got["processes"])) == (40, 2)
+        assert int(got["batch_size"]) == (2 if oom_rank else 4 if i < 2 else DEFAULTS.batch_size)
+        assert int(got["warnings"]) == (0 if oom_rank is None else 2)  # "out of memory ...; scanning again", each scan
+        for r in one.sites:
+            name = r.site.name
+            assert int(got[f"{name}/elements"]) == r.elements
+            np.testing.assert_array_equal(got[f"{name}/active"], r.active)
+            np.testing.assert_allclose(got[f"{name}/out_sum"], r.out_sum, rtol=1e-6)
+            np.testing.assert_allclose(got[f"{name}/pre_max"], r.pre_max, rtol=1e-6)
+            np.testing.assert_allclose(got[f"{name}/mean_input"], r.mean_input, rtol=1e-6)
+
+
+def test_strip_under_torchrun_refuses(monkeypatch, tmp_path):
+    """What torchrun's environment looks like to each process; strip must refuse before any work."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    args = ["strip", str(MLP), "--data", "digits", "--finetune", "1", "--out", str(tmp_path / "out")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1
+    assert res.stdout == ""
+    assert res.stderr == ("Error: strip under torchrun is not supported yet (fine-tuning runs in one process): run "
+                          "deadscan strip without torchrun; deadscan inspect runs data-parallel under torchrun\n")
+    monkeypatch.setenv("RANK", "1")  # the others: the same exit, quietly
+    res = CliRunner().invoke(main, args)
+    assert (res.exit_code, res.stdout, res.stderr) == (1, "", "")
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_process_group_is_a_no_op():
+    from deadscan.distributed import Group, launched
+
+    g = Group()
+    assert (g.rank, g.world, g.is_main, g.active, g.span(7), g.check(), g.check(oom=8)) == (0, 1, True, False,
+                                                                                          (0, 7), None, 8)
+    assert launched() == g  # this test process is not under torchrun (or its world is 1)
+
+
+def test_shards_are_disjoint_contiguous_and_cover_everything():
+    from deadscan.distributed import Group
+
+    for n in (0, 1, 2, 7, 101):
+        for world in (1, 2, 3, 8):
+            spans = [Group(r, world).span(n) for r in range(world)]
+            assert spans[0][0] == 0 and spans[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            sizes = [b - a for a, b in spans]
+            assert max(sizes) - min(sizes) <= 1
+    assert [Group(r, 3).span(101) for r in range(3)] == [(0, 33), (33, 67), (67, 101)]
