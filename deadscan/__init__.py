@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Capacity": "capacity", "capacity": "capacity",
     "load_checkpoint": "checkpoint", "load_masks": "checkpoint", "save_masks": "checkpoint",
-    "save_safetensors": "checkpoint",
+    "save_safetensors": "checkpoint", "load_safetensors": "checkpoint",
     "Dataset": "data", "load_data": "data",
     "ArchError": "errors", "CheckpointError": "errors", "DataError": "errors", "DeadscanError": "errors",
     "OutputError": "errors", "TraceError": "errors",
@@ -67,7 +67,7 @@ def __dir__():
 
 
 __all__ = [
-    "__version__", "load", "load_checkpoint", "save_safetensors", "build", "find_sites", "scan", "merge",
+    "__version__", "load", "load_checkpoint", "save_safetensors", "load_safetensors", "build", "find_sites", "scan", "merge",
     "capacity", "load_data", "read_run", "Run", "Dataset", "Site", "SiteMap", "ScanResult", "SiteResult", "Capacity",
     "Stripper", "StepReport", "Masks", "strip", "save_masks", "load_masks",
     "DeadscanError", "CheckpointError", "ArchError", "TraceError", "DataError", "OutputError",

@@ -724,6 +724,15 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, arch: str, metad
         save_file(state, str(tmp), metadata=meta)
 
 
+def load_safetensors(path: str | os.PathLike, arch: str | None = None) -> nn.Module:
+    """The model :func:`save_safetensors` wrote (its arch spec is in the file's metadata; ``arch`` overrides
+    it), on the CPU in eval mode. Any other format is refused: :func:`load_checkpoint` reads them all."""
+    ckpt = load_checkpoint(path, arch)
+    if ckpt.info.format != "safetensors":
+        raise CheckpointError(f"{path}: a {ckpt.info.format} checkpoint, not safetensors; use deadscan.load")
+    return ckpt.model
+
+
 def save_masks(masks: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Pruning masks (True = pruned), one bool tensor per layer name, beside a stripped model."""
     from safetensors.torch import save_file

@@ -9,6 +9,7 @@ import importlib
 import os
 import shlex
 import sys
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -72,6 +73,7 @@ class _Error(click.ClickException):
         super().__init__(" ".join(printable(message).split()))
 
 
+_STARTED = "deadscan.started"  # ctx.meta key: when the command started (time.perf_counter)
 _STRIP_OUT = "deadscan.strip_out"  # ctx.meta key: set while strip runs, so an interrupt says how to resume
 
 
@@ -113,6 +115,10 @@ def _error_message(ctx: click.Context, e: DeadscanError) -> str:
         if isinstance(e, Interrupted):
             return f"{e}; resume with: {_resume_command()}"
     return str(e)
+
+
+def _started() -> float | None:
+    return click.get_current_context().meta.get(_STARTED)
 
 
 def _command_line() -> str:
@@ -195,6 +201,7 @@ def main(ctx):
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
         ctx.exit(0)
+    ctx.meta[_STARTED] = time.perf_counter()  # a run's time includes importing torch and loading
     _warnings_as_lines(ctx)
 
 
@@ -328,7 +335,8 @@ def inspect(checkpoint, arch, split, limit, old_seed, batch_size, device, tau, o
     result = pipeline.inspect(checkpoint, _pop_data(data_kw), split=split, limit=limit,
                               load=LoadOptions(arch, trust_pickle, allow_global),
                               output=OutputOptions(out, overwrite, plotlyjs, csv), batch_size=batch_size,
-                              device=device, tau=tau, command=_command_line(), progress=not as_json)
+                              device=device, tau=tau, command=_command_line(), progress=not as_json,
+                              started=_started())
     if result.main:
         _print_inspection(result, as_json)
 
@@ -353,6 +361,7 @@ def demo(out, lm, device, overwrite):
     from . import pipeline
     from .options import DataOptions, OutputOptions
     from .resources import resource_path
+    from .runfolder import summary_or_empty
 
     say = _echo if _main_process() else (lambda *_: None)
     if lm:
@@ -365,11 +374,11 @@ def demo(out, lm, device, overwrite):
         model = resource_path("sample_models", SAMPLE_MODEL)
         say(f"deadscan demo: the paper's MLP trained on sklearn's digits ({model.name})\n")
         data, split = DataOptions("digits"), DEFAULTS.split
-    previous = pipeline.summary_in(Path(out))  # a demo may redo its own folder (the same model and data)
+    previous = summary_or_empty(out)  # a demo may redo its own folder (the same model and data)
     own = ((previous.get("checkpoint") or {}).get("path") == str(model)
            and (previous.get("data") or {}).get("name") == data.name)
     result = pipeline.inspect(model, data, split=split, output=OutputOptions(out, overwrite or own), device=device,
-                              command=_command_line(), progress=True)
+                              command=_command_line(), progress=True, started=_started())
     if result.main:
         _print_inspection(result, as_json=False)
         _echo(f"outputs in {result.summary_path.parent}/")
@@ -485,7 +494,7 @@ def strip(ctx, checkpoint, arch, from_dir, baseline, resume, finalize, compact, 
                                     output=OutputOptions(out, overwrite, plotlyjs, csv), from_dir=from_dir,
                                     baseline=baseline, resume=resume, device=device, command=_command_line(),
                                     compact=compact, on_epoch=on_epoch, progress=True, corrupted=corrupted,
-                                    finalize=finalize)
+                                    finalize=finalize, started=_started())
     s = run.summary
     t, b = s["totals"], s["start"]
     _echo(f"\nstart (the input checkpoint): dead {b['dead']} of {b['neurons']}  %A {_fmt(b['active_percent'])}")

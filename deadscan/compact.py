@@ -177,9 +177,13 @@ def cpu_latencies_ms(models: list[nn.Module], example, repeats: int = 30) -> lis
     """CPU latency of one forward on ``example`` (a tensor, or a token batch dict) per model, in ms: the
     median and the quartiles of ``repeats`` runs, the models timed in turn (a, b, a, b, ...) after a warm-up
     of each, so load on the machine reaches all of them alike instead of skewing the first."""
-    runs = []
+    runs, modes = [], []
     for model in models:
-        m = copy.deepcopy(model).to("cpu").eval()  # timing on CPU whatever the training device
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        # timed on CPU whatever the training device; a model already there is timed in place (no copy of an LM)
+        m = model if on_cpu else copy.deepcopy(model).to("cpu")
+        modes.append((m, m.training))
+        m.eval()
         if isinstance(example, dict):
             from .data.tokens import model_kwargs
 
@@ -198,6 +202,8 @@ def cpu_latencies_ms(models: list[nn.Module], example, repeats: int = 30) -> lis
                 t0 = time.perf_counter()
                 run()
                 t.append(time.perf_counter() - t0)
+    for m, training in modes:
+        m.train(training)
     out = []
     for t in times:
         q1, med, q3 = (1000 * float(v) for v in np.percentile(t, [25, 50, 75]))

@@ -21,7 +21,7 @@ from .options import DataOptions, LoadOptions, OutputOptions, TrainConfig
 from .outputs import claim_out_dir
 from .report import build_summary, start_state, write_outputs, write_summary
 from .reportdata import capture_weights, collect
-from .runfolder import previous_run, summary_or_empty
+from .runfolder import previous_run
 from .runs import write_csv
 from .scan import ScanResult, nothing_to_strip, resolve_device, scan
 from .trace import find_sites
@@ -42,9 +42,10 @@ class Inspection:
 def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEFAULTS.split,
             limit: int | None = None, load: LoadOptions = LoadOptions(), output: OutputOptions = OutputOptions(),
             batch_size: int = DEFAULTS.batch_size, device: str | None = None, tau: float = DEFAULTS.tau,
-            command: str = "", progress: bool = False) -> Inspection:
-    """Scan ``checkpoint`` on one split of ``data`` (a DataOptions, or just its name) and write the outputs."""
-    start = time.perf_counter()
+            command: str = "", progress: bool = False, started: float | None = None) -> Inspection:
+    """Scan ``checkpoint`` on one split of ``data`` (a DataOptions, or just its name) and write the outputs.
+    ``started``: the time.perf_counter() the run's clock starts from (the command line's start)."""
+    start = time.perf_counter() if started is None else started
     data = (DataOptions(name=data) if isinstance(data, str) else data).absolute()  # as the record keeps it
     out = Path(output.out or DEFAULTS.out_dir)
     group = distributed.setup(resolve_device(device))
@@ -79,12 +80,29 @@ def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEF
                                 elapsed=time.perf_counter() - start)
         if not group.is_main:
             return Inspection(ckpt, ds, result, cap, summary, Path(out) / "summary.json", main=False)
+        if result.tokens is not None:  # a language model: which tokens fire its rarest live neurons
+            from .rare_tokens import rare_tokens
+
+            summary["rare_tokens"] = rare_tokens(model, result, ds, batch_size=batch_size, device=dev,
+                                                 tokenizer=_tokenizer(data.tokenizer or _hf_folder(checkpoint)))
         path = write_summary(summary, out)
         report_data = collect(summary, result, model)
         files = write_outputs(report_data, out, plotlyjs=output.plotlyjs)  # stats.h5, report.html
         if output.csv:  # sites.csv, neurons.csv
             files.update(write_csv(report_data, out))
         return Inspection(ckpt, ds, result, cap, summary, path, files)
+
+
+def _tokenizer(folder: str | None):
+    """The tokenizer saved in ``folder`` (the model folder, or --tokenizer), or None: tokens show as ids."""
+    if folder is None:
+        return None
+    from .data.tokens import load_tokenizer
+
+    try:
+        return load_tokenizer(folder)
+    except DataError:  # a folder without a tokenizer: ids are still the answer
+        return None
 
 
 def _recorded(info):
@@ -119,15 +137,15 @@ def strip_checkpoint(checkpoint: str | Path | None, data: DataOptions | str | No
                      from_dir: str | Path = DEFAULTS.out_dir, baseline: bool = False, resume: bool = False,
                      device: str | None = None, command: str = "", compact: bool = False, on_epoch=None,
                      progress: bool = False, corrupted: DataOptions | None = None,
-                     finalize: bool = False) -> StripRun:
+                     finalize: bool = False, started: float | None = None) -> StripRun:
     """Fine-tune with stripping and write the outputs. ``checkpoint`` None: the one the run in ``from_dir``
     scanned, with its data options under the ones ``data`` gives. ``corrupted``: a test set (e.g. cifar10-c)
     also evaluated at the end. ``finalize``: write the outputs of an interrupted run's completed epochs (its
-    train-state.pt in ``output.out``) without training further."""
+    train-state.pt in ``output.out``) without training further. ``started``: as for :func:`inspect`."""
     if distributed.launched().world > 1:
         raise TraceError("strip under torchrun is not supported yet (fine-tuning runs in one process): run "
                          "deadscan strip without torchrun; deadscan inspect runs data-parallel under torchrun")
-    start = time.perf_counter()
+    start = time.perf_counter() if started is None else started
     if finalize and baseline:
         raise DataError("--finalize writes the outputs of the stripped run's completed epochs; the baseline is "
                         f"not kept in {STATE_FILE}: drop --baseline")
@@ -267,11 +285,6 @@ def _is_causal_lm(name: str) -> bool:
     except ImportError:
         return False
     return name.endswith("LMHeadModel") and name in set(names.values())
-
-
-def summary_in(folder: Path) -> dict:
-    """The checked summary.json an earlier run left in ``folder`` ({} if none or unreadable)."""
-    return summary_or_empty(folder)
 
 
 def _compact(model, final: ScanResult, val: Dataset, cfg: TrainConfig, out: Path, arch: str,

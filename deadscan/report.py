@@ -343,7 +343,7 @@ def render_report(data, *, plotlyjs: str = DEFAULTS.plotlyjs) -> str:
         "no_feeding": [x for x in s["sites"] if not x.get("feeding_layer")], "opaque": s.get("opaque") or [],
         "definitions": s.get("definitions") or DEFINITIONS, "figures": _figures(report_figures(data)),
         "strip": _strip_info(s), "plotly": _plotly_tag(plotlyjs), "rendered": _rendered(data.source),
-        "warnings": warnings_of(s),
+        "warnings": warnings_of(s), "rare_tokens": s.get("rare_tokens"),
     }
     return _env().get_template("report.html.j2").render(**ctx)
 

@@ -86,6 +86,8 @@ SUMMARY_SCHEMA = {
                  "cpu_latency_ms?": MapOf({"median": NUM, "q1": NUM, "q3": NUM, "runs": COUNT})},
     "outputs?": MapOf(STR),
     "warnings?": [STR],
+    "rare_tokens?": {"sequences": COUNT, "sites": MapOf([{"neuron": COUNT, "frequency": NUM, "fired": COUNT,
+                                                          "tokens": [[ANY]]}])},
     "finalized?": {"epochs_done": COUNT, "epochs_planned": COUNT},
 }
 

@@ -558,3 +558,15 @@ def test_torchvision_without_weights_builds():
 def test_user_code_refused_when_not_allowed():
     with pytest.raises(ArchError, match="deadscan does not import code named by a file"):
         build("os:system(command='true')", allow_user_code=False)
+
+
+def test_save_and_load_safetensors_are_a_pair(tmp_path, hand_mlp, mlp_spec):
+    path = tmp_path / "m.safetensors"
+    deadscan.save_safetensors(hand_mlp, path, mlp_spec)
+    back = deadscan.load_safetensors(path)
+    assert all(torch.equal(a, b) for a, b in zip(hand_mlp.state_dict().values(), back.state_dict().values()))
+    assert list(back.state_dict()) == list(hand_mlp.state_dict())
+    torch.save(hand_mlp.state_dict(), tmp_path / "m.pt")
+    with pytest.raises(deadscan.CheckpointError, match=r"m\.pt: a torch-zip checkpoint, not safetensors; use "
+                                                       r"deadscan\.load"):
+        deadscan.load_safetensors(tmp_path / "m.pt", mlp_spec)

@@ -634,18 +634,22 @@ def test_train_batches_default_augment_and_normalisation(tmp_path):
 
 
 def test_augment_choices_and_errors():
-    ds = id_dataset()
-    assert D.parse_augment("default", ds) == D.Augment()  # Dataset() without a source: none
-    assert D.parse_augment("crop+flip+autoaugment", ds) == D.Augment(True, True, "cifar10")
-    assert D.parse_augment("autoaugment-svhn", ds) == D.Augment(False, False, "svhn")
+    # the text alone (no data needed)
+    assert D.parse_augment("default", default=("crop", "flip")) == D.Augment(True, True)
+    assert D.parse_augment("crop+flip+autoaugment", policy="cifar10") == D.Augment(True, True, "cifar10")
+    assert D.parse_augment("autoaugment-svhn") == D.Augment(False, False, "svhn")
     with pytest.raises(DataError, match="unknown --augment"):
-        D.parse_augment("mixup", ds)
+        D.parse_augment("mixup")
+    # checked against the data
+    ds = id_dataset()
+    assert ds.augmentation("default") == D.Augment()  # Dataset() without a source: none
+    assert ds.augmentation("crop+flip+autoaugment") == D.Augment(True, True, "cifar10")
     with pytest.raises(DataError, match="needs uint8 images"):
-        D.parse_augment("autoaugment", id_dataset(dtype=torch.float32))
+        id_dataset(dtype=torch.float32).augmentation("autoaugment")
     flat = Dataset("flat", "train", torch.zeros(4, 6), torch.zeros(4, dtype=torch.long))
     with pytest.raises(DataError, match=r"needs images \(N, C, H, W\)"):
-        D.parse_augment("crop", flat)
-    assert D.parse_augment("default", flat) == D.Augment()
+        flat.augmentation("crop")
+    assert flat.augmentation("default") == D.Augment()
     assert D.default_padding(32) == 4 and D.default_padding(64) == 8 and D.default_padding(28) == 4
 
 

@@ -98,3 +98,50 @@ def test_demo_lm_then_strip_then_from_pretrained(demo_dir, tmp_path):
     with torch.inference_mode():
         logits = model(input_ids=ids).logits
     assert logits.shape == (1, 5, model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_demo_lm_lists_the_tokens_that_fire_its_rarest_live_neurons(demo_dir):
+    """Every row equals a forward-hook count on transformers' own model: the same rarest live neurons, the
+    same firing positions per token, the tokens as the folder's tokenizer reads them."""
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    rare = summary["rare_tokens"]
+    folder = resource_path("sample_models", SAMPLE_LM)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    data = load_data(str(resource_path("sample_models", SAMPLE_LM_TEXT)), "all", seq_len=SAMPLE_LM_SEQ_LEN,
+                     model_folder=folder)
+    assert rare["sequences"] == len(data)  # fewer than the pass's limit: every sequence was read
+    fired = {i: torch.zeros(FFN, dtype=torch.long) for i in range(LAYERS)}
+    by_token = {i: {} for i in range(LAYERS)}
+    mask = {}
+
+    def hook(module, args, output, i):
+        real = mask["m"].reshape(-1).bool()
+        on = output.reshape(-1, FFN)[real] > 0
+        fired[i] += on.sum(0)
+        ids = mask["ids"].reshape(-1)[real]
+        for t, n in on.nonzero().tolist():
+            by_token[i][(n, ids[t].item())] = by_token[i].get((n, ids[t].item()), 0) + 1
+
+    hooks = [model.model.decoder.layers[i].activation_fn.register_forward_hook(
+        lambda m, a, o, i=i: hook(m, a, o, i)) for i in range(LAYERS)]
+    with torch.inference_mode():
+        for s in range(0, len(data), 16):
+            mask["m"], mask["ids"] = data.attention_mask[s:s + 16], data.input_ids[s:s + 16]
+            model(input_ids=mask["ids"], attention_mask=mask["m"], use_cache=False)
+    for h in hooks:
+        h.remove()
+    assert sorted(rare["sites"]) == [f"model.decoder.layers.{i}.activation_fn" for i in range(LAYERS)]
+    for i in range(LAYERS):
+        counts = fired[i]
+        live = [n for n in range(FFN) if counts[n] > 0]
+        expected = sorted(live, key=lambda n: (int(counts[n]), n))[:5]
+        rows = rare["sites"][f"model.decoder.layers.{i}.activation_fn"]
+        assert [r["neuron"] for r in rows] == expected
+        for r in rows:
+            n = r["neuron"]
+            assert r["fired"] == int(counts[n]) and r["frequency"] == int(counts[n]) / int(data.attention_mask.sum())
+            mine = sorted(((k, t) for (m, t), k in by_token[i].items() if m == n), key=lambda kt: (-kt[0], kt[1]))
+            shown = [[tok.decode([t]) if tok.decode([t]).strip() else repr(tok.decode([t])), k] for k, t in mine[:5]]
+            assert r["tokens"] == shown
+    assert 'class="ds-rare-table"' in (demo_dir / "report.html").read_text()

@@ -9,11 +9,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from typing import TYPE_CHECKING
 
 
-if TYPE_CHECKING:
-    from .dataset import Dataset
 
 
 @dataclass(frozen=True)
@@ -31,40 +28,32 @@ def default_padding(height: int) -> int:
     return max(1, round(height / 8))
 
 
-def parse_augment(augment: str | Augment | None, ds: Dataset) -> Augment:
-    """``"default"``, ``"none"`` or ``crop``/``flip``/``autoaugment[-POLICY]`` joined with ``+``."""
+def parse_augment(augment: str | Augment | None, *, default: tuple[str, ...] | str = (),
+                  policy: str | None = None) -> Augment:
+    """``"default"`` (the dataset's ``default`` augmentations), ``"none"`` or ``crop``/``flip``/``autoaugment``
+    (with the dataset's ``policy``) or ``autoaugment-POLICY`` joined with ``+``. Text only: whether the data
+    can take the plan is the dataset's check (``Dataset.augmentation``)."""
     if isinstance(augment, Augment):
-        plan, text = augment, "custom"
-    else:
-        text = "default" if augment is None else str(augment).strip().lower()
-        crop = flip = False
-        policy = None
-        for token in filter(None, re.split(r"[+,\s]+", text)):
-            if token == "default":
-                crop |= "crop" in ds.augment_default
-                flip |= "flip" in ds.augment_default
-            elif token == "crop":
-                crop = True
-            elif token == "flip":
-                flip = True
-            elif token == "autoaugment":
-                policy = ds.autoaugment_policy
-            elif token.startswith("autoaugment-") and token[12:] in AutoAugment.POLICIES:
-                policy = token[12:]
-            elif token != "none":
-                raise DataError(f"unknown --augment {augment!r}: combine default, none, crop, flip, "
-                                "autoaugment (or autoaugment-cifar10|svhn|imagenet) with '+'")
-        plan = Augment(crop, flip, policy)
-    if not (plan.crop or plan.flip or plan.autoaugment):
-        return plan
-    if len(ds.x.shape) != 4:
-        if text == "default":
-            return Augment()
-        raise DataError(f"--augment {text} needs images (N, C, H, W); --data {ds.name} holds "
-                        f"{tuple(ds.x.shape)}")
-    if plan.autoaugment and ds.x.dtype != torch.uint8:
-        raise DataError(f"--augment autoaugment needs uint8 images; --data {ds.name} holds {ds.x.dtype} inputs")
-    return plan
+        return augment
+    text = "default" if augment is None else str(augment).strip().lower()
+    crop = flip = False
+    chosen = None
+    for token in filter(None, re.split(r"[+,\s]+", text)):
+        if token == "default":
+            crop |= "crop" in default
+            flip |= "flip" in default
+        elif token == "crop":
+            crop = True
+        elif token == "flip":
+            flip = True
+        elif token == "autoaugment":
+            chosen = policy
+        elif token.startswith("autoaugment-") and token[12:] in AutoAugment.POLICIES:
+            chosen = token[12:]
+        elif token != "none":
+            raise DataError(f"unknown --augment {augment!r}: combine default, none, crop, flip, "
+                            "autoaugment (or autoaugment-cifar10|svhn|imagenet) with '+'")
+    return Augment(crop, flip, chosen)
 
 
 def random_crop_flip(x: torch.Tensor, index: torch.Tensor | None = None, *, padding: int = 4, flip: bool = True,

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..defaults import DEFAULTS
+from ..errors import DataError
 from .augment import Augment, AutoAugment, default_padding, parse_augment, random_crop_flip
 from .images import LazyImages
 from .presets import DEVICE_FRACTION, STREAM_WORKERS
@@ -93,6 +94,22 @@ class Dataset:
             for xb, _ in self._stream(None, batch_size, dev):
                 yield self.prepare(xb)
 
+    def augmentation(self, augment) -> Augment:
+        """The augmentation plan ``augment`` names (see :func:`parse_augment`), checked against this data:
+        images (N, C, H, W) for any of them (``default`` on other data: none), uint8 for AutoAugment."""
+        plan = parse_augment(augment, default=self.augment_default, policy=self.autoaugment_policy)
+        if not (plan.crop or plan.flip or plan.autoaugment):
+            return plan
+        if len(self.x.shape) != 4:
+            if augment is None or str(augment).strip().lower() == "default":
+                return Augment()
+            raise DataError(f"--augment {augment} needs images (N, C, H, W); --data {self.name} holds "
+                            f"{tuple(self.x.shape)}")
+        if plan.autoaugment and self.x.dtype != torch.uint8:
+            raise DataError(f"--augment autoaugment needs uint8 images; --data {self.name} holds {self.x.dtype} "
+                            "inputs")
+        return plan
+
     def train_batches(self, batch_size: int, device: torch.device | str,
                       generator: torch.Generator | int | None = None, augment: str | Augment | None = "default",
                       drop_last: bool = False):
@@ -109,7 +126,7 @@ class Dataset:
         device; the only host read is one seed per epoch for AutoAugment's choices, outside the batch loop.
         """
         dev = torch.device(device)
-        plan = parse_augment(augment, self)
+        plan = self.augmentation(augment)
         g = _generator(generator, dev)
         augmenter = AutoAugment(plan.autoaugment) if plan.autoaugment else None
         rng = np.random.default_rng(_draw_seed(g, dev)) if augmenter else None

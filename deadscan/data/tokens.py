@@ -243,7 +243,7 @@ def load_tokens(spec, split: str = DEFAULTS.split, *, seed: int = DEFAULTS.seed,
         if tokenizer is None:
             raise DataError(f"--data {shown(path)} is text: it needs a tokenizer; pass --tokenizer DIR, or a model "
                             "folder holding one")
-        tok = _load_tokenizer(tokenizer)
+        tok = load_tokenizer(tokenizer)
         field_name = text_field or "text"
         texts = _read_texts(path, suffix, field_name)
         n = int(seq_len) if seq_len is not None else min(DEFAULT_SEQ_LEN, _model_max(tok))
@@ -297,7 +297,7 @@ def _check_meta(path, key: str, shape: tuple, dtype: np.dtype) -> None:
         raise DataError(f"{shown(path)}: '{key}' must be shaped (sequences, tokens) with both above 0, got {shape}")
 
 
-def _load_tokenizer(folder):
+def load_tokenizer(folder):
     try:
         from transformers import AutoTokenizer
     except ImportError:
