@@ -16,6 +16,10 @@ Configurations:
 - ``vit``: the paper ViT ``vit-relu()`` (7 layers, dim 384, MLP 1536, 65 tokens) at batch 1024 on
   CUDA. Target: scan <= 1.05 x bare. Without CUDA it runs on CPU at a reduced batch, labelled as
   such: the target is for CUDA and the CPU figure only indicates.
+- ``opt``: a ReLU language model, transformers' ``OPTForCausalLM`` built from a config (4 layers, hidden
+  256, FFN 1024, vocabulary 4096; random weights), token batches of 16 x 128 with the last quarter of
+  every other sequence padded; the bare loop is the Hugging Face forward on the same batches. Target:
+  scan <= 1.10 x bare on CPU. Needs transformers.
 
 Two scan timings are reported: ``scan`` with the site map traced beforehand (what
 ``deadscan inspect`` does; the per-call instrumenting and the final host transfer still count) and
@@ -46,13 +50,28 @@ from deadscan.scan import instrument, resolve_device
 @dataclass
 class Config:
     name: str
-    spec: str
-    input_shape: tuple
+    spec: str  # a deadscan arch spec, or OPT_SPEC
+    input_shape: tuple  # per sample: (C, H, W) images, or (T,) token positions
     batch: int
     batches: int
     device: torch.device
     target: float
     note: str = ""
+
+
+OPT_SPEC = "transformers OPTForCausalLM(layers=4, hidden=256, ffn=1024, vocab=4096), relu"
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    if cfg.spec != OPT_SPEC:
+        return deadscan.build(cfg.spec)
+    from transformers import OPTConfig, OPTForCausalLM
+
+    small = cfg.input_shape[0] < 128  # --quick
+    conf = OPTConfig(vocab_size=4096, hidden_size=64 if small else 256, num_hidden_layers=1 if small else 4,
+                     ffn_dim=128 if small else 1024, num_attention_heads=4, max_position_embeddings=512,
+                     activation_function="relu", word_embed_proj_dim=64 if small else 256)
+    return OPTForCausalLM(conf)
 
 
 def device_name(dev: torch.device) -> str:
@@ -73,15 +92,26 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def make_batches(cfg: Config) -> list[torch.Tensor]:
+def make_batches(cfg: Config) -> list:
     g = torch.Generator().manual_seed(0)
-    return [torch.randn((cfg.batch, *cfg.input_shape), generator=g).to(cfg.device) for _ in range(cfg.batches)]
+    if cfg.spec != OPT_SPEC:
+        return [torch.randn((cfg.batch, *cfg.input_shape), generator=g).to(cfg.device) for _ in range(cfg.batches)]
+    t = cfg.input_shape[0]
+    out = []
+    for _ in range(cfg.batches):
+        ids = torch.randint(4, 4096, (cfg.batch, t), generator=g)
+        mask = torch.ones_like(ids)
+        mask[::2, t - t // 4:] = 0  # every other sequence ends in padding
+        out.append({"input_ids": ids.to(cfg.device), "attention_mask": mask.to(cfg.device)})
+    return out
 
 
 def bare_loop(model, batches) -> None:
+    from deadscan.data.tokens import model_kwargs
+
     with torch.inference_mode():
         for xb in batches:
-            model(xb)
+            model(**model_kwargs(model, xb)) if isinstance(xb, dict) else model(xb)
 
 
 def timed(fn, dev: torch.device, cpu: list | None = None) -> float:
@@ -98,7 +128,7 @@ def timed(fn, dev: torch.device, cpu: list | None = None) -> float:
 
 def run_config(cfg: Config, repeats: int, warmup: int) -> dict:
     torch.manual_seed(0)
-    model = deadscan.build(cfg.spec).to(cfg.device).eval()
+    model = build_model(cfg).to(cfg.device).eval()
     batches = make_batches(cfg)
     t0 = time.perf_counter()
     sitemap = deadscan.find_sites(model)
@@ -163,6 +193,12 @@ def configs(args) -> list[Config]:
             out.append(Config("vit (CPU fallback)", "vit-relu()", (3, 32, 32), args.batch_size or 32,
                               args.batches or 4, vit_dev, 1.05,
                               "no CUDA: reduced batch on CPU; the 1.05 target is for CUDA at batch 1024"))
+    if "opt" in args.config:
+        opt_dev = mlp_dev
+        if args.quick:
+            out.append(Config("opt (quick)", OPT_SPEC, (16,), 4, args.batches or 2, opt_dev, 1.10, "tiny smoke sizes"))
+        else:
+            out.append(Config("opt", OPT_SPEC, (128,), args.batch_size or 16, args.batches or 8, opt_dev, 1.10))
     return out
 
 
@@ -175,12 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed runs of each loop first (default 2)")
     p.add_argument("--batches", type=int, default=None, help="batches per run (default: 8; 4 for the ViT on CPU)")
     p.add_argument("--batch-size", type=int, default=None, help="override the batch size of both configurations")
-    p.add_argument("--config", default="mlp,vit", help="comma-separated: mlp, vit (default both)")
+    p.add_argument("--config", default="mlp,vit,opt", help="comma-separated: mlp, vit, opt (default all)")
     p.add_argument("--quick", action="store_true", help="tiny models and batches: a smoke run, figures meaningless")
     args = p.parse_args(argv)
     args.config = {c.strip() for c in args.config.split(",") if c.strip()}
-    if not args.config <= {"mlp", "vit"} or args.repeats < 1 or args.warmup < 0:
-        p.error("--config takes mlp and/or vit; --repeats >= 1; --warmup >= 0")
+    if not args.config <= {"mlp", "vit", "opt"} or args.repeats < 1 or args.warmup < 0:
+        p.error("--config takes mlp, vit and/or opt; --repeats >= 1; --warmup >= 0")
     if args.device != "auto" and args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available")
 
