@@ -4,6 +4,7 @@ Ctrl-C, the exported stripped model, and the ``deadscan strip`` command. Tiny da
 from __future__ import annotations
 
 import copy
+import html
 import json
 from collections import OrderedDict
 
@@ -387,6 +388,9 @@ def test_cli_strip_warns_about_settings_that_cannot_do_what_they_say(tmp_path, r
                              "--out", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
     assert r.stderr.splitlines()[0] == warning
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["warnings"] == [warning.removeprefix("Warning: ")]  # and on the report's banner
+    assert html.escape(warning.removeprefix("Warning: "), quote=False) in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_demo_then_strip_keeps_the_inspect_and_compares_with_it(tmp_path, runner, monkeypatch):
