@@ -10,6 +10,8 @@ import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
+
 from .capacity import Capacity, capacity
 from .checkpoint import Checkpoint, load_checkpoint, save_masks, save_safetensors
 from .data import Dataset, check_fits, load_data
@@ -62,7 +64,7 @@ def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEF
             ckpt = load_checkpoint(checkpoint, load.arch, trust_pickle=load.trust_pickle,
                                    allow_globals=load.allow_globals)
             ds = load_data(data.name, split, limit=limit, model_folder=_hf_folder(checkpoint), **data.load_kwargs())
-            model = ckpt.model.to(dev)
+            model = for_device(ckpt.model, dev)
             check_fits(model, ds, dev)
             sitemap = find_sites(model)
         except DeadscanError as e:
@@ -78,6 +80,7 @@ def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEF
             data_info["tokens"] = result.tokens  # real tokens scanned: padded positions never count
         summary = build_summary(result, cap, command=command, checkpoint=_recorded(ckpt.info), data=data_info,
                                 elapsed=time.perf_counter() - start)
+        summary["scan_dtype"] = _dtype_name(model)
         if not group.is_main:
             return Inspection(ckpt, ds, result, cap, summary, Path(out) / "summary.json", main=False)
         if result.tokens is not None:  # a language model: which tokens fire its rarest live neurons
@@ -91,6 +94,21 @@ def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEF
         if output.csv:  # sites.csv, neurons.csv
             files.update(write_csv(report_data, out))
         return Inspection(ckpt, ds, result, cap, summary, path, files)
+
+
+def for_device(model, dev):
+    """The model on ``dev``: bf16/fp16 weights stay so on a GPU (statistics still accumulate in fp32/fp64)
+    and become float32 on the CPU, where half-precision matmuls are slow and round differently."""
+    halves = {torch.float16, torch.bfloat16}
+    if dev.type == "cpu" and any(p.dtype in halves for p in model.parameters()):
+        model = model.float()
+    return model.to(dev)
+
+
+def _dtype_name(model) -> str:
+    """The dtype the model computed in (its first floating-point parameter's), e.g. "float32"."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return "float32" if p is None else str(p.dtype).removeprefix("torch.")
 
 
 def _tokenizer(folder: str | None):

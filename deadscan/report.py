@@ -114,6 +114,7 @@ def build_summary(scan: ScanResult, cap: Capacity, *, command: str, checkpoint: 
         "checkpoint": None if checkpoint is None else {
             "path": checkpoint.path, "sha256": checkpoint.sha256, "format": checkpoint.format, "arch": checkpoint.arch,
             "nonfinite": list(getattr(checkpoint, "nonfinite", ())),  # layers with NaN/Inf weights (warned about)
+            **({"dtype": checkpoint.dtype} if getattr(checkpoint, "dtype", None) else {}),  # the weights' (HF)
         },
         "data": data,
         "device": scan.device,

@@ -411,3 +411,24 @@ def test_image_options_refused_with_tokens(tmp_path, opt):
 def test_token_options_refused_with_images(tmp_path, mlp_file):
     line = _one_error("inspect", mlp_file, "--data", "digits", "--seq-len", 8, "--out", tmp_path / "o")
     assert "--seq-len" in line, line
+
+
+def test_a_bf16_folder_scans_in_float32_on_the_cpu_and_says_so(tmp_path):
+    """Half-precision weights keep their dtype when loaded; on the CPU the scan computes in float32 (the
+    summary says which), so the dead sets equal a float32 forward-hook count of the same weights."""
+    torch.manual_seed(0)
+    model = _plant(transformers.OPTForCausalLM(CONFIGS["OPTForCausalLM"]()), "OPTForCausalLM").to(torch.bfloat16)
+    folder = tmp_path / "opt-bf16"
+    model.save_pretrained(folder)
+    data = _tokens_file(tmp_path)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["inspect", str(folder), "--data", str(data), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["checkpoint"]["dtype"], summary["scan_dtype"]) == ("bfloat16", "float32")
+    ds = load_data(str(data), "val")
+    acts = [a for a, _, _ in _ffn_sites("OPTForCausalLM")]
+    counts = _oracle(deadscan.load(str(folder)).float(), ds, acts)
+    for site in summary["sites"]:
+        assert site["dead_indices"] == np.flatnonzero(counts[site["name"]] == 0).tolist()
+    assert sum(s["dead"] for s in summary["sites"]) > 0  # the planted neurons
