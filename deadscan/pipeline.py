@@ -42,9 +42,16 @@ class Inspection:
 def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEFAULTS.split,
             limit: int | None = None, load: LoadOptions = LoadOptions(), output: OutputOptions = OutputOptions(),
             batch_size: int = DEFAULTS.batch_size, device: str | None = None, tau: float = DEFAULTS.tau,
-            command: str = "", progress: bool = False) -> Inspection:
-    """Scan ``checkpoint`` on one split of ``data`` (a DataOptions, or just its name) and write the outputs."""
+            command: str = "", progress: bool = False, device_map=None) -> Inspection:
+    """Scan ``checkpoint`` on one split of ``data`` (a DataOptions, or just its name) and write the outputs.
+    ``device_map``: a :class:`deadscan.devmap.DeviceMap` placing the model's layers over the GPUs, CPU memory
+    and disk (instead of ``device``)."""
     start = time.perf_counter()
+    if device_map is not None:
+        from . import devmap
+
+        devmap.check_run(device_map, device, distributed.launched().world)
+    placed = None
     data = (DataOptions(name=data) if isinstance(data, str) else data).absolute()  # as the record keeps it
     out = Path(output.out or DEFAULTS.out_dir)
     group = distributed.setup(resolve_device(device))
@@ -61,9 +68,15 @@ def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEF
             ckpt = load_checkpoint(checkpoint, load.arch, trust_pickle=load.trust_pickle,
                                    allow_globals=load.allow_globals)
             ds = load_data(data.name, split, limit=limit, model_folder=_hf_folder(checkpoint), **data.load_kwargs())
-            model = ckpt.model.to(dev)
+            if device_map is None:
+                model = ckpt.model.to(dev)
+            else:  # restored (hooks removed, weights back on the CPU) after the scan, or on any error
+                placed = stack.enter_context(devmap.dispatch(ckpt.model, device_map))
+                model, dev = ckpt.model, placed.input_device
             check_fits(model, ds, dev)
             sitemap = find_sites(model)
+            if placed is not None:
+                devmap.check_sites(sitemap, placed, device_map)
         except DeadscanError as e:
             error = e
         if staged and group.is_main:
@@ -71,12 +84,16 @@ def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEF
         group.check(error)
         result = scan(model, ds, sitemap=sitemap, batch_size=batch_size, device=dev, tau=tau,
                       progress=progress and group.is_main, input_means=True)
+        if placed is not None:
+            placed.restore()
         cap = capacity(model, result)
         data_info = {**ds.describe(), "root": data.root}
         if result.tokens is not None:
             data_info["tokens"] = result.tokens  # real tokens scanned: padded positions never count
         summary = build_summary(result, cap, command=command, checkpoint=_recorded(ckpt.info), data=data_info,
                                 elapsed=time.perf_counter() - start)
+        if placed is not None:
+            summary["device_map"] = placed.device_map
         if not group.is_main:
             return Inspection(ckpt, ds, result, cap, summary, Path(out) / "summary.json", main=False)
         path = write_summary(summary, out)

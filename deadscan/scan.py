@@ -404,7 +404,8 @@ def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: 
     """
     dev = resolve_device(device)
     group = distributed.current()
-    model.to(dev)
+    if not _dispatched(model):  # placed by accelerate (deadscan.devmap): its layers stay where they are
+        model.to(dev)
     if sitemap is None:
         sitemap = find_sites(model)
     was_training = model.training
@@ -624,9 +625,31 @@ def _result(model: nn.Module, st: SiteStats, tau: float, forwards: int) -> SiteR
     if st.unmasked:
         site = _with_note(site, "its activation is not laid out by token positions: padded positions counted too")
     n = st.sum.shape[0]
-    provable = provably_dead(model, site, n)
+    with _onloaded(model, site):
+        provable = provably_dead(model, site, n)
     return SiteResult(site, st.sum.cpu().numpy(), st.active.cpu().numpy(), st.elements,
                       st.pre_max.cpu().numpy(), provable, tau)
+
+
+def _dispatched(model: nn.Module) -> bool:
+    """Placed over devices by accelerate's ``dispatch_model`` (its hooks move inputs and offloaded weights)."""
+    return any(hasattr(m, "_hf_hook") for m in model.modules())
+
+
+@contextlib.contextmanager
+def _onloaded(model: nn.Module, site: Site):
+    """The weights :func:`provably_dead` reads, for the moment on their module's execution device when
+    accelerate offloaded them (parameters on the meta device, values on the CPU or disk)."""
+    names = [] if site.feeding is None else [site.feeding.layer] + [
+        arg if op == "bn" else arg.rpartition(".")[0] for op, arg in site.feeding.chain if op in ("bn", "bias")]
+    with contextlib.ExitStack() as stack:
+        for name in dict.fromkeys(names):
+            module = model.get_submodule(name)
+            if hasattr(module, "_hf_hook") and any(t.is_meta for t in module.parameters(recurse=False)):
+                from accelerate.utils import align_module_device
+
+                stack.enter_context(align_module_device(module))
+        yield
 
 
 def _with_note(site: Site, note: str) -> Site:
