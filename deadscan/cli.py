@@ -166,12 +166,22 @@ def _print_inspection(result, as_json: bool) -> None:
               f"{d.get('tokens')} tokens (padding excluded) on {s['device']}{where}")
     else:
         _echo(f"data {d['name']} split {d['split']}: {d['samples']} samples on {s['device']}{where}")
+    if s.get("device_map"):
+        _echo(f"device map: {_placement(s['device_map'])} (all in summary.json)")
     _echo("")
     _echo(format_table(s))
     _echo("")
     for path in (result.files or {}).values():  # stats.h5, report.html
         _echo(f"wrote {path}")
     _echo(f"wrote {result.summary_path}")
+
+
+def _placement(device_map: dict[str, str]) -> str:
+    """``cpu: 4 modules; disk: model.decoder.layers``: each device, with its modules if one or two."""
+    on: dict[str, list[str]] = {}
+    for module, device in device_map.items():
+        on.setdefault(device, []).append(module or "(the whole model)")
+    return "; ".join(f"{d}: {', '.join(m) if len(m) <= 2 else f'{len(m)} modules'}" for d, m in on.items())
 
 
 @click.group(cls=_Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})

@@ -48,9 +48,11 @@ def _run(*args):
     return res, err
 
 
-def _ok(*args) -> dict:
+def _ok(*args, said: str | None = None) -> dict:
     res, err = _run(*args)
     assert res.exit_code == 0 and not err, res.output
+    if said is not None:
+        assert said in res.output.splitlines(), res.output
     out = args[args.index("--out") + 1]
     return json.loads((out / "summary.json").read_text())
 
@@ -108,7 +110,8 @@ def test_max_memory_offloads_layers_to_disk(tmp_path, opt, tokens, offloads):
     tmp, seen = offloads
     plain = _plain(tmp_path, opt, tokens, "--split", "all")
     placed = _ok("inspect", opt, "--data", tokens, "--split", "all", "--out", tmp_path / "auto",
-                 "--device-map", "auto", "--max-memory", "cpu=20KB")
+                 "--device-map", "auto", "--max-memory", "cpu=20KB",
+                 said="device map: cpu: 4 modules; disk: model.decoder.layers (all in summary.json)")
     _same_scan(plain, placed)
     assert placed["device_map"] == AUTO_20KB and "device_map" not in plain
     for i in (0, 1):
@@ -147,7 +150,8 @@ def test_plain_module_checkpoint(tmp_path, mlp_file, npz_data):
     """The hand-built MLP: fc2 (whose rows 0-2 are provably dead, read from its weights) offloaded to disk."""
     plain = _plain(tmp_path, mlp_file, npz_data)
     layers = {"flatten": "cpu", "fc1": "cpu", "relu1": "cpu", "fc2": "disk", "relu2": "cpu", "head": "cpu"}
-    placed = _ok("inspect", mlp_file, "--data", npz_data, "--out", tmp_path / "mlp", "--device-map", json.dumps(layers))
+    placed = _ok("inspect", mlp_file, "--data", npz_data, "--out", tmp_path / "mlp", "--device-map", json.dumps(layers),
+                 said="device map: cpu: 5 modules; disk: fc2 (all in summary.json)")
     _same_scan(plain, placed)
     assert placed["device_map"] == layers
     assert [s["dead_indices"] for s in placed["sites"]] == [[0, 1], [0, 1, 2]]
