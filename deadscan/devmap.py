@@ -2,8 +2,9 @@
 
 :class:`DeviceMap` is what ``--device-map`` and ``--max-memory`` say, parsed and checked without torch or
 accelerate (the command line builds it). :func:`dispatch` places a loaded model's layers over the GPUs, CPU
-memory and disk (accelerate's ``infer_auto_device_map`` and ``dispatch_model``; disk-offloaded weights go
-to a temporary folder removed afterwards); the scan's hooks then see every site, each site's statistics
+memory and disk (accelerate's ``infer_auto_device_map`` and ``dispatch_model``; disk-offloaded layers are read
+from a Hugging Face folder's safetensors files, other weights go to a temporary folder removed afterwards);
+the scan's hooks then see every site, each site's statistics
 stay on the device its activations are on and are brought to the host once at the end.
 :meth:`Dispatched.restore` removes accelerate's hooks and puts the loaded weights back (the memory-mapped
 tensors of the folder's files: holding them costs no memory beyond the page cache), so what reads weights
@@ -197,9 +198,11 @@ class Dispatched:
         self.restore()
 
 
-def dispatch(model, spec: DeviceMap) -> Dispatched:
+def dispatch(model, spec: DeviceMap, folder=None) -> Dispatched:
     """Place ``model`` (loaded, on the CPU) as ``spec`` says; use it as a context manager or call
-    :meth:`Dispatched.restore` when done."""
+    :meth:`Dispatched.restore` when done. ``folder``: the Hugging Face folder the model was loaded from, whose
+    safetensors files disk-offloaded layers are then read from as they are (nothing copied); other weights
+    on disk are written to a temporary folder."""
     try:
         import accelerate
         from accelerate import dispatch_model, infer_auto_device_map
@@ -235,7 +238,9 @@ def dispatch(model, spec: DeviceMap) -> Dispatched:
         main = next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
         offload = Path(tempfile.mkdtemp(prefix="deadscan-offload-")) if "disk" in device_map.values() else None
         try:
-            dispatch_model(model, device_map, main_device=main, offload_dir=None if offload is None else str(offload))
+            index = None if offload is None else _offload(model, device_map, folder, offload)
+            dispatch_model(model, device_map, main_device=main, offload_dir=None if offload is None else str(offload),
+                           offload_index=index)
         except BaseException as e:
             Dispatched(model, device_map, None, saved, offload).restore()
             if isinstance(e, (ValueError, RuntimeError, OSError)):  # a map accelerate refuses; a full disk
@@ -245,6 +250,47 @@ def dispatch(model, spec: DeviceMap) -> Dispatched:
     finally:
         quiet.setLevel(level)
     return Dispatched(model, device_map, torch.device(device_name(main) if main != "cpu" else "cpu"), saved, offload)
+
+
+def _offload(model, device_map: dict, folder, offload: Path) -> dict:
+    """accelerate's offload index of the disk-offloaded tensors: those the folder's safetensors files hold
+    (under their own name or the one ``load_folder`` gave them, of the model's shape) are read from there, the
+    others (a plain checkpoint's, tensors converted or made on load) are written to ``offload``."""
+    from accelerate.utils import offload_weight
+    from accelerate.utils.offload import extract_submodules_state_dict
+
+    state = extract_submodules_state_dict(model.state_dict(), [n for n, d in device_map.items() if d == "disk"])
+    index = _in_files(model, folder, state) if folder is not None else {}
+    for key, tensor in state.items():
+        if key not in index:
+            offload_weight(tensor, key, str(offload), index)
+    return index
+
+
+def _in_files(model, folder, state: dict) -> dict:
+    from safetensors import safe_open
+
+    from .hf import plan
+
+    p = plan(folder)
+    if p.format not in ("hf-safetensors", "hf-sharded"):
+        return {}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    index = {}
+    for path in p.files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                key = name  # a base model's save read into a head model, or the other way round (hf._rename)
+                if name not in state and prefix:
+                    if f"{prefix}.{name}" in state:
+                        key = f"{prefix}.{name}"
+                    elif name.startswith(prefix + "."):
+                        key = name[len(prefix) + 1:]
+                t = state.get(key)
+                if t is not None and key not in index and list(f.get_slice(name).get_shape()) == list(t.shape):
+                    index[key] = {"safetensors_file": str(path), "weight_name": name,
+                                  "dtype": str(t.dtype).removeprefix("torch.")}
+    return index
 
 
 def _layers(model, spec: DeviceMap) -> dict:

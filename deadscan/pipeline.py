@@ -71,7 +71,7 @@ def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEF
             if device_map is None:
                 model = ckpt.model.to(dev)
             else:  # restored (hooks removed, weights back on the CPU) after the scan, or on any error
-                placed = stack.enter_context(devmap.dispatch(ckpt.model, device_map))
+                placed = stack.enter_context(devmap.dispatch(ckpt.model, device_map, _hf_folder(checkpoint)))
                 model, dev = ckpt.model, placed.input_device
             check_fits(model, ds, dev)
             sitemap = find_sites(model)

@@ -85,11 +85,17 @@ def offloads(tmp_path, monkeypatch):
 
     def spy(model, device_map, **kw):
         out = original(model, device_map, **kw)
-        folder = kw.get("offload_dir")
-        seen.append((folder, sorted(os.listdir(folder)) if folder else None))
+        folder, index = kw.get("offload_dir"), kw.get("offload_index") or {}
+        read = {k: (os.path.basename(v["safetensors_file"]), v["weight_name"]) for k, v in index.items()
+                if "safetensors_file" in v}
+        seen.append((folder, sorted(os.listdir(folder)) if folder else None, read))
         return out
     monkeypatch.setattr(accelerate, "dispatch_model", spy)
     return tmp, seen
+
+
+def _layer_keys(*layers) -> list[str]:
+    return sorted(f"{DECODER}.layers.{i}.{t.removesuffix('.dat')}" for i in layers for t in LAYER_TENSORS)
 
 
 def _same_scan(plain: dict, placed: dict) -> None:
@@ -117,9 +123,11 @@ def test_max_memory_offloads_layers_to_disk(tmp_path, opt, tokens, offloads):
     for i in (0, 1):
         site = {s["name"]: s for s in placed["sites"]}[f"{DECODER}.layers.{i}.activation_fn"]
         assert site["neurons"] == 32 and set(PLANTED) <= set(site["dead_indices"])
-    [(folder, files)] = seen  # both decoder layers' tensors were written to the offload folder...
-    assert files == sorted(["index.json", *(f"{DECODER}.layers.{i}.{t}" for i in (0, 1) for t in LAYER_TENSORS)])
-    assert os.path.dirname(folder) == str(tmp) and os.listdir(tmp) == []  # ...which is gone afterwards
+    [(folder, files, read)] = seen  # both decoder layers' tensors read from the folder's shards, none copied...
+    assert files == [] and sorted(read) == _layer_keys(0, 1)
+    assert {k: n for k, (_, n) in read.items()} == {k: k for k in read}
+    assert {shard for shard, _ in read.values()} <= {p.name for p in opt.glob("model-*.safetensors")}
+    assert os.path.dirname(folder) == str(tmp) and os.listdir(tmp) == []  # ...and the offload folder is gone
 
 
 def test_sequential_within_max_memory(tmp_path, opt, tokens):
@@ -137,7 +145,7 @@ def test_json_map_names_layers(tmp_path, opt, tokens, offloads):
                  "--device-map", json.dumps(EXPLICIT))
     _same_scan(plain, placed)
     assert placed["device_map"] == EXPLICIT
-    assert seen[0][1] == sorted(["index.json", *(f"{DECODER}.layers.0.{t}" for t in LAYER_TENSORS)])
+    assert seen[0][1] == [] and sorted(seen[0][2]) == _layer_keys(0)
     path = tmp_path / "map.json"  # the same map from a file
     path.write_text(json.dumps({**EXPLICIT, f"{DECODER}.layers.1": "disk"}))
     placed = _ok("inspect", opt, "--data", tokens, "--split", "all", "--out", tmp_path / "file",
@@ -146,8 +154,10 @@ def test_json_map_names_layers(tmp_path, opt, tokens, offloads):
     assert placed["device_map"] == {**EXPLICIT, f"{DECODER}.layers.1": "disk"} and os.listdir(tmp) == []
 
 
-def test_plain_module_checkpoint(tmp_path, mlp_file, npz_data):
-    """The hand-built MLP: fc2 (whose rows 0-2 are provably dead, read from its weights) offloaded to disk."""
+def test_plain_module_checkpoint(tmp_path, mlp_file, npz_data, offloads):
+    """The hand-built MLP: fc2 (whose rows 0-2 are provably dead, read from its weights) offloaded to disk,
+    written to the offload folder (a plain checkpoint is no Hugging Face folder to read it from)."""
+    tmp, seen = offloads
     plain = _plain(tmp_path, mlp_file, npz_data)
     layers = {"flatten": "cpu", "fc1": "cpu", "relu1": "cpu", "fc2": "disk", "relu2": "cpu", "head": "cpu"}
     placed = _ok("inspect", mlp_file, "--data", npz_data, "--out", tmp_path / "mlp", "--device-map", json.dumps(layers),
@@ -156,6 +166,7 @@ def test_plain_module_checkpoint(tmp_path, mlp_file, npz_data):
     assert placed["device_map"] == layers
     assert [s["dead_indices"] for s in placed["sites"]] == [[0, 1], [0, 1, 2]]
     assert placed["totals"]["provably_dead"] == 3 and placed["totals"]["active_percent"] == 58.8235
+    assert seen[0][1:] == (["fc2.bias.dat", "fc2.weight.dat"], {}) and os.listdir(tmp) == []
 
 
 def test_library_scan_of_a_dispatched_model():
