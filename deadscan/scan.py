@@ -41,8 +41,10 @@ class ValidPositions:
         self.idx: torch.Tensor | None = None
         self.rows = 0  # positions in the batch (B * T)
         self.count = 0  # valid positions in the batch (host int)
+        self._on: dict[torch.device, torch.Tensor] = {}
 
     def set(self, mask: torch.Tensor | None) -> None:
+        self._on = {}  # the indices copied to other devices (a model dispatched over several GPUs)
         if mask is None:
             self.idx, self.rows, self.count = None, 0, 0
             return
@@ -56,7 +58,12 @@ class ValidPositions:
         batch's token positions (e.g. a pooled (B, F) activation)."""
         if axis != x.ndim - 1 or x.ndim < 2 or x.numel() // max(x.shape[-1], 1) != self.rows:
             return None
-        return x.reshape(-1, x.shape[-1]).index_select(0, self.idx)
+        idx = self.idx
+        if idx.device != x.device:  # a layer on another device than the inputs: once per batch and device
+            idx = self._on.get(x.device)
+            if idx is None:
+                idx = self._on[x.device] = self.idx.to(x.device)
+        return x.reshape(-1, x.shape[-1]).index_select(0, idx)
 
 
 class SiteStats:
