@@ -217,7 +217,8 @@ def dispatch(model, spec: DeviceMap, folder=None) -> Dispatched:
     del accelerate
     device_map = _layers(model, spec) if spec.mode is None else None
     memory = None if spec.max_memory is None else dict(spec.max_memory)
-    _check_devices([*(device_map or {}).values(), *(memory or {})])
+    _check_devices((device_map or {}).values(), "--device-map")
+    _check_devices(memory or {}, "--max-memory")
     no_split = sorted(getattr(model, "_no_split_modules", None) or ())
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     quiet = logging.getLogger("accelerate")
@@ -312,16 +313,19 @@ def _layers(model, spec: DeviceMap) -> dict:
     return out
 
 
-def _check_devices(devices) -> None:
+def _check_devices(devices, option: str) -> None:
     import torch
 
+    devices = list(devices)
     gpus = sorted({d for d in devices if isinstance(d, int)})
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus and gpus[-1] >= have:
         there = f"GPUs 0 to {have - 1}" if have else "no CUDA GPU"
-        raise DeviceMapError(f"GPU {gpus[-1]} is named but this machine has {there}; name cpu or disk instead")
+        others = "cpu, disk" if option == "--device-map" else "cpu"
+        raise DeviceMapError(f"{option} names GPU {gpus[-1]} but this machine has {there}; name only the devices "
+                             f"it has ({others})")
     if "mps" in devices and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise DeviceMapError("mps is named but Apple's MPS is not available on this machine")
+        raise DeviceMapError(f"{option} names mps but Apple's MPS is not available on this machine")
 
 
 def check_run(spec: DeviceMap, device: str | None, processes: int) -> None:

@@ -241,7 +241,13 @@ def test_bad_maps_for_the_model(tmp_path, opt, tokens):
         "first layers must fit in memory: allow a device more")
     if not torch.cuda.is_available():
         assert error("--device-map", json.dumps({**EXPLICIT, "lm_head": "cuda:1"})) == (
-            "Error: GPU 1 is named but this machine has no CUDA GPU; name cpu or disk instead")
+            "Error: --device-map names GPU 1 but this machine has no CUDA GPU; name only the devices it has (cpu, "
+            "disk)")
+        assert error("--device-map", "sequential", "--max-memory", "0=1GiB,cpu=1GiB") == (
+            "Error: --max-memory names GPU 0 but this machine has no CUDA GPU; name only the devices it has (cpu)")
+    if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        assert error("--device-map", "auto", "--max-memory", "mps=1GiB") == (
+            "Error: --max-memory names mps but Apple's MPS is not available on this machine")
     assert error("--device-map", str(tmp_path / "missing.json")) == (
         f"Error: --device-map {tmp_path / 'missing.json'}: cannot read the device map file "
         f"({tmp_path / 'missing.json'}: no such file)")
