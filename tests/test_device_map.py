@@ -154,6 +154,27 @@ def test_json_map_names_layers(tmp_path, opt, tokens, offloads):
     assert placed["device_map"] == {**EXPLICIT, f"{DECODER}.layers.1": "disk"} and os.listdir(tmp) == []
 
 
+@pytest.mark.parametrize("change", [
+    {f"{DECODER}.embed_tokens": "disk"},  # the first parameters offloaded: the example forward finding the
+    {f"{DECODER}.embed_tokens": "disk", "lm_head": "disk"},  # feeding layers still runs (tied to lm_head too)
+    {f"{DECODER}.embed_positions": "disk", f"{DECODER}.final_layer_norm": "disk"},
+    {f"{DECODER}.layers.0.fc1": "disk"},  # a feeding layer alone, inside a transformer block
+])
+def test_maps_offloading_other_modules(tmp_path, opt, tokens, change):
+    plain = _plain(tmp_path, opt, tokens, "--split", "all")
+    layers = {**EXPLICIT, f"{DECODER}.layers.0": "cpu", **change}
+    if f"{DECODER}.layers.0.fc1" in change:
+        layers = {k: v for k, v in layers.items() if k != f"{DECODER}.layers.0"}
+        layers.update({f"{DECODER}.layers.0.{m}": "cpu" for m in ("self_attn", "self_attn_layer_norm", "fc2",
+                                                                    "final_layer_norm", "activation_fn")})
+    placed = _ok("inspect", opt, "--data", tokens, "--split", "all", "--out", tmp_path / "o",
+                 "--device-map", json.dumps(layers))
+    _same_scan(plain, placed)
+    assert placed["device_map"] == layers
+    site = placed["sites"][0]
+    assert site["feeding_layer"] == f"{DECODER}.layers.0.fc1" and site["consumer_layer"] == f"{DECODER}.layers.0.fc2"
+
+
 def test_plain_module_checkpoint(tmp_path, mlp_file, npz_data, offloads):
     """The hand-built MLP: fc2 (whose rows 0-2 are provably dead, read from its weights) offloaded to disk,
     written to the offload folder (a plain checkpoint is no Hugging Face folder to read it from)."""
