@@ -168,6 +168,8 @@ class Dispatched:
     """A model placed by :func:`dispatch`. ``device_map``: module -> device as summary.json records it;
     ``input_device``: where the inputs go (the device of the first module on an accelerator, else cpu)."""
 
+    sitemap = None  # the sites to scan with: found before dispatch (see :func:`sites_for`)
+
     def __init__(self, model, device_map: dict, input_device, saved: list, offload_dir: Path | None):
         self.model = model
         self.device_map = {name: device_name(d) for name, d in device_map.items()}
@@ -200,7 +202,9 @@ class Dispatched:
 
 def dispatch(model, spec: DeviceMap, folder=None) -> Dispatched:
     """Place ``model`` (loaded, on the CPU) as ``spec`` says; use it as a context manager or call
-    :meth:`Dispatched.restore` when done. ``folder``: the Hugging Face folder the model was loaded from, whose
+    :meth:`Dispatched.restore` when done. Its ``sitemap`` is the one to scan with: the sites are found
+    before dispatching (accelerate's hooks wrap forwards in code fx cannot trace through, which would hide
+    functional relu calls), then adapted by :func:`sites_for`. ``folder``: the Hugging Face folder the model was loaded from, whose
     safetensors files disk-offloaded layers are then read from as they are (nothing copied); other weights
     on disk are written to a temporary folder."""
     try:
@@ -214,7 +218,10 @@ def dispatch(model, spec: DeviceMap, folder=None) -> Dispatched:
 
     import torch
 
+    from .trace import find_sites
+
     del accelerate
+    sitemap = find_sites(model)
     device_map = _layers(model, spec) if spec.mode is None else None
     memory = None if spec.max_memory is None else dict(spec.max_memory)
     _check_devices((device_map or {}).values(), "--device-map")
@@ -229,11 +236,18 @@ def dispatch(model, spec: DeviceMap, folder=None) -> Dispatched:
             if spec.mode != "sequential":
                 memory = get_balanced_memory(model, memory, no_split_module_classes=no_split, dtype=dtype,
                                              low_zero=spec.mode == "balanced_low_0")
-            device_map = dict(infer_auto_device_map(model, memory, no_split_module_classes=no_split, dtype=dtype))
-        if set(device_map.values()) == {"disk"}:
-            given = "the --max-memory given" if spec.max_memory is not None else "the memory free"
-            raise DeviceMapError(f"--device-map {spec.describe()}: every module is on disk (none fits in {given}); "
-                                 "at least the first layers must fit in memory: allow a device more")
+            try:
+                device_map = dict(infer_auto_device_map(model, memory, no_split_module_classes=no_split, dtype=dtype))
+            except (ValueError, IndexError, KeyError, RuntimeError) as e:  # accelerate's own failures
+                raise DeviceMapError(f"--device-map {spec.describe()}: accelerate cannot infer a device map for this "
+                                     f"model ({type(e).__name__}: {one_line(e, 200)}); try another --max-memory or "
+                                     "name each module's device in a JSON map") from None
+        if device_map.get("") == "disk":  # nothing fits: every top-level module read from disk as it runs
+            if next(model.parameters(recurse=False), None) is not None:
+                raise DeviceMapError(f"--device-map {spec.describe()}: the whole model is on disk, and its own "
+                                     "parameters (outside any module) cannot be offloaded: give a device memory "
+                                     "for them")
+            device_map = {name: "disk" for name, _ in model.named_children()}
         saved = [(m, kind, name, t) for m in model.modules() for kind in ("_parameters", "_buffers")
                  for name, t in getattr(m, kind).items() if t is not None]
         main = next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
@@ -250,7 +264,13 @@ def dispatch(model, spec: DeviceMap, folder=None) -> Dispatched:
             raise
     finally:
         quiet.setLevel(level)
-    return Dispatched(model, device_map, torch.device(device_name(main) if main != "cpu" else "cpu"), saved, offload)
+    placed = Dispatched(model, device_map, torch.device(device_name(main) if main != "cpu" else "cpu"), saved, offload)
+    try:
+        placed.sitemap = sites_for(sitemap, model, placed, spec)
+    except BaseException:
+        placed.restore()
+        raise
+    return placed
 
 
 def _offload(model, device_map: dict, folder, offload: Path) -> dict:
@@ -338,12 +358,27 @@ def check_run(spec: DeviceMap, device: str | None, processes: int) -> None:
                              "one process (it places the layers over every GPU itself)")
 
 
-def check_sites(sitemap, placed: Dispatched, spec: DeviceMap) -> None:
-    """Sites in a traced part of the model (fx graphs: plain PyTorch models, functional relu calls) are
-    recorded by running an instrumented copy of that part's graph in its place, which calls its submodules
-    (and so their hooks) but not the part's own hook, and reads attributes it fetches directly as they were
-    when it was built. That is sound on one execution device, with no offloaded tensor read directly;
-    anything else is refused. Sites watched by module hooks (transformers' activation modules) always work."""
+def sites_for(sitemap, model, placed: Dispatched, spec: DeviceMap):
+    """The sitemap to scan a dispatched model with.
+
+    A site in a traced part of the model is recorded by running an instrumented copy of that part's graph
+    in its place, which calls its submodules (and so accelerate's hooks on them) but not the part's own
+    hook, and reads tensors it fetches directly (e.g. a norm's weight traced through) as they were when it
+    was built: wrong for offloaded ones. So a site that is an activation module (nn.ReLU, nn.ReLU6) called
+    once is watched by a module hook instead, as in an opaque forward: the same statistics, nothing swapped.
+    Other traced sites (functional relu calls) keep the graph, which is sound on one execution device with
+    no offloaded tensor read directly; anything else is refused."""
+    from dataclasses import replace
+
+    from .trace import ACT_MODULES, SiteMap
+
+    repeated = {s.name.partition("#")[0] for s in sitemap.sites if "#" in s.name}
+    sites = []
+    for s in sitemap.sites:
+        if not s.hooked and s.name not in repeated and isinstance(_module(model, s.name), ACT_MODULES):
+            s = replace(s, hooked=True)
+        sites.append(s)
+    sitemap = SiteMap(sites, sitemap.opaque, sitemap.parts)
     accelerators = sorted({d for d in placed.device_map.values() if d not in ("cpu", "disk")})
     for i in sorted({s.part for s in sitemap.sites if not s.hooked}):
         part = sitemap.parts[i]
@@ -358,6 +393,14 @@ def check_sites(sitemap, placed: Dispatched, spec: DeviceMap) -> None:
                 raise DeviceMapError(f"--device-map {spec.describe()}: site {site} is recorded by running {what} "
                                      f"in its place, which reads the offloaded tensor {_join(part.path, node.target)} "
                                      "directly: keep the module holding it off the disk (and off cpu offload)")
+    return sitemap
+
+
+def _module(model, name: str):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:  # a functional call's site (``owner:relu``) names no module
+        return None
 
 
 def refuse_strip(device_map: str) -> None:
@@ -377,4 +420,4 @@ def _join(path: str, name) -> str:
     return f"{path}.{name}" if path else str(name)
 
 
-__all__ = ["DeviceMap", "DeviceMapError", "Dispatched", "dispatch", "check_run", "check_sites", "refuse_strip", "parse_max_memory", "MODES"]
+__all__ = ["DeviceMap", "DeviceMapError", "Dispatched", "dispatch", "check_run", "sites_for", "refuse_strip", "parse_max_memory", "MODES"]

@@ -74,9 +74,7 @@ def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEF
                 placed = stack.enter_context(devmap.dispatch(ckpt.model, device_map, _hf_folder(checkpoint)))
                 model, dev = ckpt.model, placed.input_device
             check_fits(model, ds, dev)
-            sitemap = find_sites(model)
-            if placed is not None:
-                devmap.check_sites(sitemap, placed, device_map)
+            sitemap = find_sites(model) if placed is None else placed.sitemap  # found before dispatch
         except DeadscanError as e:
             error = e
         if staged and group.is_main:
