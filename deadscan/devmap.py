@@ -204,11 +204,10 @@ def dispatch(model, spec: DeviceMap, folder=None) -> Dispatched:
     """Place ``model`` (loaded, on the CPU) as ``spec`` says; use it as a context manager or call
     :meth:`Dispatched.restore` when done. Its ``sitemap`` is the one to scan with: the sites are found
     before dispatching (accelerate's hooks wrap forwards in code fx cannot trace through, which would hide
-    functional relu calls), then adapted by :func:`sites_for`. ``folder``: the Hugging Face folder the model was loaded from, whose
-    safetensors files disk-offloaded layers are then read from as they are (nothing copied); other weights
-    on disk are written to a temporary folder."""
+    functional relu calls), then adapted by :func:`sites_for`. ``folder``: the Hugging Face folder the model
+    was loaded from, whose safetensors files disk-offloaded layers are then read from as they are (nothing
+    copied); other weights on disk are written to a temporary folder."""
     try:
-        import accelerate
         from accelerate import dispatch_model, infer_auto_device_map
         from accelerate.utils import get_balanced_memory
     except ImportError:
@@ -220,7 +219,6 @@ def dispatch(model, spec: DeviceMap, folder=None) -> Dispatched:
 
     from .trace import find_sites
 
-    del accelerate
     sitemap = find_sites(model)
     device_map = _layers(model, spec) if spec.mode is None else None
     memory = None if spec.max_memory is None else dict(spec.max_memory)
@@ -264,7 +262,7 @@ def dispatch(model, spec: DeviceMap, folder=None) -> Dispatched:
             raise
     finally:
         quiet.setLevel(level)
-    placed = Dispatched(model, device_map, torch.device(device_name(main) if main != "cpu" else "cpu"), saved, offload)
+    placed = Dispatched(model, device_map, torch.device(device_name(main)), saved, offload)
     try:
         placed.sitemap = sites_for(sitemap, model, placed, spec)
     except BaseException:
@@ -420,4 +418,5 @@ def _join(path: str, name) -> str:
     return f"{path}.{name}" if path else str(name)
 
 
-__all__ = ["DeviceMap", "DeviceMapError", "Dispatched", "dispatch", "check_run", "sites_for", "refuse_strip", "parse_max_memory", "MODES"]
+__all__ = ["DeviceMap", "DeviceMapError", "Dispatched", "dispatch", "check_run", "sites_for", "refuse_strip",
+           "parse_max_memory", "MODES"]
