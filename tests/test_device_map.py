@@ -167,10 +167,12 @@ def test_accelerate_cannot_infer_a_map(tmp_path, opt, tokens, monkeypatch):
         "index out of range); try another --max-memory or name each module's device in a JSON map")
 
 
-def test_sequential_within_max_memory(tmp_path, opt, tokens):
+@pytest.mark.parametrize("mode", ["sequential", "balanced", "balanced_low_0"])
+def test_modes_within_max_memory(tmp_path, opt, tokens, mode):
+    """Without GPUs the balanced modes balance nothing: the map auto gives (20 KB = 20000 bytes, as JSON)."""
     plain = _plain(tmp_path, opt, tokens, "--split", "all")
     placed = _ok("inspect", opt, "--data", tokens, "--split", "all", "--out", tmp_path / "seq",
-                 "--device-map", "sequential", "--max-memory", '{"cpu": "20KB"}')
+                 "--device-map", mode, "--max-memory", '{"cpu": 20000}')
     _same_scan(plain, placed)
     assert placed["device_map"] == AUTO_20KB
 
