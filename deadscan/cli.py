@@ -172,12 +172,22 @@ def _print_inspection(result, as_json: bool) -> None:
               f"{d.get('tokens')} tokens (padding excluded) on {s['device']}{where}")
     else:
         _echo(f"data {d['name']} split {d['split']}: {d['samples']} samples on {s['device']}{where}")
+    if s.get("device_map"):
+        _echo(f"device map: {_placement(s['device_map'])} (all in summary.json)")
     _echo("")
     _echo(format_table(s))
     _echo("")
     for path in (result.files or {}).values():  # stats.h5, report.html
         _echo(f"wrote {path}")
     _echo(f"wrote {result.summary_path}")
+
+
+def _placement(device_map: dict[str, str]) -> str:
+    """``cpu: 4 modules; disk: model.decoder.layers``: each device, with its modules if one or two."""
+    on: dict[str, list[str]] = {}
+    for module, device in device_map.items():
+        on.setdefault(device, []).append(module or "(the whole model)")
+    return "; ".join(f"{d}: {', '.join(m) if len(m) <= 2 else f'{len(m)} modules'}" for d, m in on.items())
 
 
 @click.group(cls=_Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -288,7 +298,7 @@ _INSPECT_SECTIONS = {
     "Data": ("data", "split", "limit", "split_seed", "val_fraction", "data_root", "download", "mean", "std", "resize",
              "channels", "corruption", "severity", "seq_len", "tokenizer", "text_field"),
     "Model": ("arch", "trust_pickle", "allow_global", "list_globals"),
-    "Scan": ("batch_size", "device", "tau"),
+    "Scan": ("batch_size", "device", "device_map", "max_memory", "tau"),
     "Output": ("out", "as_json", "csv", "plotlyjs", "overwrite"),
 }
 
@@ -309,6 +319,13 @@ _INSPECT_SECTIONS = {
 @click.option("--batch-size", metavar="N", type=click.IntRange(min=1), default=DEFAULTS.batch_size, show_default=True,
               help="samples per scan batch")
 @_device_option
+@click.option("--device-map", metavar="MAP", default=None,
+              help="a model bigger than one device: place its layers over the GPUs, CPU memory and "
+                   "disk with accelerate: auto, balanced, balanced_low_0, sequential, or a JSON object (or .json "
+                   "file) of module name to device (N, cuda:N, mps, cpu, disk)")
+@click.option("--max-memory", metavar="SPEC", default=None,
+              help="with --device-map auto|balanced|sequential: memory per device, e.g. cpu=2GiB or "
+                   "0=10GiB,cpu=30GiB or {\"0\": \"10GiB\", \"cpu\": \"30GiB\"} (what does not fit goes to disk)")
 @click.option("--tau", metavar="TAU", type=click.FloatRange(min=0), default=DEFAULTS.tau, show_default=True,
               help="ReDo dormancy threshold")
 @click.option("--out", metavar="DIR", default=DEFAULTS.out_dir, show_default=True, help="output folder")
@@ -316,8 +333,8 @@ _INSPECT_SECTIONS = {
 @_csv_option
 @_plotlyjs_option
 @_overwrite_option
-def inspect(checkpoint, arch, split, limit, old_seed, batch_size, device, tau, out, as_json, csv, trust_pickle,
-            plotlyjs, allow_global, overwrite, **data_kw):
+def inspect(checkpoint, arch, split, limit, old_seed, batch_size, device, device_map, max_memory, tau, out, as_json,
+            csv, trust_pickle, plotlyjs, allow_global, overwrite, **data_kw):
     """Scan CHECKPOINT on a dataset: dead neurons per ReLU site and %A.
 
     Prints a per-site table and totals, and writes summary.json, stats.h5 and report.html to --out
@@ -332,13 +349,26 @@ def inspect(checkpoint, arch, split, limit, old_seed, batch_size, device, tau, o
 
     if old_seed is not None and data_kw["split_seed"] is None:
         data_kw["split_seed"] = old_seed
+    placement = _device_map(device_map, max_memory)
     result = pipeline.inspect(checkpoint, _pop_data(data_kw), split=split, limit=limit,
                               load=LoadOptions(arch, trust_pickle, allow_global),
                               output=OutputOptions(out, overwrite, plotlyjs, csv), batch_size=batch_size,
                               device=device, tau=tau, command=_command_line(), progress=not as_json,
-                              started=_started())
+                              started=_started(), device_map=placement)
     if result.main:
         _print_inspection(result, as_json)
+
+
+def _device_map(device_map: str | None, max_memory: str | None):
+    """--device-map and --max-memory as a deadscan.devmap.DeviceMap (None: neither given)."""
+    from .devmap import DeviceMap, DeviceMapError
+
+    if device_map is None:
+        if max_memory is not None:
+            raise DeviceMapError("--max-memory applies with --device-map: add --device-map auto (or balanced, "
+                                 "sequential)")
+        return None
+    return DeviceMap.parse(device_map, max_memory)
 
 
 @main.command()
@@ -389,7 +419,7 @@ _STRIP_SECTIONS = {
     "Data": ("data", "data_root", "download", "split_seed", "val_fraction", "mean", "std", "resize", "channels",
              "augment", "test_corrupted", "corruption", "severity", "seq_len", "tokenizer", "text_field"),
     "Training": ("epochs", "optimizer", "lr", "weight_decay", "warmup", "schedule", "final_lr", "batch_size",
-                 "grad_accum", "train_seed", "device", "baseline", "resume", "finalize"),
+                 "grad_accum", "train_seed", "device", "device_map", "baseline", "resume", "finalize"),
     "Stripping": ("every", "rate", "prune_rule", "criterion", "method", "compact"),
     "Output": ("out", "csv", "plotlyjs", "overwrite"),
 }
@@ -445,6 +475,8 @@ _TRAIN = TrainConfig()
 @click.option("--test-corrupted", metavar="DATA", default=None,
               help="also evaluate on a corrupted test set at the end, e.g. cifar10-c")
 @_device_option
+@click.option("--device-map", metavar="MAP", default=None,
+              help="not supported by strip (fine-tuning a model dispatched over devices): refused; inspect takes it")
 @click.option("--out", metavar="DIR", default=None,
               help="output folder (default: strip/ inside --from, beside the inspect the run starts from)")
 @_trust_pickle_option
@@ -453,8 +485,8 @@ _TRAIN = TrainConfig()
 @_csv_option
 @_plotlyjs_option
 @click.pass_context
-def strip(ctx, checkpoint, arch, from_dir, baseline, resume, finalize, compact, test_corrupted, device, out, trust_pickle,
-          plotlyjs, allow_global, overwrite, csv, epochs, **kw):
+def strip(ctx, checkpoint, arch, from_dir, baseline, resume, finalize, compact, test_corrupted, device, device_map, out,
+          trust_pickle, plotlyjs, allow_global, overwrite, csv, epochs, **kw):
     """Revive dead neurons with Synaptic Stripping while fine-tuning.
 
     After each epoch: scan the validation split, prune the most negative remaining incoming
@@ -469,8 +501,11 @@ def strip(ctx, checkpoint, arch, from_dir, baseline, resume, finalize, compact, 
       deadscan strip --from deadscan-out --finetune 50
     """
     from . import pipeline
+    from .devmap import refuse_strip
     from .options import DataOptions, LoadOptions, OutputOptions
 
+    if device_map is not None:
+        refuse_strip(device_map)
     data = _pop_data(kw)
     # --corruption/--severity pick the blocks of --test-corrupted; the training data has none
     corrupted = None if test_corrupted is None else DataOptions(test_corrupted, corruption=data.corruption,

@@ -44,10 +44,18 @@ class Inspection:
 def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEFAULTS.split,
             limit: int | None = None, load: LoadOptions = LoadOptions(), output: OutputOptions = OutputOptions(),
             batch_size: int = DEFAULTS.batch_size, device: str | None = None, tau: float = DEFAULTS.tau,
-            command: str = "", progress: bool = False, started: float | None = None) -> Inspection:
+            command: str = "", progress: bool = False, started: float | None = None,
+            device_map=None) -> Inspection:
     """Scan ``checkpoint`` on one split of ``data`` (a DataOptions, or just its name) and write the outputs.
-    ``started``: the time.perf_counter() the run's clock starts from (the command line's start)."""
+    ``started``: the time.perf_counter() the run's clock starts from (the command line's start).
+    ``device_map``: a :class:`deadscan.devmap.DeviceMap` placing the model's layers over the GPUs, CPU memory
+    and disk (instead of ``device``)."""
     start = time.perf_counter() if started is None else started
+    if device_map is not None:
+        from . import devmap
+
+        devmap.check_run(device_map, device, distributed.launched().world)
+    placed = None
     data = (DataOptions(name=data) if isinstance(data, str) else data).absolute()  # as the record keeps it
     out = Path(output.out or DEFAULTS.out_dir)
     group = distributed.setup(resolve_device(device))
@@ -64,9 +72,13 @@ def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEF
             ckpt = load_checkpoint(checkpoint, load.arch, trust_pickle=load.trust_pickle,
                                    allow_globals=load.allow_globals)
             ds = load_data(data.name, split, limit=limit, model_folder=_hf_folder(checkpoint), **data.load_kwargs())
-            model = for_device(ckpt.model, dev)
+            if device_map is None:
+                model = for_device(ckpt.model, dev)
+            else:  # restored (hooks removed, weights back on the CPU) after the scan, or on any error
+                placed = stack.enter_context(devmap.dispatch(ckpt.model, device_map, _hf_folder(checkpoint)))
+                model, dev = ckpt.model, placed.input_device
             check_fits(model, ds, dev)
-            sitemap = find_sites(model)
+            sitemap = find_sites(model) if placed is None else placed.sitemap  # found before dispatch
         except DeadscanError as e:
             error = e
         if staged and group.is_main:
@@ -74,6 +86,8 @@ def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEF
         group.check(error)
         result = scan(model, ds, sitemap=sitemap, batch_size=batch_size, device=dev, tau=tau,
                       progress=progress and group.is_main, input_means=True)
+        if placed is not None:
+            placed.restore()
         cap = capacity(model, result)
         data_info = {**ds.describe(), "root": data.root}
         if result.tokens is not None:
@@ -81,6 +95,8 @@ def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEF
         summary = build_summary(result, cap, command=command, checkpoint=_recorded(ckpt.info), data=data_info,
                                 elapsed=time.perf_counter() - start)
         summary["scan_dtype"] = _dtype_name(model)
+        if placed is not None:
+            summary["device_map"] = placed.device_map
         if not group.is_main:
             return Inspection(ckpt, ds, result, cap, summary, Path(out) / "summary.json", main=False)
         if result.tokens is not None:  # a language model: which tokens fire its rarest live neurons

@@ -51,12 +51,12 @@ def rare_tokens(model: nn.Module, result: ScanResult, data: TokenDataset, *, bat
         def record(_module, _args, out):
             if not isinstance(out, torch.Tensor):
                 return
-            mask = current["mask"]
+            mask = current["mask"].to(out.device)  # a dispatched model's layers may sit on other devices
             if out.ndim == 2 and out.shape[0] == mask.numel():  # (batch * tokens, neurons), as OPT flattens
                 out = out.view(*mask.shape, -1)
             if out.ndim != 3 or out.shape[:2] != mask.shape:
                 return  # not (batch, tokens, neurons): positions unknown
-            ids = current["decoder" if decoder and name.startswith("decoder.") else "encoder"]
+            ids = current["decoder" if decoder and name.startswith("decoder.") else "encoder"].to(out.device)
             fired = (out.index_select(-1, cols.to(out.device)) > 0) & mask.unsqueeze(-1)
             b, t, j = fired.nonzero(as_tuple=True)
             vocab = int(ids.max()) + 1

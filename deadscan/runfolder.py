@@ -59,6 +59,7 @@ SUMMARY_SCHEMA = {
     "schema_version?": COUNT, "deadscan_version": STR, "torch_version?": STR, "created?": STR,
     "elapsed_seconds?": Opt(NUM), "command?": STR, "device?": STR, "processes?": COUNT,
     "definitions?": MapOf(STR),
+    "device_map?": MapOf(STR),  # inspect --device-map: module -> cuda:N, mps, cpu or disk
     "checkpoint": Opt({"path": STR, "sha256": STR, "format": STR, "arch": Opt(STR), "nonfinite?": [STR],
                              "dtype?": STR}),
     "data": {"name": STR, "split?": STR, "samples?": COUNT, "seed?": INT, "val_fraction?": Opt(NUM),

@@ -41,8 +41,10 @@ class ValidPositions:
         self.idx: torch.Tensor | None = None
         self.rows = 0  # positions in the batch (B * T)
         self.count = 0  # valid positions in the batch (host int)
+        self._on: dict[torch.device, torch.Tensor] = {}
 
     def set(self, mask: torch.Tensor | None) -> None:
+        self._on = {}  # the indices copied to other devices (a model dispatched over several GPUs)
         if mask is None:
             self.idx, self.rows, self.count = None, 0, 0
             return
@@ -56,7 +58,12 @@ class ValidPositions:
         batch's token positions (e.g. a pooled (B, F) activation)."""
         if axis != x.ndim - 1 or x.ndim < 2 or x.numel() // max(x.shape[-1], 1) != self.rows:
             return None
-        return x.reshape(-1, x.shape[-1]).index_select(0, self.idx)
+        idx = self.idx
+        if idx.device != x.device:  # a layer on another device than the inputs: once per batch and device
+            idx = self._on.get(x.device)
+            if idx is None:
+                idx = self._on[x.device] = self.idx.to(x.device)
+        return x.reshape(-1, x.shape[-1]).index_select(0, idx)
 
 
 class SiteStats:
@@ -404,7 +411,8 @@ def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: 
     """
     dev = resolve_device(device)
     group = distributed.current()
-    model.to(dev)
+    if not _dispatched(model):  # placed by accelerate (deadscan.devmap): its layers stay where they are
+        model.to(dev)
     if sitemap is None:
         sitemap = find_sites(model)
     was_training = model.training
@@ -624,9 +632,31 @@ def _result(model: nn.Module, st: SiteStats, tau: float, forwards: int) -> SiteR
     if st.unmasked:
         site = _with_note(site, "its activation is not laid out by token positions: padded positions counted too")
     n = st.sum.shape[0]
-    provable = provably_dead(model, site, n)
+    with _onloaded(model, site):
+        provable = provably_dead(model, site, n)
     return SiteResult(site, st.sum.cpu().numpy(), st.active.cpu().numpy(), st.elements,
                       st.pre_max.cpu().numpy(), provable, tau)
+
+
+def _dispatched(model: nn.Module) -> bool:
+    """Placed over devices by accelerate's ``dispatch_model`` (its hooks move inputs and offloaded weights)."""
+    return any(hasattr(m, "_hf_hook") for m in model.modules())
+
+
+@contextlib.contextmanager
+def _onloaded(model: nn.Module, site: Site):
+    """The weights :func:`provably_dead` reads, for the moment on their module's execution device when
+    accelerate offloaded them (parameters on the meta device, values on the CPU or disk)."""
+    names = [] if site.feeding is None else [site.feeding.layer] + [
+        arg if op == "bn" else arg.rpartition(".")[0] for op, arg in site.feeding.chain if op in ("bn", "bias")]
+    with contextlib.ExitStack() as stack:
+        for name in dict.fromkeys(names):
+            module = model.get_submodule(name)
+            if hasattr(module, "_hf_hook") and any(t.is_meta for t in module.parameters(recurse=False)):
+                from accelerate.utils import align_module_device
+
+                stack.enter_context(align_module_device(module))
+        yield
 
 
 def _with_note(site: Site, note: str) -> Site:

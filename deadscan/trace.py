@@ -619,12 +619,15 @@ def _token_example(model: nn.Module) -> dict | None:
 
     if getattr(model, "config", None) is None or vocab_size(model) is None:
         return None
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        return None
-    if device.type == "meta":
-        return None
+    # a model dispatched by accelerate (deadscan.devmap): its inputs' device, whichever layers are offloaded
+    device = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+    if device is None:
+        try:
+            device = next(model.parameters()).device
+        except StopIteration:
+            return None
+        if device.type == "meta":
+            return None
     ids = torch.arange(1, 5, device=device).remainder(vocab_size(model)).unsqueeze(0)
     return model_kwargs(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
 

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
 
 
-@pytest.mark.parametrize("needle", ["deadscan.scan(model, val)", "deadscan.Stripper(model, opt"])
+@pytest.mark.parametrize("needle", ["deadscan.scan(model, val)", "deadscan.Stripper(model, opt",
+                                    "dispatch(model, spec)"])
 def test_readme_example_runs(needle, tmp_path, monkeypatch, capsys):
     block = next(b for b in BLOCKS if needle in b)
     (tmp_path / "sample_models").symlink_to(ROOT / "sample_models")
