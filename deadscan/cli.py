@@ -486,6 +486,8 @@ def strip(ctx, checkpoint, arch, from_dir, baseline, resume, finalize, compact, 
                                     baseline=baseline, resume=resume, device=device, command=_command_line(),
                                     compact=compact, on_epoch=on_epoch, progress=True, corrupted=corrupted,
                                     finalize=finalize)
+    if not run.main:  # under torchrun process 0 prints
+        return
     s = run.summary
     t, b = s["totals"], s["start"]
     _echo(f"\nstart (the input checkpoint): dead {b['dead']} of {b['neurons']}  %A {_fmt(b['active_percent'])}")
