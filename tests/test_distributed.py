@@ -584,7 +584,8 @@ def test_the_readme_stripper_example_in_two_processes_equals_one(tmp_path):
         printed[nproc] = _rank_logs(logs, 0, "stdout").splitlines()
         if nproc == 2:
             assert _rank_logs(logs, 1, "stdout") == ""
-    epochs = [line.split() for line in printed[2]]
-    assert [int(e[0]) for e in epochs] == [0, 1, 2]
-    assert int(epochs[0][1]) <= 186 and int(epochs[-1][1]) < int(epochs[0][1])  # stripping revived some
-    assert printed[2] == printed[1]
+    one, two = ([line.split() for line in printed[n]] for n in (1, 2))
+    assert [int(e[0]) for e in two] == [0, 1, 2]
+    assert int(two[0][1]) <= 186 and int(two[-1][1]) < int(two[0][1])  # stripping revived some
+    assert [e[:4] for e in two] == [e[:4] for e in one]  # dead, revived, %A
+    assert [e[4] for e in two] == ["2"] * 3 and [e[4] for e in one] == ["1"] * 3  # scans reduced over 2
