@@ -310,20 +310,24 @@ def _check_resumable(state: dict, cfg: TrainConfig, source: str, path: Path) -> 
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM stops training like Ctrl-C: the last completed epoch is saved (main thread only)."""
+def _sigterm_as_interrupt(signalled: list):
+    """SIGTERM stops training like Ctrl-C: the last completed epoch is saved (main thread only). Either
+    signal is recorded in ``signalled``: under torchrun a process waiting in a collective when its peers stop
+    sees their closed connection first (a RuntimeError), which is then the same interrupt."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
+        signalled.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, was in previous.items():
+            signal.signal(sig, was)
 
 
 # What train-state.pt holds (checked before any of it is used: the file is data, like a checkpoint).
@@ -436,7 +440,8 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
     # Only on a terminal (not in logs or CI); and no bar object at all otherwise: a signal arriving
     # while tqdm builds even a disabled bar makes it print an error from its destructor.
     show_bar = progress and sys.stderr.isatty() and group.is_main
-    with _sigterm_as_interrupt():
+    signalled = []
+    with _sigterm_as_interrupt(signalled):
         try:
             for epoch in range(start, end):
                 t0 = time.perf_counter()
@@ -475,7 +480,9 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
                     _save_state(state_path, model, opt, stripper, result.history, gen, cfg, epoch + 1, source)
                 if on_epoch is not None:
                     on_epoch(row)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, RuntimeError, DeadscanError) as e:
+            if not isinstance(e, KeyboardInterrupt) and not (group.active and signalled):
+                raise
             done = len(result.history)
             raise Interrupted(f"interrupted during epoch {done + 1}; {done} epoch(s) saved"
                               + (f" in {state_path}" if state_path else "")) from None

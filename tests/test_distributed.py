@@ -547,7 +547,10 @@ def test_resume_after_an_interrupted_two_process_run_continues(strip_runs):
     assert res.returncode != 0
     errors = _errors(_rank_logs(logs, 0, "stderr"))
     assert len(errors) == 1 and errors[0].startswith(
-        f"Error: interrupted during epoch 2; 1 epoch(s) saved in {out / 'train-state.pt'}; resume with: "), errors
+        f"Error: interrupted during epoch 2; 1 epoch(s) saved in {out / 'train-state.pt'}; resume with: torchrun "
+        f"<the same torchrun options> -m deadscan strip {strip_runs['inputs'][0]} "), errors
+    assert errors[0].endswith(" --resume; or write the completed epochs' outputs with: torchrun <the same torchrun "
+                              f"options> -m deadscan strip {' '.join(strip_runs['inputs'])} --out {out} --finalize")
     assert _rank_logs(logs, 1, "stderr") == _rank_logs(logs, 1, "stdout") == ""
     import torch
 
@@ -589,3 +592,34 @@ def test_the_readme_stripper_example_in_two_processes_equals_one(tmp_path):
     assert int(two[0][1]) <= 186 and int(two[-1][1]) < int(two[0][1])  # stripping revived some
     assert [e[:4] for e in two] == [e[:4] for e in one]  # dead, revived, %A
     assert [e[4] for e in two] == ["2"] * 3 and [e[4] for e in one] == ["1"] * 3  # scans reduced over 2
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_sigterm_to_torchrun_leaves_a_resumable_state(tmp_path):
+    """A real SIGTERM to torchrun (which passes it to its processes) mid-run: process 0's one Error line, the
+    others quiet, the completed epochs in train-state.pt; the same command with --resume finishes the run."""
+    import signal
+
+    import torch
+
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    target = ["-m", "deadscan", "strip", str(MLP), "--data", "digits", "--finetune", "12", "--warmup", "0",
+              "--batch-size", "64", "--out", str(out)]
+    proc = _torchrun(2, target, logs, port=_free_port(), wait=False)
+    deadline = time.monotonic() + 120
+    while not (out / "train-state.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    saved = torch.load(out / "train-state.pt", weights_only=True)["epoch"]
+    assert 1 <= saved < 12
+    errors = _errors(_rank_logs(logs, 0, "stderr"))
+    assert len(errors) == 1 and errors[0].startswith(
+        f"Error: interrupted during epoch {saved + 1}; {saved} epoch(s) saved in {out / 'train-state.pt'}; "), errors
+    assert _rank_logs(logs, 1, "stderr") == _rank_logs(logs, 1, "stdout") == ""
+    res = _torchrun(2, [*target, "--resume"], tmp_path / "logs-resume", port=_free_port())
+    assert res.returncode == 0, res.stderr
+    history = json.loads((out / "summary.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == list(range(1, 13))
+    assert _rank_logs(tmp_path / "logs-resume", 0, "stdout").splitlines()[1].startswith(f"epoch {saved + 1:>3}  ")
