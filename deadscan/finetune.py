@@ -249,7 +249,11 @@ def accumulate(model: nn.Module, task: Task, group: list, amp=None,
             with amp:
                 loss = task.loss(model, batch)
             # one micro-batch in one process: the plain step, unchanged (its share is 1)
-            scaled = loss if len(group) == 1 and not ddp else loss * (weight / share).reshape(())
+            if len(group) == 1 and not ddp:
+                scaled = loss
+            else:
+                factor = weight / share
+                scaled = loss * (factor.reshape(()) if torch.is_tensor(factor) else factor)
             scaled.backward()  # hooks zero pruned weights' grads
         # an empty share (a last batch smaller than the world) has a NaN mean over no terms
         summed = summed + torch.nan_to_num(loss.detach().double()) * weight

@@ -507,6 +507,27 @@ def test_strip_in_two_processes_equals_one_process(strip_runs):
     assert "Error" not in _rank_logs(strip_runs["logs"], 1, "stderr")
 
 
+@pytest.mark.slow  # torchrun subprocesses
+def test_gradient_accumulation_in_two_processes_equals_one_process(strip_runs, tmp_path):
+    """--grad-accum 2 of --batch-size 8: two micro-batches of 4 per process per step (DDP synchronises only
+    the second backward), the one-process run's steps."""
+    (tmp_path / "strip_script.py").write_text(STRIP_SCRIPT)
+    inputs = [*strip_runs["inputs"][:-1], "8", "--grad-accum", "2"]
+    (tmp_path / "masks-one").mkdir()
+    one = subprocess.run([sys.executable, str(tmp_path / "strip_script.py"), "strip", *inputs, "--out",
+                          str(tmp_path / "one")], env=_env(MASKS_DIR=str(tmp_path / "masks-one")),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    res, _, masks = _strip_torchrun(tmp_path, inputs, tmp_path / "two", "two")
+    assert res.returncode == 0, res.stderr
+    a, b = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    for rank in (0, 1):
+        _assert_masks_equal(_load_masks(tmp_path / "masks-one", 0), _load_masks(masks, rank))
+    assert (_seen(masks, 0)[0], _seen(masks, 1)[0]) == (2 * 48, 2 * 49)
+    _history_close(a["history"], b["history"])
+    assert b["config"]["grad_accum"] == 2 and b["test"]["acc"] == a["test"]["acc"]
+
+
 def _without_losses(text: str) -> str:
     """Printed epoch lines with the train loss cut (its last digit may differ in float rounding)."""
     import re
