@@ -644,3 +644,53 @@ def test_sigterm_to_torchrun_leaves_a_resumable_state(tmp_path):
     history = json.loads((out / "summary.json").read_text())["history"]
     assert [row["epoch"] for row in history] == list(range(1, 13))
     assert _rank_logs(tmp_path / "logs-resume", 0, "stdout").splitlines()[1].startswith(f"epoch {saved + 1:>3}  ")
+
+
+GROUP_SCRIPT = """
+import json, os, sys
+import torch, torch.distributed as dist
+from deadscan import Stripper, distributed
+from deadscan.errors import TraceError
+from deadscan.scan import scan
+sys.path.insert(0, sys.argv[2])
+from test_finetune import _model
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+pg = dist.new_group([0, 1])  # a group of the user's own, not the default
+x = torch.rand(24, 8, generator=torch.Generator().manual_seed(2)) * 0.9 + 0.1
+model = _model()
+report = Stripper(model, group=pg).step(x)
+alone = scan(_model(), x[:12] if rank == 0 else x[12:], group=distributed.Group())  # no reduction: own share
+other = _model()
+if rank == 1:
+    with torch.no_grad():
+        other.fc1.weight[0, 5] = -60.0  # row 0, dead in both, has another most negative weight in process 1
+try:
+    Stripper(other, group=pg).step(x)
+    error = None
+except TraceError as e:
+    error = str(e)
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+    json.dump({"processes": report.scan.processes, "dead": report.dead, "pruned": report.pruned_weights,
+               "alone_processes": alone.processes, "alone_dead": alone.dead, "error": error}, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_stripper_reduces_over_a_process_group_it_is_given(tmp_path):
+    """Stripper(group=a ProcessGroup): each process scans its half of the held-out inputs, the statistics are
+    reduced over that group; a model that differs between the processes gives masks that differ: both raise."""
+    (tmp_path / "group.py").write_text(GROUP_SCRIPT)
+    res = _torchrun(2, [str(tmp_path / "group.py"), str(tmp_path), str(Path(__file__).parent)], tmp_path / "logs",
+                    port=_free_port())
+    assert res.returncode == 0, res.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    message = ("strip step 1: the pruning masks differ between processes (process 0 and process(es) 1); the "
+               "model or the held-out data is not the same on every process")
+    for got in ranks:
+        # fc1 rows 0-2 dead by construction: one strip step prunes 1 weight of row 0 and 1 of rows 1, 2 each
+        assert {k: got[k] for k in ("processes", "dead", "pruned", "alone_processes", "error")} == {
+            "processes": 2, "dead": 3, "pruned": 3, "alone_processes": 1, "error": message}
+        assert got["alone_dead"] == 3  # its own half alone, unreduced
