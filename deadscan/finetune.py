@@ -420,12 +420,6 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
     def assess(ds):
         return task.evaluate(model, ds, device, cfg.eval_batch_size, amp, group)
 
-    net = model  # what training calls: under torchrun the DDP wrapper (after a resume's load: same start)
-    if group.active:
-        dev = torch.device(device)
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                                  process_group=group.handle)
-
     if cfg.epochs == 0:  # one strip step, then a re-scan to see what it did
         stripper.every = 1  # the one step strips whatever --every says (epoch 1 % every may be non-zero)
         report = stripper.step(val)
@@ -439,6 +433,11 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
         return result
 
     end = start if finalize else cfg.epochs  # finalize: the completed epochs, no more
+    net = model  # what training calls: under torchrun the DDP wrapper (after a resume's load: same start)
+    if group.active and end > start:
+        dev = torch.device(device)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                                  process_group=group.handle)
     micro_batches = math.ceil(len(train) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum)  # optimizer steps: what the schedule counts
     # Only on a terminal (not in logs or CI); and no bar object at all otherwise: a signal arriving
@@ -449,7 +448,7 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
         try:
             for epoch in range(start, end):
                 t0 = time.perf_counter()
-                model.train()
+                net.train()
                 total = torch.zeros((), device=device, dtype=torch.float64)
                 terms = 0
                 batches = bar = train.train_batches(cfg.batch_size, device, gen, augment=cfg.augment)
