@@ -472,7 +472,7 @@ def _history_close(a: list[dict], b: list[dict]) -> None:
     for ra, rb in zip(a, b):
         assert {k: ra[k] for k in EXACT} == {k: rb[k] for k in EXACT}
         for k in ("train_loss", "val_loss"):
-            assert rb[k] == pytest.approx(ra[k], rel=LOSS_RTOL), k
+            assert rb[k] == (None if ra[k] is None else pytest.approx(ra[k], rel=LOSS_RTOL)), k  # None: no training
 
 
 @pytest.mark.slow  # torchrun subprocesses
@@ -526,6 +526,31 @@ def test_gradient_accumulation_in_two_processes_equals_one_process(strip_runs, t
     assert (_seen(masks, 0)[0], _seen(masks, 1)[0]) == (2 * 48, 2 * 49)
     _history_close(a["history"], b["history"])
     assert b["config"]["grad_accum"] == 2 and b["test"]["acc"] == a["test"]["acc"]
+
+
+@pytest.mark.slow  # torchrun subprocesses
+@pytest.mark.parametrize("extra", [["--baseline"], ["--finetune", "0"]], ids=["baseline", "finetune-0"])
+def test_baseline_and_no_training_in_two_processes_equal_one_process(strip_runs, tmp_path, extra):
+    (tmp_path / "strip_script.py").write_text(STRIP_SCRIPT)
+    inputs = [*strip_runs["inputs"], *extra]
+    (tmp_path / "masks-one").mkdir()
+    one = subprocess.run([sys.executable, str(tmp_path / "strip_script.py"), "strip", *inputs, "--out",
+                          str(tmp_path / "one")], env=_env(MASKS_DIR=str(tmp_path / "masks-one")),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    res, _, masks = _strip_torchrun(tmp_path, inputs, tmp_path / "two", "two")
+    assert res.returncode == 0, res.stderr
+    a, b = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    for rank in (0, 1):
+        _assert_masks_equal(_load_masks(tmp_path / "masks-one", 0), _load_masks(masks, rank))
+    if "--baseline" in extra:
+        _history_close(a["history"], b["history"])
+        _history_close(a["baseline"]["history"], b["baseline"]["history"])
+        assert [row["pruned_weights"] for row in b["baseline"]["history"]] == [0, 0]
+    else:  # no training: the strip step and the re-scan, nothing to round differently but the evaluation
+        assert [row["dead"] for row in b["history"]] == [3, 2]
+        _history_close(a["history"], b["history"])
+    assert b["test"]["acc"] == a["test"]["acc"] and b["totals"] == a["totals"]
 
 
 def _without_losses(text: str) -> str:
