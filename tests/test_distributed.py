@@ -1,4 +1,5 @@
-"""``torchrun ... -m deadscan inspect`` (issue 14): N processes on CPU (gloo) give the one-process result.
+"""``torchrun ... -m deadscan inspect`` and ``strip`` (issue 14): N processes on CPU (gloo) give the one-process
+result.
 
 Each test launches torchrun as a subprocess, one thread per process. Summaries must match exactly (dead and
 dormant sets, counts); per-neuron float sums and maxima within float tolerance (each process adds its own
