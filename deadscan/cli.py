@@ -90,6 +90,8 @@ class _Group(click.Group):
                 raise click.exceptions.Exit(1) from None
             raise _Error(_error_message(ctx, e)) from None
         except KeyboardInterrupt:
+            if not _main_process():
+                raise click.exceptions.Exit(1) from None
             out = ctx.meta.get(_STRIP_OUT)
             if out is None:
                 raise _Error("interrupted; nothing was written") from None
@@ -106,6 +108,12 @@ def _main_process() -> bool:
     from .distributed import launched
 
     return launched().is_main
+
+
+def _one_process() -> bool:
+    from .distributed import launched
+
+    return launched().world == 1
 
 
 def _error_message(ctx: click.Context, e: DeadscanError) -> str:
@@ -129,6 +137,8 @@ def _resume_command() -> str:
     """How to go on after an interrupt: resume the run, or write the completed epochs' outputs."""
     given = [a for a in sys.argv[1:] if a not in ("--resume", "--finalize")]
     line = " ".join(["deadscan", *map(shlex.quote, given)])
+    if not _one_process():  # the options torchrun was given are not known here
+        line = "torchrun <the same torchrun options> -m " + line
     return f"{line} --resume; or write the completed epochs' outputs with: {line} --finalize"
 
 
@@ -530,6 +540,8 @@ def strip(ctx, checkpoint, arch, from_dir, baseline, resume, finalize, compact, 
                                     baseline=baseline, resume=resume, device=device, command=_command_line(),
                                     compact=compact, on_epoch=on_epoch, progress=True, corrupted=corrupted,
                                     finalize=finalize, started=_started())
+    if not run.main:  # under torchrun process 0 prints
+        return
     s = run.summary
     t, b = s["totals"], s["start"]
     _echo(f"\nstart (the input checkpoint): dead {b['dead']} of {b['neurons']}  %A {_fmt(b['active_percent'])}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from .errors import DeadscanError, TraceError, one_line
@@ -30,6 +30,7 @@ class Group:
     world: int = 1
     local_rank: int = 0
     backend: str | None = None  # nccl or gloo; None: one process, nothing initialised
+    handle: object = field(default=None, compare=False, repr=False)  # a torch ProcessGroup; None: the default
 
     @property
     def is_main(self) -> bool:
@@ -62,7 +63,7 @@ class Group:
         raw = mine.encode()[:_STATUS_BYTES]
         buf[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
         gathered = [torch.empty_like(buf) for _ in range(self.world)]
-        _collective(dist.all_gather, gathered, buf)
+        _collective(dist.all_gather, gathered, buf, group=self.handle)
         statuses = [bytes(t.cpu().tolist()).rstrip(b"\0").decode(errors="replace") for t in gathered]
         if error is not None:
             raise error
@@ -78,8 +79,21 @@ class Group:
             return tensor
         import torch.distributed as dist
 
-        _collective(dist.all_reduce, tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        _collective(dist.all_reduce, tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op],
+                    group=self.handle)
         return tensor
+
+    def gather_ints(self, value: int) -> list[int]:
+        """Every process's ``value`` (an int64), in rank order: e.g. checksums compared after a strip step."""
+        if not self.active:
+            return [value]
+        import torch
+        import torch.distributed as dist
+
+        mine = torch.tensor([value], dtype=torch.int64, device=self.device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world)]
+        _collective(dist.all_gather, gathered, mine, group=self.handle)
+        return [int(t) for t in gathered]
 
     @property
     def device(self):
@@ -164,6 +178,28 @@ def _teardown() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def of(handle=None) -> Group:
+    """The group of a process group the caller initialised itself (its own DDP loop): ``handle`` a
+    torch ProcessGroup, or None for the default one; one process if torch.distributed is not initialised."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if handle is not None:
+            raise TraceError("a process group was passed but torch.distributed is not initialised")
+        return _ONE
+    world, rank = dist.get_world_size(handle), dist.get_rank(handle)
+    if world == 1:
+        return _ONE
+    backend = str(dist.get_backend(handle))
+    if backend == "nccl":
+        import torch
+
+        local = torch.cuda.current_device()  # the GPU this process's collectives use
+    else:
+        local = 0
+    return Group(rank, world, local, backend, handle)
 
 
 def current() -> Group:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from torch import nn
 
+from . import distributed
 from .checkpoint import load_torch_file
 from .outputs import atomic_path
 from .data import Dataset
@@ -81,10 +82,17 @@ class Task:
     def eval_batches(self, ds, batch_size: int, device: torch.device):
         return ds.batches(batch_size, device)
 
-    def evaluate(self, model: nn.Module, ds, device: torch.device, batch_size: int, amp=None) -> dict:
-        """Mean NLL per prediction and accuracy (%) over a split; one host sync at the end."""
-        if ds is None or len(ds) == 0:
+    def evaluate(self, model: nn.Module, ds, device: torch.device, batch_size: int, amp=None,
+                 group: distributed.Group = distributed.Group()) -> dict:
+        """Mean NLL per prediction and accuracy (%) over a split; one host sync at the end. Of several
+        processes' ``group``: each evaluates its share and the sums are reduced (every process returns the
+        one-process figures)."""
+        if ds is None or len(ds) == 0:  # the whole split's length: every process returns here alike
             return {"loss": None, "acc": None}
+        if group.active:
+            from .scan import _shard_dataset
+
+            ds = _shard_dataset(ds, group)
         model.eval()
         loss = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -95,6 +103,9 @@ class Task:
                 loss += nll.double()
                 correct += ok
                 count += n
+        if group.active:  # float64 holds the counts exactly (below 2**53)
+            sums = group.all_reduce(torch.stack([loss, correct.double(), count.double()]).to(group.device), "sum")
+            loss, correct, count = sums[0], sums[1], sums[2]
         n = int(count)  # sync point
         if n == 0:  # e.g. one-token sequences: nothing to predict
             return {"loss": None, "acc": None}
@@ -204,30 +215,60 @@ def autocast_context(device: torch.device, task: Task):
 
 
 def evaluate(model: nn.Module, ds: Dataset | None, device: torch.device, batch_size: int,
-             task: Task | None = None) -> dict:
+             task: Task | None = None, group: distributed.Group | None = None) -> dict:
     """Mean NLL and accuracy (%) over a split; one host sync at the end. ``task`` defaults to next-token
-    prediction for token data, classification otherwise."""
+    prediction for token data, classification otherwise. ``group``: default deadscan's torchrun group."""
     if task is None:
         task = TASKS["causal_lm" if getattr(ds, "kind", None) == "tokens" else "classification"]
-    return task.evaluate(model, ds, device, batch_size, autocast_context(torch.device(device), task))
+    return task.evaluate(model, ds, device, batch_size, autocast_context(torch.device(device), task),
+                         distributed.current() if group is None else group)
 
 
-def accumulate(model: nn.Module, task: Task, group: list, amp=None) -> tuple[torch.Tensor, torch.Tensor | int]:
+def accumulate(model: nn.Module, task: Task, group: list, amp=None,
+               processes: distributed.Group = distributed.Group()) -> tuple[torch.Tensor, torch.Tensor | int]:
     """Backward through the micro-batches of one optimizer step, one at a time, each mean loss weighted by
     its share of the step's terms, so the gradient is that of one batch holding them all. Returns (summed
-    loss, terms) for the epoch's mean, as tensors: no host sync."""
+    loss, terms) for the epoch's mean, as tensors: no host sync. Under DistributedDataParallel (``model``
+    wrapped, ``processes`` its group) the share is of the terms of every process's micro-batches, times the
+    world size, since DDP averages the processes' gradients: one all-reduce of the step's terms."""
     amp = amp or contextlib.nullcontext()
     weights = [task.weight(batch) for batch in group]
     total = sum(weights)
-    share = total.clamp(min=1) if isinstance(total, torch.Tensor) else max(total, 1)
+    ddp = processes.active and isinstance(model, nn.parallel.DistributedDataParallel)
+    if ddp:
+        every = processes.all_reduce(torch.as_tensor(total, dtype=torch.float64).reshape(1).to(processes.device),
+                                     "sum")
+        share = every.to(next(model.parameters()).device).clamp(min=1) / processes.world
+    else:
+        share = total.clamp(min=1) if isinstance(total, torch.Tensor) else max(total, 1)
     summed = 0
-    for batch, weight in zip(group, weights):
-        with amp:
-            loss = task.loss(model, batch)
-        # one micro-batch: the plain step, unchanged (its share is 1)
-        (loss if len(group) == 1 else loss * (weight / share)).backward()  # hooks zero pruned weights' grads
-        summed = summed + loss.detach().double() * weight
+    for i, (batch, weight) in enumerate(zip(group, weights)):
+        # DDP: only the step's last backward all-reduces the gradients
+        sync = model.no_sync() if ddp and i < len(group) - 1 else contextlib.nullcontext()
+        with sync:
+            with amp:
+                loss = task.loss(model, batch)
+            # one micro-batch in one process: the plain step, unchanged (its share is 1)
+            if len(group) == 1 and not ddp:
+                scaled = loss
+            else:
+                factor = weight / share
+                scaled = loss * (factor.reshape(()) if torch.is_tensor(factor) else factor)
+            scaled.backward()  # hooks zero pruned weights' grads
+        # an empty share (a last batch smaller than the world) has a NaN mean over no terms
+        summed = summed + torch.nan_to_num(loss.detach().double()) * weight
     return summed, total
+
+
+def _shares(batches, group: distributed.Group):
+    """This process's contiguous share of each global batch (tensors, (x, y) tuples or token dicts)."""
+    for batch in batches:
+        if isinstance(batch, dict):
+            start, stop = group.span(len(batch["input_ids"]))
+            yield {k: v[start:stop] for k, v in batch.items()}
+        else:
+            start, stop = group.span(len(batch[0]))
+            yield tuple(t[start:stop] for t in batch)
 
 
 def _history_row(epoch: int, report: StepReport, train_loss, val: dict) -> dict:
@@ -273,20 +314,24 @@ def _check_resumable(state: dict, cfg: TrainConfig, source: str, path: Path) -> 
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM stops training like Ctrl-C: the last completed epoch is saved (main thread only)."""
+def _sigterm_as_interrupt(signalled: list):
+    """SIGTERM stops training like Ctrl-C: the last completed epoch is saved (main thread only). Either
+    signal is recorded in ``signalled``: under torchrun a process waiting in a collective when its peers stop
+    sees their closed connection first (a RuntimeError), which is then the same interrupt."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
+        signalled.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, was in previous.items():
+            signal.signal(sig, was)
 
 
 # What train-state.pt holds (checked before any of it is used: the file is data, like a checkpoint).
@@ -312,15 +357,30 @@ def load_state(path: Path, cfg: TrainConfig | None = None) -> dict:
     return state
 
 
+def check_divides(cfg: TrainConfig, world: int) -> None:
+    """The global batch (--batch-size) splits evenly over the processes: each trains on batch-size / world."""
+    if world > 1 and cfg.batch_size % world:
+        raise DataError(f"--batch-size {cfg.batch_size} does not divide over {world} torchrun processes: pass a "
+                        f"multiple of {world} (the global batch; each process trains on --batch-size / {world})")
+
+
 def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *, device: torch.device,
              test: Dataset | None = None, state_path: Path | None = None, resume: bool = False,
-             on_epoch=None, source: str = "", progress: bool = False, finalize: bool = False) -> FinetuneResult:
+             on_epoch=None, source: str = "", progress: bool = False, finalize: bool = False,
+             group: distributed.Group | None = None) -> FinetuneResult:
     """Train ``cfg.epochs`` epochs with detection (+ stripping) after each. ``epochs=0``: one strip
     step and a re-scan, no training. ``on_epoch(row)`` is called after each history row; ``progress``
     shows a bar per epoch on stderr.
     ``source`` (e.g. the input checkpoint's sha256) is saved with the state; ``resume`` refuses a
     state saved from another source or with another configuration. ``finalize``: resume, train no further,
-    and return the completed epochs (an interrupted run's outputs)."""
+    and return the completed epochs (an interrupted run's outputs).
+
+    ``group`` (default: deadscan's torchrun group): DistributedDataParallel over its processes. Every process
+    draws the same shuffled order and augmentation of each global batch of ``cfg.batch_size`` and trains on
+    its share (``batch_size / world`` samples), so the steps are the one-process run's; scans and
+    evaluations are reduced; only process 0 saves ``state_path`` (every process reads it on resume)."""
+    group = distributed.current() if group is None else group
+    check_divides(cfg, group.world if group.active else 1)
     torch.manual_seed(cfg.train_seed)
     task = get_task(cfg.task)
     if cfg.grad_accum < 1:
@@ -331,7 +391,7 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
     opt = _optimizer(cfg, model)
     stripper = Stripper(model, opt, rate=cfg.rate, criterion=cfg.criterion, every=cfg.every,
                         batch_size=cfg.eval_batch_size, device=device, enabled=cfg.strip, method=cfg.method,
-                        seed=cfg.train_seed, rule=cfg.prune_rule)
+                        seed=cfg.train_seed, rule=cfg.prune_rule, group=group)
     result = FinetuneResult(stripper=stripper)
     start = 0
     if finalize and (state_path is None or not state_path.exists()):
@@ -358,7 +418,7 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
                                 f"({type(e).__name__}: {one_line(e, 200)}); drop --resume or choose another --out") from None
 
     def assess(ds):
-        return task.evaluate(model, ds, device, cfg.eval_batch_size, amp)
+        return task.evaluate(model, ds, device, cfg.eval_batch_size, amp, group)
 
     if cfg.epochs == 0:  # one strip step, then a re-scan to see what it did
         stripper.every = 1  # the one step strips whatever --every says (epoch 1 % every may be non-zero)
@@ -373,46 +433,59 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
         return result
 
     end = start if finalize else cfg.epochs  # finalize: the completed epochs, no more
+    net = model  # what training calls: under torchrun the DDP wrapper (after a resume's load: same start)
+    if group.active and end > start:
+        dev = torch.device(device)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                                  process_group=group.handle)
     micro_batches = math.ceil(len(train) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum)  # optimizer steps: what the schedule counts
     # Only on a terminal (not in logs or CI); and no bar object at all otherwise: a signal arriving
     # while tqdm builds even a disabled bar makes it print an error from its destructor.
-    show_bar = progress and sys.stderr.isatty()
-    with _sigterm_as_interrupt():
+    show_bar = progress and sys.stderr.isatty() and group.is_main
+    signalled = []
+    with _sigterm_as_interrupt(signalled):
         try:
             for epoch in range(start, end):
                 t0 = time.perf_counter()
-                model.train()
+                net.train()
                 total = torch.zeros((), device=device, dtype=torch.float64)
                 terms = 0
                 batches = bar = train.train_batches(cfg.batch_size, device, gen, augment=cfg.augment)
+                if group.active:
+                    batches = _shares(batches, group)
                 if show_bar:
                     batches = bar = tqdm(batches, total=micro_batches, desc=f"epoch {epoch + 1}", unit="batch",
                                          leave=False, dynamic_ncols=True)
                 batches = iter(batches)
                 for i in range(steps_per_epoch):
-                    group = list(itertools.islice(batches, cfg.grad_accum))
-                    if not group:
+                    micro = list(itertools.islice(batches, cfg.grad_accum))
+                    if not micro:
                         break
                     for g in opt.param_groups:
                         g["lr"] = _lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
                     opt.zero_grad(set_to_none=True)
-                    summed, weight = accumulate(model, task, group, amp)
+                    summed, weight = accumulate(net, task, micro, amp, group)
                     opt.step()
                     total += summed
                     terms = terms + weight  # a tensor for token data: summed on the device
                 if show_bar:
                     bar.close()
+                if group.active:  # every process's terms: the one-process mean
+                    both = torch.stack([total, torch.as_tensor(terms, dtype=torch.float64, device=total.device)])
+                    total, terms = group.all_reduce(both.to(group.device), "sum")
                 train_loss = float(total) / max(int(terms), 1)  # sync point: once per epoch
                 report = stripper.step(val)
                 row = _history_row(epoch + 1, report, train_loss, assess(val))
                 row["seconds"] = round(time.perf_counter() - t0, 3)
                 result.history.append(row)
-                if state_path is not None:
+                if state_path is not None and group.is_main:
                     _save_state(state_path, model, opt, stripper, result.history, gen, cfg, epoch + 1, source)
                 if on_epoch is not None:
                     on_epoch(row)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, RuntimeError, DeadscanError) as e:
+            if not isinstance(e, KeyboardInterrupt) and not (group.active and signalled):
+                raise
             done = len(result.history)
             raise Interrupted(f"interrupted during epoch {done + 1}; {done} epoch(s) saved"
                               + (f" in {state_path}" if state_path else "")) from None

@@ -18,7 +18,7 @@ from .data import Dataset, check_fits, load_data
 from .defaults import DEFAULTS
 from . import distributed
 from .errors import DataError, DeadscanError, DeadscanWarning, OutputError, TraceError
-from .finetune import STATE_FILE, evaluate, finetune
+from .finetune import STATE_FILE, check_divides, evaluate, finetune
 from .options import DataOptions, LoadOptions, OutputOptions, TrainConfig
 from .outputs import claim_out_dir
 from .report import build_summary, start_state, write_outputs, write_summary
@@ -164,6 +164,7 @@ class StripRun:
     out: Path
     files: dict[str, Path]
     model: object = None  # the stripped model, in memory (on the training device)
+    main: bool = True  # False: another torchrun process wrote and prints (summary and files empty here)
 
 
 def strip_checkpoint(checkpoint: str | Path | None, data: DataOptions | str | None, *, cfg: TrainConfig,
@@ -175,15 +176,48 @@ def strip_checkpoint(checkpoint: str | Path | None, data: DataOptions | str | No
     """Fine-tune with stripping and write the outputs. ``checkpoint`` None: the one the run in ``from_dir``
     scanned, with its data options under the ones ``data`` gives. ``corrupted``: a test set (e.g. cifar10-c)
     also evaluated at the end. ``finalize``: write the outputs of an interrupted run's completed epochs (its
-    train-state.pt in ``output.out``) without training further. ``started``: as for :func:`inspect`."""
-    if distributed.launched().world > 1:
-        raise TraceError("strip under torchrun is not supported yet (fine-tuning runs in one process): run "
-                         "deadscan strip without torchrun; deadscan inspect runs data-parallel under torchrun")
+    train-state.pt in ``output.out``) without training further. ``started``: as for :func:`inspect`.
+
+    Under torchrun: DistributedDataParallel over the processes (README "Running at scale"); only process 0
+    claims ``output.out``, writes and returns the summary (``StripRun.main`` False in the others)."""
     start = time.perf_counter() if started is None else started
     if finalize and baseline:
         raise DataError("--finalize writes the outputs of the stripped run's completed epochs; the baseline is "
                         f"not kept in {STATE_FILE}: drop --baseline")
+    check_divides(cfg, distributed.launched().world)  # every process alike, before the group starts
     resume = resume or finalize
+    group = distributed.setup(resolve_device(device))
+    with contextlib.ExitStack() as stack:
+        error = None
+        try:  # only process 0 claims --out and writes; every process loads, then all agree before training
+            prepared = _prepare_strip(checkpoint, data, cfg, load, output, from_dir, resume, device, corrupted,
+                                      group, stack)
+        except DeadscanError as e:
+            error = e
+        group.check(error)
+        return _run_strip(prepared, baseline=baseline, resume=resume, command=command, compact=compact,
+                          on_epoch=on_epoch if group.is_main else None, progress=progress and group.is_main,
+                          finalize=finalize, output=output, start=start, group=group)
+
+
+@dataclass
+class _Prepared:
+    """What strip loaded and resolved before training (the same in every torchrun process)."""
+
+    ckpt: Checkpoint
+    splits: dict
+    shifted: Dataset | None
+    cfg: TrainConfig
+    model: object
+    sitemap: object
+    dev: object
+    out: Path
+    data: DataOptions
+    hf_folder: str | None
+
+
+def _prepare_strip(checkpoint, data, cfg, load, output, from_dir, resume, device, corrupted, group,
+                   stack) -> _Prepared:
     data = DataOptions(name=data) if isinstance(data, str) else (data or DataOptions())
     reusing = checkpoint is None  # the documented flow: strip the checkpoint an inspect scanned
     arch, arch_source, expected_sha = load.arch, None, None
@@ -205,95 +239,107 @@ def strip_checkpoint(checkpoint: str | Path | None, data: DataOptions | str | No
         raise OutputError(f"--out {out} holds {STATE_FILE} from an earlier strip run; pass --resume to continue it, "
                           "--overwrite to start over, or choose another --out")
     own_inspect = reusing and out.resolve() == Path(from_dir).resolve() and not last.is_strip
-    with claim_out_dir(out, STRIP_OUTPUTS, overwrite=output.overwrite or resume, inputs=(checkpoint, data.name),
-                       replaceable=INSPECT_OUTPUTS if own_inspect else ()):
-        dev = resolve_device(device)
-        ckpt = load_checkpoint(checkpoint, arch, trust_pickle=load.trust_pickle, allow_globals=load.allow_globals,
-                               arch_source=arch_source)
-        if expected_sha is not None and ckpt.info.sha256 != expected_sha:
-            raise DataError(f"{checkpoint}: changed since the run in {from_dir} scanned it (sha256 differs); "
-                            "pass the checkpoint and --data yourself")
-        splits = {s: load_data(data.name, s, model_folder=hf_folder, **data.load_kwargs())
-                  for s in ("train", "val", "test")}
-        shifted = None
-        if corrupted is not None:  # the training data's normalisation, its own corruption blocks
-            shifted_options = replace(corrupted.over(data), name=corrupted.name, val_fraction=None)
-            shifted = load_data(corrupted.name, "test", **shifted_options.load_kwargs())
-        cfg = replace(cfg, task=_task(ckpt.model, splits["val"], data, checkpoint))
-        if cfg.task == "causal_lm":  # logits are (batch, tokens, vocab): evaluate and scan in training-sized batches
-            cfg = replace(cfg, eval_batch_size=min(cfg.eval_batch_size, cfg.batch_size))
-        if shifted is not None and cfg.task != "classification":
-            raise DataError(f"--test-corrupted {corrupted}: corrupted test sets are images; a language model has none")
-        model = ckpt.model.to(dev)
-        check_fits(model, splits["val"], dev)
-        sitemap = find_sites(model)
-        nothing = nothing_to_strip(sitemap, checkpoint)
-        if nothing:
-            raise TraceError(nothing)
-        for line in cfg.warnings():  # once the inputs are known good: a failing run prints only its Error
-            warnings.warn(line, DeadscanWarning, stacklevel=2)
+    if group.is_main:
+        stack.enter_context(claim_out_dir(out, STRIP_OUTPUTS, overwrite=output.overwrite or resume,
+                                          inputs=(checkpoint, data.name),
+                                          replaceable=INSPECT_OUTPUTS if own_inspect else ()))
+    dev = distributed.scan_device(resolve_device(device))
+    ckpt = load_checkpoint(checkpoint, arch, trust_pickle=load.trust_pickle, allow_globals=load.allow_globals,
+                           arch_source=arch_source)
+    if expected_sha is not None and ckpt.info.sha256 != expected_sha:
+        raise DataError(f"{checkpoint}: changed since the run in {from_dir} scanned it (sha256 differs); "
+                        "pass the checkpoint and --data yourself")
+    splits = {s: load_data(data.name, s, model_folder=hf_folder, **data.load_kwargs())
+              for s in ("train", "val", "test")}
+    shifted = None
+    if corrupted is not None:  # the training data's normalisation, its own corruption blocks
+        shifted_options = replace(corrupted.over(data), name=corrupted.name, val_fraction=None)
+        shifted = load_data(corrupted.name, "test", **shifted_options.load_kwargs())
+    cfg = replace(cfg, task=_task(ckpt.model, splits["val"], data, checkpoint))
+    if cfg.task == "causal_lm":  # logits are (batch, tokens, vocab): evaluate and scan in training-sized batches
+        cfg = replace(cfg, eval_batch_size=min(cfg.eval_batch_size, cfg.batch_size))
+    if shifted is not None and cfg.task != "classification":
+        raise DataError(f"--test-corrupted {corrupted}: corrupted test sets are images; a language model has none")
+    model = ckpt.model.to(dev)
+    check_fits(model, splits["val"], dev)
+    sitemap = find_sites(model)
+    nothing = nothing_to_strip(sitemap, checkpoint)
+    if nothing:
+        raise TraceError(nothing)
+    for line in cfg.warnings():  # once the inputs are known good: a failing run prints only its Error
+        warnings.warn(line, DeadscanWarning, stacklevel=3)
+    return _Prepared(ckpt, splits, shifted, cfg, model, sitemap, dev, out, data, hf_folder)
 
-        base_hist = base_test = None
-        if baseline:
-            base_model = copy.deepcopy(model)  # still untrained: the stripped run starts below
-            base = finetune(base_model, splits["train"], splits["val"], replace(cfg, strip=False), device=dev,
-                            test=splits["test"])
-            base_hist, base_test = base.history, base.test
-            if shifted is not None:
-                base_test = {**base_test, "corrupted": evaluate(base_model, shifted, dev, cfg.eval_batch_size)}
-            del base_model
 
-        before = capture_weights(model, sitemap)  # for the revived neurons' weight histograms
-        first = scan(model, splits["val"], sitemap=sitemap, batch_size=cfg.eval_batch_size, device=dev)
-        begin = start_state(first, capacity(model, first))  # the input checkpoint, before any training
-        del first
-        res = finetune(model, splits["train"], splits["val"], cfg, device=dev, test=splits["test"],
-                       state_path=out / STATE_FILE, resume=resume, on_epoch=on_epoch, source=ckpt.info.sha256,
-                       progress=progress, finalize=finalize)
-        splits["train"].release()  # its device copy is not needed after training
-        stripper = res.stripper
-        final = scan(model, splits["val"], sitemap=stripper.sitemap, batch_size=cfg.eval_batch_size, device=dev,
-                     input_means=True)
-        cap = capacity(model, final, stripper.masks.masks)
-        if hf_folder is not None:  # a Hugging Face folder again: config, weights under their own names, tokenizer
-            from .hf import save_folder
-
-            files = {"stripped": out / "stripped", "masks": out / "masks.safetensors"}
-            save_folder(model, files["stripped"], source=hf_folder)
-        else:
-            files = {"stripped": out / "stripped.safetensors", "masks": out / "masks.safetensors"}
-            save_safetensors(model, files["stripped"], ckpt.info.arch or "",
-                             {"deadscan_source_sha256": ckpt.info.sha256})
-        save_masks(stripper.masks.state_dict(), files["masks"])
-        if compact:
-            summary_compact = _compact(model, final, splits["val"], cfg, out, ckpt.info.arch or "", hf_folder)
-            if "path" in summary_compact:
-                files["compact"] = Path(summary_compact["path"])
-        data_info = {**splits["val"].describe(), "root": data.root}
-        summary = build_summary(final, cap, command=command, checkpoint=_recorded(ckpt.info), data=data_info,
-                                elapsed=time.perf_counter() - start)
-        summary["start"] = begin
-        if cfg.warnings():
-            summary["warnings"] = cfg.warnings()  # the report's banner
-        summary["config"] = asdict(cfg)  # task and grad_accum included
-        summary["history"] = res.history
-        if finalize:  # an interrupted run's outputs: say how far it got
-            summary["finalized"] = {"epochs_done": len(res.history), "epochs_planned": cfg.epochs}
-        summary["test"] = res.test
+def _run_strip(p: _Prepared, *, baseline, resume, command, compact, on_epoch, progress, finalize, output, start,
+               group) -> StripRun:
+    """Train and write. Every process runs the collectives (training, scans, evaluations); process 0 alone
+    writes and returns the summary (the others return after the last collective)."""
+    ckpt, splits, shifted, cfg, model, dev, out = p.ckpt, p.splits, p.shifted, p.cfg, p.model, p.dev, p.out
+    base_hist = base_test = None
+    if baseline:
+        base_model = copy.deepcopy(model)  # still untrained: the stripped run starts below
+        base = finetune(base_model, splits["train"], splits["val"], replace(cfg, strip=False), device=dev,
+                        test=splits["test"])
+        base_hist, base_test = base.history, base.test
         if shifted is not None:
-            summary["test_corrupted"] = {**evaluate(model, shifted, dev, cfg.eval_batch_size), **shifted.describe()}
-        if baseline:
-            summary["baseline"] = {"history": base_hist, "test": base_test}
-        if compact:
-            summary["compact"] = summary_compact
-        summary["outputs"] = {k: str(v) for k, v in files.items()}
-        files["summary"] = write_summary(summary, out)
-        report_data = collect(summary, final, model, masks=stripper.masks.masks, before=before)
-        del before
-        files.update(write_outputs(report_data, out, plotlyjs=output.plotlyjs))  # stats.h5, report.html
-        if output.csv:  # sites.csv, neurons.csv
-            files.update(write_csv(report_data, out))
-        return StripRun(summary, out, files, model)
+            base_test = {**base_test, "corrupted": evaluate(base_model, shifted, dev, cfg.eval_batch_size)}
+        del base_model
+
+    before = capture_weights(model, p.sitemap)  # for the revived neurons' weight histograms
+    first = scan(model, splits["val"], sitemap=p.sitemap, batch_size=cfg.eval_batch_size, device=dev)
+    begin = start_state(first, capacity(model, first))  # the input checkpoint, before any training
+    del first
+    res = finetune(model, splits["train"], splits["val"], cfg, device=dev, test=splits["test"],
+                   state_path=out / STATE_FILE, resume=resume, on_epoch=on_epoch, source=ckpt.info.sha256,
+                   progress=progress, finalize=finalize)
+    splits["train"].release()  # its device copy is not needed after training
+    stripper = res.stripper
+    final = scan(model, splits["val"], sitemap=stripper.sitemap, batch_size=cfg.eval_batch_size, device=dev,
+                 input_means=True)
+    shifted_result = None if shifted is None else evaluate(model, shifted, dev, cfg.eval_batch_size)
+    if not group.is_main:
+        return StripRun({}, out, {}, model, main=False)
+    cap = capacity(model, final, stripper.masks.masks)
+    if p.hf_folder is not None:  # a Hugging Face folder again: config, weights under their own names, tokenizer
+        from .hf import save_folder
+
+        files = {"stripped": out / "stripped", "masks": out / "masks.safetensors"}
+        save_folder(model, files["stripped"], source=p.hf_folder)
+    else:
+        files = {"stripped": out / "stripped.safetensors", "masks": out / "masks.safetensors"}
+        save_safetensors(model, files["stripped"], ckpt.info.arch or "",
+                         {"deadscan_source_sha256": ckpt.info.sha256})
+    save_masks(stripper.masks.state_dict(), files["masks"])
+    if compact:
+        summary_compact = _compact(model, final, splits["val"], cfg, out, ckpt.info.arch or "", p.hf_folder)
+        if "path" in summary_compact:
+            files["compact"] = Path(summary_compact["path"])
+    data_info = {**splits["val"].describe(), "root": p.data.root}
+    summary = build_summary(final, cap, command=command, checkpoint=_recorded(ckpt.info), data=data_info,
+                            elapsed=time.perf_counter() - start)
+    summary["start"] = begin
+    if cfg.warnings():
+        summary["warnings"] = cfg.warnings()  # the report's banner
+    summary["config"] = asdict(cfg)  # task and grad_accum included
+    summary["history"] = res.history
+    if finalize:  # an interrupted run's outputs: say how far it got
+        summary["finalized"] = {"epochs_done": len(res.history), "epochs_planned": cfg.epochs}
+    summary["test"] = res.test
+    if shifted is not None:
+        summary["test_corrupted"] = {**shifted_result, **shifted.describe()}
+    if baseline:
+        summary["baseline"] = {"history": base_hist, "test": base_test}
+    if compact:
+        summary["compact"] = summary_compact
+    summary["outputs"] = {k: str(v) for k, v in files.items()}
+    files["summary"] = write_summary(summary, out)
+    report_data = collect(summary, final, model, masks=stripper.masks.masks, before=before)
+    del before
+    files.update(write_outputs(report_data, out, plotlyjs=output.plotlyjs))  # stats.h5, report.html
+    if output.csv:  # sites.csv, neurons.csv
+        files.update(write_csv(report_data, out))
+    return StripRun(summary, out, files, model)
 
 
 def _task(model, val, data, checkpoint) -> str:

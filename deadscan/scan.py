@@ -391,7 +391,7 @@ def _split(xb, chunk: int) -> list:
 
 def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: int = DEFAULTS.batch_size,
          device: str | torch.device | None = None, tau: float = DEFAULTS.tau, progress: bool = False,
-         input_means: bool = False) -> ScanResult:
+         input_means: bool = False, group: distributed.Group | None = None) -> ScanResult:
     """Scan ``data`` through ``model`` and return per-site, per-neuron statistics.
 
     ``data``: a :class:`deadscan.data.Dataset`, a :class:`deadscan.data.TokenDataset`, a tensor of inputs,
@@ -408,9 +408,12 @@ def scan(model: nn.Module, data, *, sitemap: SiteMap | None = None, batch_size: 
     snapshotted per batch, so the normal path pays nothing for this; an out-of-memory error comes
     on the first batches in practice, so starting over costs little. A one-pass iterator (a
     generator) cannot be started over: its out-of-memory error is one clear line instead.
+
+    ``group``: the processes whose statistics are reduced (each scans its share of ``data``; every one gets
+    the whole result); default: deadscan's torchrun group (:func:`deadscan.distributed.setup`), else one.
     """
     dev = resolve_device(device)
-    group = distributed.current()
+    group = distributed.current() if group is None else group
     if not _dispatched(model):  # placed by accelerate (deadscan.devmap): its layers stay where they are
         model.to(dev)
     if sitemap is None:

@@ -272,12 +272,18 @@ class Stripper:
             train_one_epoch(model, optimizer)
             report = stripper.step(val_inputs)  # scan held-out data, prune dead neurons' weights
             print(epoch, report.dead, report.revived_count, report.active_percent)
+
+    In a DistributedDataParallel loop pass the unwrapped model (``ddp.module``) and the same held-out data on
+    every process: each scans its share, the statistics are reduced over ``group`` (None: deadscan's torchrun
+    group, else torch.distributed's default group if initialised; or a ProcessGroup), so every process takes
+    the same strip step; the processes then compare mask checksums and all raise if they differ.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  rate: float = _TRAIN.rate, criterion: str = _TRAIN.criterion, every: int = _TRAIN.every,
                  batch_size: int = DEFAULTS.batch_size, device=None, tau: float = DEFAULTS.tau, enabled: bool = True,
-                 method: str = _TRAIN.method, seed: int = _TRAIN.train_seed, rule: str = _TRAIN.prune_rule):
+                 method: str = _TRAIN.method, seed: int = _TRAIN.train_seed, rule: str = _TRAIN.prune_rule,
+                 group=None):
         from .trace import find_sites
 
         self.model, self.optimizer = model, optimizer
@@ -292,6 +298,7 @@ class Stripper:
         self.masks = Masks(model)
         self.epoch = 0
         self.previous: dict[str, np.ndarray] = {}
+        self.group = _group(group)
 
     def step(self, data) -> StepReport:
         """Scan ``data`` (held-out inputs), strip dead neurons, return what happened."""
@@ -300,7 +307,7 @@ class Stripper:
 
         self.epoch += 1
         result = scan(self.model, data, sitemap=self.sitemap, batch_size=self.batch_size, device=self.device,
-                      tau=self.tau, input_means=self.criterion == "contribution")
+                      tau=self.tau, input_means=self.criterion == "contribution", group=self.group)
         revived, died = {}, {}
         for r in result.sites:
             before = self.previous.get(r.site.name)
@@ -321,10 +328,24 @@ class Stripper:
                     warnings.warn("Stripper has no optimizer: the pruned weights' optimizer state (Adam moments, "
                                   "momentum) is not cleared, so the optimizer can move them off zero; pass it as "
                                   "Stripper(model, optimizer)", stacklevel=2)
+        if self.group.active:
+            self._check_masks_agree()
         cap = capacity(self.model, result, self.masks.masks)
         return StepReport(self.epoch, result, result.dead, {k: v for k, v in revived.items() if v},
                           {k: v for k, v in died.items() if v}, stripped, self.masks.pruned(),
                           cap.active_percent, cap.active_percent_feeding_weights)
+
+    def _check_masks_agree(self) -> None:
+        """Every process must have taken the same strip step (its decisions come from reduced statistics);
+        a difference (e.g. a model not identical on every process) would silently train different networks."""
+        sums = self.group.gather_ints(mask_checksum(self.masks.masks))
+        if len(set(sums)) > 1:
+            from .errors import TraceError
+
+            differ = [rank for rank, c in enumerate(sums) if c != sums[0]]
+            raise TraceError(f"strip step {self.epoch}: the pruning masks differ between processes (process 0 and "
+                             f"process(es) {', '.join(map(str, differ))}); the model or the held-out data is not the "
+                             "same on every process")
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "masks": self.masks.state_dict(), "generator": self.generator.get_state(),
@@ -336,3 +357,27 @@ class Stripper:
             self.generator.set_state(state["generator"])
         self.masks.load_state_dict(state["masks"])
         self.previous = {k: v.numpy().astype(bool) for k, v in state["previous"].items()}
+
+
+def mask_checksum(masks: dict[str, torch.Tensor]) -> int:
+    """A signed 64-bit digest of the masks (layer names, shapes, bits), equal on processes that agree."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(masks):
+        m = masks[name]
+        h.update(f"{name}:{tuple(m.shape)};".encode())
+        h.update(np.packbits(m.detach().cpu().numpy().ravel()).tobytes())
+    return int.from_bytes(h.digest()[:8], "little", signed=True)
+
+
+def _group(group):
+    """Whose scan statistics a Stripper reduces: a deadscan Group as it is; a torch ProcessGroup; None:
+    deadscan's torchrun group if one is set up, else torch.distributed's default group if initialised."""
+    from . import distributed
+
+    if isinstance(group, distributed.Group):
+        return group
+    if group is None and distributed.current().active:
+        return distributed.current()
+    return distributed.of(group)

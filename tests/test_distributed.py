@@ -1,4 +1,5 @@
-"""``torchrun ... -m deadscan inspect`` (issue 14): N processes on CPU (gloo) give the one-process result.
+"""``torchrun ... -m deadscan inspect`` and ``strip`` (issue 14): N processes on CPU (gloo) give the one-process
+result.
 
 Each test launches torchrun as a subprocess, one thread per process. Summaries must match exactly (dead and
 dormant sets, counts); per-neuron float sums and maxima within float tolerance (each process adds its own
@@ -318,20 +319,24 @@ def test_a_branch_one_process_never_reaches_and_out_of_memory_on_one(tmp_path, m
             np.testing.assert_allclose(got[f"{name}/mean_input"], r.mean_input, rtol=1e-6)
 
 
-def test_strip_under_torchrun_refuses(monkeypatch, tmp_path):
-    """What torchrun's environment looks like to each process; strip must refuse before any work."""
+def test_strip_under_torchrun_refuses_a_batch_that_does_not_divide(monkeypatch, tmp_path):
+    """What torchrun's environment looks like to each process: the check comes before the group starts."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    args = ["strip", str(MLP), "--data", "digits", "--finetune", "1", "--out", str(tmp_path / "out")]
+    args = ["strip", str(MLP), "--data", "digits", "--finetune", "1", "--batch-size", "15", "--out",
+            str(tmp_path / "out")]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 1
     assert res.stdout == ""
-    assert res.stderr == ("Error: strip under torchrun is not supported yet (fine-tuning runs in one process): run "
-                          "deadscan strip without torchrun; deadscan inspect runs data-parallel under torchrun\n")
+    assert res.stderr == BATCH_ERROR + "\n"
     monkeypatch.setenv("RANK", "1")  # the others: the same exit, quietly
     res = CliRunner().invoke(main, args)
     assert (res.exit_code, res.stdout, res.stderr) == (1, "", "")
     assert not (tmp_path / "out").exists()
+
+
+BATCH_ERROR = ("Error: --batch-size 15 does not divide over 2 torchrun processes: pass a multiple of 2 (the global "
+               "batch; each process trains on --batch-size / 2)")
 
 
 def test_one_process_group_is_a_no_op():
@@ -354,3 +359,364 @@ def test_shards_are_disjoint_contiguous_and_cover_everything():
             sizes = [b - a for a, b in spans]
             assert max(sizes) - min(sizes) <= 1
     assert [Group(r, 3).span(101) for r in range(3)] == [(0, 33), (33, 67), (67, 101)]
+
+
+# ---------------------------------------------------------------------------------------------
+# strip under torchrun (issue 14): DistributedDataParallel gives the one-process run
+
+STRIP_SCRIPT = """
+import importlib, os, sys
+import torch
+from deadscan import pipeline
+from deadscan.finetune import Classification
+strip_module = importlib.import_module("deadscan.strip")  # the module: deadscan.strip is also the function
+
+real_finetune, real_strip, real_step = pipeline.finetune, strip_module.strip, strip_module.Stripper.step
+rank, fault = os.environ.get("RANK", "0"), os.environ.get("FAULT")
+
+seen = {"samples": 0, "x_sum": 0.0}  # what this process trained on
+real_loss = Classification.loss
+
+def loss(self, model, batch):
+    seen["samples"] += len(batch[1])
+    seen["x_sum"] += float(batch[0].double().sum())
+    return real_loss(self, model, batch)
+
+def finetune(*args, **kwargs):  # every process's masks at the end, to compare them
+    res = real_finetune(*args, **kwargs)
+    torch.save({**res.stripper.masks.state_dict(), **{f"seen/{k}": torch.tensor(v) for k, v in seen.items()}},
+               os.path.join(os.environ["MASKS_DIR"], f"masks{rank}.pt"))
+    return res
+
+def strip(model, scan, masks, **kwargs):
+    stats = real_strip(model, scan, masks, **kwargs)
+    if fault == "masks" and rank == "1":  # one more pruned weight in process 1 only
+        next(iter(masks.masks.values())).view(-1)[-1] = True
+    return stats
+
+def step(self, data):
+    if fault == "interrupt" and self.epoch == 1:  # Ctrl-C in every process, during epoch 2
+        raise KeyboardInterrupt
+    return real_step(self, data)
+
+pipeline.finetune, strip_module.strip, strip_module.Stripper.step = finetune, strip, step
+Classification.loss = loss
+from deadscan.cli import main
+main(prog_name="deadscan")
+"""
+# 121 samples: 97 train (batches of 16: the last has 1 sample, so process 0's share of it is empty), 12 val
+STRIP_ARGS = ["--finetune", "2", "--warmup", "0", "--batch-size", "16"]
+EXACT = ("epoch", "dead", "revived", "died", "pruned_weights", "pruned_this_epoch", "active_percent",
+         "active_percent_feeding_weights", "val_acc", "test_acc", "revived_neurons", "died_neurons", "held_by_bias",
+         "dead_by_site")
+LOSS_RTOL = 1e-5  # gradients averaged over 2 processes round differently; observed below 1e-6
+
+
+def _strip_inputs(tmp_path) -> list[str]:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_finetune import _write_inputs
+
+    ckpt, data = _write_inputs(tmp_path)  # the MLP with fc1 rows 0-2 dead by construction
+    rng = np.random.default_rng(0)
+    np.savez(data, x=(rng.random((121, 8)) * 0.9 + 0.1).astype(np.float32), y=(np.arange(121) % 3).astype(np.int64))
+    (tmp_path / "strip_script.py").write_text(STRIP_SCRIPT)
+    return [str(ckpt), "--data", str(data), *STRIP_ARGS]
+
+
+def _strip_torchrun(tmp_path, inputs, out, name, *extra, **env):
+    masks = tmp_path / f"masks-{name}"
+    masks.mkdir(exist_ok=True)
+    logs = tmp_path / f"logs-{name}"
+    res = _torchrun(2, [str(tmp_path / "strip_script.py"), "strip", *inputs, "--out", str(out), *extra], logs,
+                    port=_free_port(), env=_env(MASKS_DIR=str(masks), **env))
+    return res, logs, masks
+
+
+@pytest.fixture(scope="module")
+def strip_runs(tmp_path_factory):
+    """The one-process run and the uninterrupted two-process run of the same command."""
+    tmp = tmp_path_factory.mktemp("strip")
+    inputs = _strip_inputs(tmp)
+    (tmp / "masks-one").mkdir()
+    one = subprocess.run([sys.executable, str(tmp / "strip_script.py"), "strip", *inputs, "--out", str(tmp / "one")],
+                         env=_env(MASKS_DIR=str(tmp / "masks-one")), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two, logs, masks = _strip_torchrun(tmp, inputs, tmp / "two", "two")
+    assert two.returncode == 0, two.stderr
+    return {"tmp": tmp, "inputs": inputs, "one": one, "logs": logs, "masks": masks}
+
+
+def _load_masks(folder: Path, rank) -> dict:
+    import torch
+
+    return {k: v for k, v in torch.load(folder / f"masks{rank}.pt").items() if not k.startswith("seen/")}
+
+
+def _seen(folder: Path, rank) -> tuple[int, float]:
+    """(samples, sum of their inputs) a process trained on over the run."""
+    import torch
+
+    saved = torch.load(folder / f"masks{rank}.pt")
+    return int(saved["seen/samples"]), float(saved["seen/x_sum"])
+
+
+def _assert_masks_equal(a: dict, b: dict) -> None:
+    import torch
+
+    assert sorted(a) == sorted(b) and a, (sorted(a), sorted(b))
+    for layer in a:
+        assert torch.equal(a[layer], b[layer]), layer
+
+
+def _history_close(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        assert {k: ra[k] for k in EXACT} == {k: rb[k] for k in EXACT}
+        for k in ("train_loss", "val_loss"):
+            assert rb[k] == (None if ra[k] is None else pytest.approx(ra[k], rel=LOSS_RTOL)), k  # None: no training
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_strip_in_two_processes_equals_one_process(strip_runs):
+    tmp = strip_runs["tmp"]
+    one, two = (json.loads((tmp / name / "summary.json").read_text()) for name in ("one", "two"))
+    # every process ends with the same masks, the one-process run's
+    one_masks = _load_masks(tmp / "masks-one", 0)
+    assert sum(int(m.sum()) for m in one_masks.values()) == one["totals"]["pruned_weights"] > 0
+    for rank in (0, 1):
+        _assert_masks_equal(one_masks, _load_masks(strip_runs["masks"], rank))
+    # each process trained on its own share of every global batch: 97 samples an epoch, 6 batches of 8 each
+    # and the last batch's one sample in process 1 (process 0's share of it is empty)
+    (n0, x0), (n1, x1), (n, x) = (_seen(strip_runs["masks"], 0), _seen(strip_runs["masks"], 1),
+                                  _seen(tmp / "masks-one", 0))
+    assert (n0, n1, n) == (2 * 48, 2 * 49, 2 * 97)
+    assert x0 + x1 == pytest.approx(x, rel=1e-6) and x0 != pytest.approx(x1, rel=1e-3)  # float32 inputs
+    _history_close(one["history"], two["history"])
+    assert [row["dead"] for row in two["history"]] == [3, 2]  # fc1 rows 0-2; row 0 revived by the first step
+    assert two["test"]["acc"] == one["test"]["acc"]
+    assert two["test"]["loss"] == pytest.approx(one["test"]["loss"], rel=LOSS_RTOL)
+    assert (two["processes"], one["processes"]) == (2, 1)
+    assert two["totals"] == one["totals"] and two["start"] == one["start"]
+    assert two["config"] == one["config"]  # the global batch of 16 recorded, as in one process
+    # only process 0 writes and prints: the one-process output, but for the folder and the epoch times
+    out = tmp / "two"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp / "one").iterdir())
+    expected = strip_runs["one"].stdout.replace(str(tmp / "one"), str(out))
+    got = _rank_logs(strip_runs["logs"], 0, "stdout")
+    assert _without_losses(got) == _without_losses(expected)
+    assert _rank_logs(strip_runs["logs"], 1, "stdout") == ""
+    assert "Error" not in _rank_logs(strip_runs["logs"], 1, "stderr")
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_gradient_accumulation_in_two_processes_equals_one_process(strip_runs, tmp_path):
+    """--grad-accum 2 of --batch-size 8: two micro-batches of 4 per process per step (DDP synchronises only
+    the second backward), the one-process run's steps."""
+    (tmp_path / "strip_script.py").write_text(STRIP_SCRIPT)
+    inputs = [*strip_runs["inputs"][:-1], "8", "--grad-accum", "2"]
+    (tmp_path / "masks-one").mkdir()
+    one = subprocess.run([sys.executable, str(tmp_path / "strip_script.py"), "strip", *inputs, "--out",
+                          str(tmp_path / "one")], env=_env(MASKS_DIR=str(tmp_path / "masks-one")),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    res, _, masks = _strip_torchrun(tmp_path, inputs, tmp_path / "two", "two")
+    assert res.returncode == 0, res.stderr
+    a, b = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    for rank in (0, 1):
+        _assert_masks_equal(_load_masks(tmp_path / "masks-one", 0), _load_masks(masks, rank))
+    assert (_seen(masks, 0)[0], _seen(masks, 1)[0]) == (2 * 48, 2 * 49)
+    _history_close(a["history"], b["history"])
+    assert b["config"]["grad_accum"] == 2 and b["test"]["acc"] == a["test"]["acc"]
+
+
+@pytest.mark.slow  # torchrun subprocesses
+@pytest.mark.parametrize("extra", [["--baseline"], ["--finetune", "0"]], ids=["baseline", "finetune-0"])
+def test_baseline_and_no_training_in_two_processes_equal_one_process(strip_runs, tmp_path, extra):
+    (tmp_path / "strip_script.py").write_text(STRIP_SCRIPT)
+    inputs = [*strip_runs["inputs"], *extra]
+    (tmp_path / "masks-one").mkdir()
+    one = subprocess.run([sys.executable, str(tmp_path / "strip_script.py"), "strip", *inputs, "--out",
+                          str(tmp_path / "one")], env=_env(MASKS_DIR=str(tmp_path / "masks-one")),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    res, _, masks = _strip_torchrun(tmp_path, inputs, tmp_path / "two", "two")
+    assert res.returncode == 0, res.stderr
+    a, b = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    for rank in (0, 1):
+        _assert_masks_equal(_load_masks(tmp_path / "masks-one", 0), _load_masks(masks, rank))
+    if "--baseline" in extra:
+        _history_close(a["history"], b["history"])
+        _history_close(a["baseline"]["history"], b["baseline"]["history"])
+        assert [row["pruned_weights"] for row in b["baseline"]["history"]] == [0, 0]
+    else:  # no training: the strip step and the re-scan, nothing to round differently but the evaluation
+        assert [row["dead"] for row in b["history"]] == [3, 2]
+        _history_close(a["history"], b["history"])
+    assert b["test"]["acc"] == a["test"]["acc"] and b["totals"] == a["totals"]
+
+
+def _without_losses(text: str) -> str:
+    """Printed epoch lines with the train loss cut (its last digit may differ in float rounding)."""
+    import re
+
+    return re.sub(r"train loss \S+", "train loss _", text)
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_masks_that_differ_between_processes_stop_the_run(strip_runs):
+    tmp = strip_runs["tmp"]
+    res, logs, _ = _strip_torchrun(tmp, strip_runs["inputs"], tmp / "differ", "differ", FAULT="masks")
+    assert res.returncode != 0
+    assert _errors(_rank_logs(logs, 0, "stderr")) == [
+        "Error: strip step 1: the pruning masks differ between processes (process 0 and process(es) 1); the model "
+        "or the held-out data is not the same on every process"]
+    assert _rank_logs(logs, 1, "stderr") == _rank_logs(logs, 1, "stdout") == ""
+    assert not (tmp / "differ" / "summary.json").exists()
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_a_batch_that_does_not_divide_is_one_error_line(strip_runs, tmp_path):
+    inputs = [*strip_runs["inputs"][:-1], "15"]  # --batch-size 15 over 2 processes
+    (tmp_path / "strip_script.py").write_text(STRIP_SCRIPT)
+    res, logs, _ = _strip_torchrun(tmp_path, inputs, tmp_path / "out", "odd")
+    assert res.returncode != 0
+    assert _errors(_rank_logs(logs, 0, "stderr")) == [BATCH_ERROR]
+    assert _rank_logs(logs, 1, "stderr") == _rank_logs(logs, 1, "stdout") == ""
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_resume_after_an_interrupted_two_process_run_continues(strip_runs):
+    """Ctrl-C during epoch 2: process 0 says so in one line and epoch 1 is saved; --resume in two processes
+    then ends exactly as the uninterrupted two-process run."""
+    tmp = strip_runs["tmp"]
+    out = tmp / "resumed"
+    res, logs, _ = _strip_torchrun(tmp, strip_runs["inputs"], out, "interrupted", FAULT="interrupt")
+    assert res.returncode != 0
+    errors = _errors(_rank_logs(logs, 0, "stderr"))
+    assert len(errors) == 1 and errors[0].startswith(
+        f"Error: interrupted during epoch 2; 1 epoch(s) saved in {out / 'train-state.pt'}; resume with: torchrun "
+        f"<the same torchrun options> -m deadscan strip {strip_runs['inputs'][0]} "), errors
+    assert errors[0].endswith(" --resume; or write the completed epochs' outputs with: torchrun <the same torchrun "
+                              f"options> -m deadscan strip {' '.join(strip_runs['inputs'])} --out {out} --finalize")
+    assert _rank_logs(logs, 1, "stderr") == _rank_logs(logs, 1, "stdout") == ""
+    import torch
+
+    assert torch.load(out / "train-state.pt", weights_only=True)["epoch"] == 1
+    res, logs, masks = _strip_torchrun(tmp, strip_runs["inputs"], out, "resume", "--resume")
+    assert res.returncode == 0, res.stderr
+    two, resumed = (json.loads((tmp / name / "summary.json").read_text()) for name in ("two", "resumed"))
+    strip_seconds = [{k: v for k, v in row.items() if k != "seconds"} for row in two["history"]]
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in resumed["history"]] == strip_seconds
+    assert resumed["test"] == two["test"]
+    for rank in (0, 1):
+        _assert_masks_equal(_load_masks(strip_runs["masks"], 0), _load_masks(masks, rank))
+    assert _rank_logs(logs, 0, "stdout").startswith("dead: detected after the epoch's training, before its strip step\n"
+                                                   "epoch   2  ")  # only the remaining epoch trained
+
+
+DDP_EXAMPLE = Path(__file__).with_name("ddp_stripper.py")
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_the_readme_stripper_example_in_two_processes_equals_one(tmp_path):
+    """deadscan.Stripper inside a user's own DDP loop: the README's example, as written, under torchrun with 1
+    and 2 processes (the same global batches): the same dead and revived counts every epoch."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    assert "```python\n" + DDP_EXAMPLE.read_text() + "```" in readme
+    (tmp_path / "sample_models").symlink_to(Path(MLP).parent)
+    printed = {}
+    for nproc in (1, 2):
+        logs = tmp_path / f"logs{nproc}"
+        cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
+               str(_free_port()), "--log-dir", str(logs), "--redirects", "3", str(DDP_EXAMPLE)]
+        res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        printed[nproc] = _rank_logs(logs, 0, "stdout").splitlines()
+        if nproc == 2:
+            assert _rank_logs(logs, 1, "stdout") == ""
+    one, two = ([line.split() for line in printed[n]] for n in (1, 2))
+    assert [int(e[0]) for e in two] == [0, 1, 2]
+    assert int(two[0][1]) <= 186 and int(two[-1][1]) < int(two[0][1])  # stripping revived some
+    assert [e[:4] for e in two] == [e[:4] for e in one]  # dead, revived, %A
+    assert [e[4] for e in two] == ["2"] * 3 and [e[4] for e in one] == ["1"] * 3  # scans reduced over 2
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_sigterm_to_torchrun_leaves_a_resumable_state(tmp_path):
+    """A real SIGTERM to torchrun (which passes it to its processes) mid-run: process 0's one Error line, the
+    others quiet, the completed epochs in train-state.pt; the same command with --resume finishes the run."""
+    import signal
+
+    import torch
+
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    target = ["-m", "deadscan", "strip", str(MLP), "--data", "digits", "--finetune", "12", "--warmup", "0",
+              "--batch-size", "64", "--out", str(out)]
+    proc = _torchrun(2, target, logs, port=_free_port(), wait=False)
+    deadline = time.monotonic() + 120
+    while not (out / "train-state.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    saved = torch.load(out / "train-state.pt", weights_only=True)["epoch"]
+    assert 1 <= saved < 12
+    errors = _errors(_rank_logs(logs, 0, "stderr"))
+    assert len(errors) == 1 and errors[0].startswith(
+        f"Error: interrupted during epoch {saved + 1}; {saved} epoch(s) saved in {out / 'train-state.pt'}; "), errors
+    assert _rank_logs(logs, 1, "stderr") == _rank_logs(logs, 1, "stdout") == ""
+    res = _torchrun(2, [*target, "--resume"], tmp_path / "logs-resume", port=_free_port())
+    assert res.returncode == 0, res.stderr
+    history = json.loads((out / "summary.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == list(range(1, 13))
+    assert _rank_logs(tmp_path / "logs-resume", 0, "stdout").splitlines()[1].startswith(f"epoch {saved + 1:>3}  ")
+
+
+GROUP_SCRIPT = """
+import json, os, sys
+import torch, torch.distributed as dist
+from deadscan import Stripper, distributed
+from deadscan.errors import TraceError
+from deadscan.scan import scan
+sys.path.insert(0, sys.argv[2])
+from test_finetune import _model
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+pg = dist.new_group([0, 1])  # a group of the user's own, not the default
+x = torch.rand(24, 8, generator=torch.Generator().manual_seed(2)) * 0.9 + 0.1
+model = _model()
+report = Stripper(model, group=pg).step(x)
+alone = scan(_model(), x[:12] if rank == 0 else x[12:], group=distributed.Group())  # no reduction: own share
+other = _model()
+if rank == 1:
+    with torch.no_grad():
+        other.fc1.weight[0, 5] = -60.0  # row 0, dead in both, has another most negative weight in process 1
+try:
+    Stripper(other, group=pg).step(x)
+    error = None
+except TraceError as e:
+    error = str(e)
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+    json.dump({"processes": report.scan.processes, "dead": report.dead, "pruned": report.pruned_weights,
+               "alone_processes": alone.processes, "alone_dead": alone.dead, "error": error}, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_stripper_reduces_over_a_process_group_it_is_given(tmp_path):
+    """Stripper(group=a ProcessGroup): each process scans its half of the held-out inputs, the statistics are
+    reduced over that group; a model that differs between the processes gives masks that differ: both raise."""
+    (tmp_path / "group.py").write_text(GROUP_SCRIPT)
+    res = _torchrun(2, [str(tmp_path / "group.py"), str(tmp_path), str(Path(__file__).parent)], tmp_path / "logs",
+                    port=_free_port())
+    assert res.returncode == 0, res.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    message = ("strip step 1: the pruning masks differ between processes (process 0 and process(es) 1); the "
+               "model or the held-out data is not the same on every process")
+    for got in ranks:
+        # fc1 rows 0-2 dead by construction: one strip step prunes 1 weight of row 0 and 1 of rows 1, 2 each
+        assert {k: got[k] for k in ("processes", "dead", "pruned", "alone_processes", "error")} == {
+            "processes": 2, "dead": 3, "pruned": 3, "alone_processes": 1, "error": message}
+        assert got["alone_dead"] == 3  # its own half alone, unreduced
