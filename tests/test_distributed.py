@@ -508,12 +508,10 @@ def test_strip_in_two_processes_equals_one_process(strip_runs):
     assert "Error" not in _rank_logs(strip_runs["logs"], 1, "stderr")
 
 
-@pytest.mark.slow  # torchrun subprocesses
-def test_gradient_accumulation_in_two_processes_equals_one_process(strip_runs, tmp_path):
-    """--grad-accum 2 of --batch-size 8: two micro-batches of 4 per process per step (DDP synchronises only
-    the second backward), the one-process run's steps."""
+def _one_and_two_processes(tmp_path, inputs):
+    """The same strip in one process and under torchrun with 2: both summaries, with every process's masks
+    equal to the one-process run's; returns (one, two, the 2-process masks folder)."""
     (tmp_path / "strip_script.py").write_text(STRIP_SCRIPT)
-    inputs = [*strip_runs["inputs"][:-1], "8", "--grad-accum", "2"]
     (tmp_path / "masks-one").mkdir()
     one = subprocess.run([sys.executable, str(tmp_path / "strip_script.py"), "strip", *inputs, "--out",
                           str(tmp_path / "one")], env=_env(MASKS_DIR=str(tmp_path / "masks-one")),
@@ -524,6 +522,15 @@ def test_gradient_accumulation_in_two_processes_equals_one_process(strip_runs, t
     a, b = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
     for rank in (0, 1):
         _assert_masks_equal(_load_masks(tmp_path / "masks-one", 0), _load_masks(masks, rank))
+    return a, b, masks
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_gradient_accumulation_in_two_processes_equals_one_process(strip_runs, tmp_path):
+    """--grad-accum 2 of --batch-size 8: two micro-batches of 4 per process per step (DDP synchronises only
+    the second backward), the one-process run's steps."""
+    inputs = [*strip_runs["inputs"][:-1], "8", "--grad-accum", "2"]
+    a, b, masks = _one_and_two_processes(tmp_path, inputs)
     assert (_seen(masks, 0)[0], _seen(masks, 1)[0]) == (2 * 48, 2 * 49)
     _history_close(a["history"], b["history"])
     assert b["config"]["grad_accum"] == 2 and b["test"]["acc"] == a["test"]["acc"]
@@ -532,18 +539,7 @@ def test_gradient_accumulation_in_two_processes_equals_one_process(strip_runs, t
 @pytest.mark.slow  # torchrun subprocesses
 @pytest.mark.parametrize("extra", [["--baseline"], ["--finetune", "0"]], ids=["baseline", "finetune-0"])
 def test_baseline_and_no_training_in_two_processes_equal_one_process(strip_runs, tmp_path, extra):
-    (tmp_path / "strip_script.py").write_text(STRIP_SCRIPT)
-    inputs = [*strip_runs["inputs"], *extra]
-    (tmp_path / "masks-one").mkdir()
-    one = subprocess.run([sys.executable, str(tmp_path / "strip_script.py"), "strip", *inputs, "--out",
-                          str(tmp_path / "one")], env=_env(MASKS_DIR=str(tmp_path / "masks-one")),
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr
-    res, _, masks = _strip_torchrun(tmp_path, inputs, tmp_path / "two", "two")
-    assert res.returncode == 0, res.stderr
-    a, b = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
-    for rank in (0, 1):
-        _assert_masks_equal(_load_masks(tmp_path / "masks-one", 0), _load_masks(masks, rank))
+    a, b, _ = _one_and_two_processes(tmp_path, [*strip_runs["inputs"], *extra])
     if "--baseline" in extra:
         _history_close(a["history"], b["history"])
         _history_close(a["baseline"]["history"], b["baseline"]["history"])
