@@ -20,4 +20,5 @@ for epoch in range(3):
     report = stripper.step(val)                      # the same val everywhere: each scans its share
     if rank == 0:
         print(epoch, report.dead, report.revived_count, round(report.active_percent, 2), report.scan.processes)
+dist.barrier()                                   # every process done before any tears its connections down
 dist.destroy_process_group()
