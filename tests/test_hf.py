@@ -5,6 +5,7 @@ CheckpointError line each."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import sys
@@ -58,6 +59,7 @@ def _logits(model, name):
 
 
 def _one_error(folder, *words):
+    """The one-line CheckpointError loading ``folder`` gives (checked to hold ``words``)."""
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(folder)
     msg = str(e.value)
@@ -65,6 +67,11 @@ def _one_error(folder, *words):
     for w in words:
         assert w in msg, msg
     return msg
+
+
+def _error_of(folder) -> str:
+    """That error line with the folder's path written <F>, to compare whole lines."""
+    return _one_error(folder).replace(str(folder), "<F>")
 
 
 @pytest.fixture
@@ -208,7 +215,9 @@ def test_arch_must_be_the_folders_own(opt_folder):
 def test_no_weights(tmp_path, opt_folder):
     for f in opt_folder.glob("*.safetensors"):
         f.unlink()
-    _one_error(opt_folder, "no weights", "model.safetensors")
+    assert _error_of(opt_folder) == (
+        "<F>: holds config.json but no weights (model.safetensors, model.safetensors.index.json, pytorch_model.bin "
+        "or pytorch_model.bin.index.json); download or save the weights into the folder")
 
 
 def _edit_config(folder, **changes):
@@ -221,7 +230,9 @@ def test_remote_code_refused(opt_folder):
     _edit_config(opt_folder, auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"},
                  architectures=["EvilForCausalLM"])
     (opt_folder / "modeling_evil.py").write_text("raise SystemExit('ran code from the folder')\n")
-    _one_error(opt_folder, "EvilForCausalLM", "never runs code from a model folder")
+    assert _error_of(opt_folder) == (
+        "<F>: config.json has an auto_map for EvilForCausalLM: model code shipped in the folder; deadscan never "
+        "runs code from a model folder (no trust_remote_code): use a model whose class ships with transformers")
 
 
 @pytest.mark.parametrize("name", ["EvilForCausalLM", "OPTConfig", "AutoModel", "os", "__builtins__"])
@@ -237,7 +248,9 @@ def test_index_walking_out_of_the_folder(sharded):
     for bad in ("../x.safetensors", "/etc/passwd", "sub/x.safetensors"):
         index["weight_map"][first] = bad
         (sharded / hf.SAFETENSORS_INDEX).write_text(json.dumps(index))
-        _one_error(sharded, "not a plain file name")
+        assert _error_of(sharded) == (
+            f"<F>: shard of model.safetensors.index.json {bad!r} is not a plain file name in the folder; damaged or "
+            "crafted folder: re-save it with save_pretrained")
 
 
 def test_link_out_of_the_folder(tmp_path, sharded):
@@ -254,8 +267,10 @@ def test_link_out_of_the_folder(tmp_path, sharded):
 
 
 def test_shard_missing(sharded):
-    sorted(sharded.glob("model-*.safetensors"))[-1].unlink()
-    _one_error(sharded, "missing", "incomplete")
+    last = sorted(sharded.glob("model-*.safetensors"))[-1]
+    last.unlink()
+    assert _error_of(sharded) == (f"<F>: shard of model.safetensors.index.json {last.name} is missing; the folder "
+                                  "is incomplete: download or save it again")
 
 
 def test_index_disagrees_with_shards(sharded):
@@ -264,7 +279,9 @@ def test_index_disagrees_with_shards(sharded):
     key = next(k for k, v in index["weight_map"].items() if v == shards[0])
     index["weight_map"][key] = shards[1]
     (sharded / hf.SAFETENSORS_INDEX).write_text(json.dumps(index))
-    _one_error(sharded, "does not match its shards", key)
+    assert _error_of(sharded) == (
+        f"<F>/model.safetensors.index.json: does not match its shards: {key} (in {shards[0]}, index says "
+        f"{shards[1]}); damaged folder: re-save it")
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
@@ -274,32 +291,43 @@ def test_fifo_refused(sharded, target):
         target = sorted(sharded.glob("model-*.safetensors"))[0].name
     (sharded / target).unlink()
     os.mkfifo(sharded / target)
-    _one_error(sharded, "not a regular file")
+    assert _error_of(sharded) == (f"<F>/{target}: not a regular file (a folder, pipe, socket or device); a model "
+                                  "folder holds plain files")
 
 
 def test_config_not_json(opt_folder):
     (opt_folder / hf.CONFIG).write_text("{not json")
-    _one_error(opt_folder, "not valid JSON")
+    assert _error_of(opt_folder) == (
+        "<F>/config.json: config.json is not valid JSON (Expecting property name enclosed in double quotes: line 1 "
+        "column 2 (char 1)); damaged: re-save the folder")
     (opt_folder / hf.CONFIG).write_text("[1, 2]")
-    _one_error(opt_folder, "not an object")
+    assert _error_of(opt_folder) == ("<F>/config.json: config.json holds a JSON list, not an object; damaged: "
+                                     "re-save the folder")
 
 
 def test_config_too_big(opt_folder):
     with open(opt_folder / hf.CONFIG, "w") as f:
         f.write('{"pad": "' + "x" * (hf.MAX_CONFIG_BYTES + 1) + '"}')
-    _one_error(opt_folder, "more than")
+    size = (opt_folder / hf.CONFIG).stat().st_size
+    assert _error_of(opt_folder) == (f"<F>/config.json: config.json is {size} bytes, more than the "
+                                     f"{hf.MAX_CONFIG_BYTES} deadscan reads; damaged or not a Hugging Face file")
 
 
 def test_weights_that_do_not_fit(opt_folder):
     _edit_config(opt_folder, num_hidden_layers=3)
-    _one_error(opt_folder, "missing model.decoder.layers.2")
+    assert _error_of(opt_folder).startswith("<F>: its weights do not fit OPTForCausalLM from its config.json: "
+                                            "missing model.decoder.layers.2.")
     _edit_config(opt_folder, num_hidden_layers=2, ffn_dim=48)
-    _one_error(opt_folder, "shapes do not fit", "fc1.weight")
+    assert _error_of(opt_folder).startswith(
+        "<F>: tensor shapes do not fit OPTForCausalLM from its config.json (file vs model): "
+        "model.decoder.layers.0.fc1.bias (32,) vs (48,), model.decoder.layers.0.fc1.weight (32, 16) vs (48, 16)")
 
 
 def test_config_far_bigger_than_its_weights(opt_folder):
     _edit_config(opt_folder, num_hidden_layers=10**7)  # stopped while built on the meta device
-    _one_error(opt_folder, "crafted config")
+    assert re.fullmatch(r"<F>: config\.json builds a OPTForCausalLM which holds more than \d+ tensors / \d+ "
+                        r"elements; the file has \d+ tensors / \d+ elements; damaged or crafted config",
+                        _error_of(opt_folder))
 
 
 def test_without_transformers(opt_folder, monkeypatch):
