@@ -82,3 +82,26 @@ def gelu_case(tmp_path):
     data = tmp_path / "img.npz"
     np.savez(data, x=rng.integers(0, 256, (40, 1, 8, 8)).astype(np.uint8), y=(np.arange(40) % 3).astype(np.int64))
     return ckpt, data
+
+
+def invoke_cli(*args):
+    """Run the deadscan command in-process: (result, its Error: lines)."""
+    from deadscan.cli import main
+
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    err = [line for line in (res.stderr if res.stderr_bytes is not None else res.output).splitlines()
+           if line.startswith("Error:")]
+    return res, err
+
+
+def write_token_file(path, *, n: int, t: int, vocab: int, seed: int = 1, low: int = 1, pad_from: int = 6,
+                     pad_id: int = 0):
+    """tokens.npz of random ids in [low, vocab) with every third sequence right-padded (``pad_id``, attention
+    mask 0) from position ``pad_from``."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(low, vocab, (n, t))
+    mask = np.ones((n, t), np.int64)
+    mask[::3, pad_from:] = 0
+    ids[mask == 0] = pad_id
+    np.savez(path, input_ids=ids, attention_mask=mask)
+    return path

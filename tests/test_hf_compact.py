@@ -17,17 +17,17 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # never the hub: everything here is built lo
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from click.testing import CliRunner  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import deadscan  # noqa: E402
-from deadscan.cli import main  # noqa: E402
 from deadscan.data.tokens import model_kwargs  # noqa: E402
 from deadscan.errors import CheckpointError  # noqa: E402
 from deadscan.finetune import _logits  # noqa: E402
 from deadscan.layers import entry  # noqa: E402
 from deadscan.zoo import SHAPES_KEY  # noqa: E402
+
+from conftest import invoke_cli, write_token_file  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_tokens import _save_tokenizer  # noqa: E402
@@ -78,21 +78,11 @@ def _gpt2(tmp_path):  # Hugging Face's Conv1D: weights stored (in, out)
 
 
 def _tokens(tmp_path, n=24, t=10):
-    rng = np.random.default_rng(1)
-    ids = rng.integers(3, VOCAB, (n, t))
-    mask = np.ones((n, t), np.int64)
-    mask[::3, 6:] = 0  # every third sequence right-padded
-    ids[mask == 0] = 0
-    path = tmp_path / "tokens.npz"
-    np.savez(path, input_ids=ids, attention_mask=mask)
-    return path
+    return write_token_file(tmp_path / "tokens.npz", n=n, t=t, vocab=VOCAB, low=3)
 
 
 def _run(*args):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    err = [line for line in (res.stderr if res.stderr_bytes is not None else res.output).splitlines()
-           if line.startswith("Error:")]
-    return res, err
+    return invoke_cli(*args)
 
 
 def _logits_of(model, ids, mask):

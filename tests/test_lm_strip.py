@@ -18,16 +18,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # never the hub: everything here is built lo
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from click.testing import CliRunner  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from deadscan import finetune as ft  # noqa: E402
-from deadscan.cli import main  # noqa: E402
 from deadscan.data import load_data  # noqa: E402
 from deadscan.data.tokens import TokenDataset  # noqa: E402
 from deadscan.errors import DataError  # noqa: E402
 from deadscan.finetune import CausalLM, TrainConfig, accumulate, finetune  # noqa: E402
 from deadscan.hf import load_folder  # noqa: E402
+
+from conftest import invoke_cli, write_token_file  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_tokens import _save_tokenizer  # noqa: E402
@@ -68,21 +68,11 @@ def _folder(tmp_path, tokenizer=False):
 
 
 def _tokens(tmp_path, n=40, t=12, seed=1):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, VOCAB, (n, t))
-    mask = np.ones((n, t), np.int64)
-    mask[::3, 7:] = 0  # every third sequence right-padded
-    ids[mask == 0] = 0
-    path = tmp_path / "tokens.npz"
-    np.savez(path, input_ids=ids, attention_mask=mask)
-    return path
+    return write_token_file(tmp_path / "tokens.npz", n=n, t=t, vocab=VOCAB, seed=seed, pad_from=7)
 
 
 def _run(*args):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    err = [line for line in (res.stderr if res.stderr_bytes is not None else res.output).splitlines()
-           if line.startswith("Error:")]
-    return res, err
+    return invoke_cli(*args)
 
 
 class _Steps:

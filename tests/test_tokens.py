@@ -28,6 +28,8 @@ from deadscan.errors import DataError  # noqa: E402
 from deadscan.scan import scan  # noqa: E402
 from deadscan.trace import find_sites  # noqa: E402
 
+from conftest import invoke_cli, write_token_file  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(__file__))
 from test_hf import CONFIGS  # noqa: E402
 
@@ -78,14 +80,7 @@ def _folder(tmp_path, name, shard=None, seed=0):
 
 
 def _tokens_file(tmp_path, n=24, t=10, seed=1, pad_id=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, VOCAB, (n, t))
-    mask = np.ones((n, t), np.int64)
-    mask[::3, 6:] = 0  # every third sequence right-padded
-    ids[mask == 0] = pad_id
-    path = tmp_path / "tokens.npz"
-    np.savez(path, input_ids=ids, attention_mask=mask)
-    return path
+    return write_token_file(tmp_path / "tokens.npz", n=n, t=t, vocab=VOCAB, seed=seed, pad_id=pad_id)
 
 
 def _oracle(model, ds: TokenDataset, act_names, batch_size=8):
@@ -257,10 +252,7 @@ def _save_tokenizer(folder, words=WORDS):
 
 
 def _run(*args):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    err = [line for line in (res.stderr if res.stderr_bytes is not None else res.output).splitlines()
-           if line.startswith("Error:")]
-    return res, err
+    return invoke_cli(*args)
 
 
 def _corpus(tmp_path, lines=("the cat sat on a mat", "a big red dog ran far away", "", "the sun"), name="corpus.txt"):
