@@ -151,6 +151,17 @@ SUMMARY_EDITS = {
     "path-a-number": lambda s: {**s, "checkpoint": {**s["checkpoint"], "path": 5}},
     "deep": lambda s: s,  # the test appends 100000 nested brackets to the text
     "dead-index-too-big": lambda s: {**s, "sites": [{**s["sites"][0], "dead_indices": [99]}] + s["sites"][1:]},
+    # fields this project added later: typed like the rest
+    "start-a-string": lambda s: {**s, "start": "186"},
+    "start-site-count-negative": lambda s: {**s, "start": {"dead": 1, "neurons": 2, "active_percent": 50.0,
+                                                           "active_percent_feeding_weights": 50.0,
+                                                           "sites": {"relu1": {"dead": -1, "active_percent": 1.0}}}},
+    "rare-tokens-wrong": lambda s: {**s, "rare_tokens": {"sequences": 3, "sites": {"relu1": [{"neuron": "\x1b[2J"}]}}},
+    "warnings-not-strings": lambda s: {**s, "warnings": [{"\x1b]0;pwned\x07": 1}]},
+    "device-map-a-list": lambda s: {**s, "device_map": ["cpu"]},
+    "compact-latency-nan": lambda s: {**s, "compact": {"removed": {}, "skipped": {}, "params_before": 1,
+                                                       "params_after": 1, "cpu_latency_ms": {"before": {
+                                                           "median": float("nan"), "q1": 0, "q3": 0, "runs": 1}}}},
 }
 
 
@@ -166,7 +177,8 @@ def test_damaged_summary_gives_one_line_to_strip_from(base, tmp_path, case):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("case", ["no-totals", "nan-percent", "deep"])
+@pytest.mark.parametrize("case", ["no-totals", "nan-percent", "deep", "start-a-string", "rare-tokens-wrong",
+                                  "warnings-not-strings"])
 def test_damaged_summary_in_stats_h5_gives_one_line_to_report_and_compare(base, tmp_path, case):
     run_dir = _variant(base, tmp_path)
     s = SUMMARY_EDITS[case](json.loads((run_dir / "summary.json").read_text()))
