@@ -90,9 +90,9 @@ class Task:
         if ds is None or len(ds) == 0:  # the whole split's length: every process returns here alike
             return {"loss": None, "acc": None}
         if group.active:
-            from .scan import _shard_dataset
+            from .scan import shard_dataset
 
-            ds = _shard_dataset(ds, group)
+            ds = shard_dataset(ds, group)
         model.eval()
         loss = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.long)

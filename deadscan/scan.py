@@ -341,7 +341,7 @@ def _input_batches(data, batch_size: int, device: torch.device,
     Of several processes' ``group``, this one's share only: a contiguous span of samples (datasets,
     tensors) or every world-th batch (other iterables, whose length is unknown)."""
     if hasattr(data, "batches"):
-        data = _shard_dataset(data, group)
+        data = shard_dataset(data, group)
         return data.batches(batch_size, device), len(data)
     if (isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
             and data[1].ndim == 1 and not data[1].is_floating_point() and len(data[0]) == len(data[1])):
@@ -366,7 +366,7 @@ def _input_batches(data, batch_size: int, device: torch.device,
 TOKEN_KEYS = ("input_ids", "attention_mask")
 
 
-def _shard_dataset(data, group: distributed.Group):
+def shard_dataset(data, group: distributed.Group):
     """This process's span of a Dataset (``x``, ``y``) or TokenDataset (``input_ids``, ``attention_mask``)."""
     if group.world == 1:
         return data
