@@ -84,7 +84,11 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            from .distributed import finish  # torch-free; a no-op outside torchrun
+
+            finish()  # under torchrun every process ends together
+            return result
         except DeadscanError as e:
             if not _main_process():  # under torchrun process 0 prints the error (another's as "process N: ...")
                 raise click.exceptions.Exit(1) from None

@@ -171,9 +171,24 @@ def setup(device=None) -> Group:
     return _current
 
 
+def finish() -> None:
+    """End of a command that succeeded in every process: wait for all, then tear the group down.
+    Without the barrier a process that finishes first closes its connections while process 0 still
+    writes, and gloo can abort the other at exit ("terminate called without an active exception")."""
+    global _current
+    if _current is None or not _current.active:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        _collective(dist.barrier)
+        dist.destroy_process_group()
+    _current = None
+
+
 def _teardown() -> None:
-    # A group left to the interpreter's exit can abort the process ("terminate called without an active
-    # exception") while its communication threads still run.
+    # Error paths: a group left to the interpreter's exit can abort the process while its communication
+    # threads still run. No barrier here: another process may be gone.
     import torch.distributed as dist
 
     if dist.is_initialized():
