@@ -66,11 +66,28 @@ class ValidPositions:
         return x.reshape(-1, x.shape[-1]).index_select(0, idx)
 
 
+class Scratch:
+    """One buffer the sites of a scan share for their temporaries (they run one at a time): on CPU a fresh
+    activation-sized tensor per call costs its page faults, more than the arithmetic on it."""
+
+    def __init__(self):
+        self.bufs: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> the largest buffer asked for there
+
+    def like(self, t: torch.Tensor) -> torch.Tensor:
+        """A contiguous tensor of ``t``'s shape, dtype and device, overwritten by the next call."""
+        key = (t.device, t.dtype)
+        buf = self.bufs.get(key)
+        if buf is None or buf.numel() < t.numel():
+            buf = self.bufs[key] = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+        return buf[: t.numel()].view(t.shape)
+
+
 class SiteStats:
     """Running per-neuron statistics of one site, on the activation's device."""
 
-    def __init__(self, site: Site, valid: ValidPositions | None = None):
+    def __init__(self, site: Site, valid: ValidPositions | None = None, scratch: Scratch | None = None):
         self.site = site
+        self.scratch = scratch or Scratch()
         self.valid = valid  # padded positions never count (token data)
         self.unmasked = 0  # calls whose activation was not shaped by token positions: every element counted
         self.sum: torch.Tensor | None = None  # sum of outputs (float64)
@@ -115,7 +132,7 @@ class SiteStats:
         # 2**24 elements per neuron; it is several times cheaper on CPU than summing a bool mask.
         self.sum += y.sum(dims, dtype=torch.float32)
         if per_neuron < 2**24:
-            self.active += torch.sign(y).sum(dims, dtype=torch.float32).long()
+            self.active += torch.sign(y, out=self.scratch.like(y)).sum(dims, dtype=torch.float32).long()
         else:
             self.active += (x > 0).sum(dims, dtype=torch.int64)
         torch.maximum(self.pre_max, x.amax(dims).float(), out=self.pre_max)
@@ -182,7 +199,8 @@ def instrument(model: nn.Module, sitemap: SiteMap, inputs: dict[str, InputStats]
     Traced parts become GraphModules sharing the model's parameters; untraced parts are swapped
     in place for the duration and restored afterwards. The model's weights are never copied.
     """
-    stats = [SiteStats(s, valid) for s in sitemap.sites]
+    scratch = Scratch()
+    stats = [SiteStats(s, valid, scratch) for s in sitemap.sites]
     by_part: dict[int, dict[str, SiteStats]] = {}
     for st in stats:
         if not st.site.hooked:
