@@ -260,6 +260,31 @@ def accumulate(model: nn.Module, task: Task, group: list, amp=None,
     return summed, total
 
 
+def _leaves_parameters_out(model: nn.Module, task: Task, train: Dataset, device: torch.device) -> bool:
+    """Does the loss of a forward leave a trainable parameter out of its graph (a spare head)? Then DDP must
+    look for such parameters every step (``find_unused_parameters``: a walk of the graph per step, and a
+    warning from torch when there are none, so only then). One forward on two training samples, in eval mode
+    with the random state restored: training draws exactly what it would have; the same answer everywhere."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+            loss = task.loss(model, next(iter(task.eval_batches(train, 2, device))))
+    finally:
+        model.train(was_training)
+    reached, seen, todo = set(), set(), [loss.grad_fn]
+    while todo:  # the loss's autograd graph, down to the parameters' AccumulateGrad nodes
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            reached.add(id(fn.variable))
+        todo.extend(nxt for nxt, _ in fn.next_functions)
+    return bool(trainable - reached)
+
+
 def _shares(batches, group: distributed.Group):
     """This process's contiguous share of each global batch (tensors, (x, y) tuples or token dicts)."""
     for batch in batches:
@@ -437,7 +462,8 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
     if group.active and end > start:
         dev = torch.device(device)
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                                  process_group=group.handle)
+                                                  process_group=group.handle,
+                                                  find_unused_parameters=_leaves_parameters_out(model, task, train, dev))
     micro_batches = math.ceil(len(train) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum)  # optimizer steps: what the schedule counts
     # Only on a terminal (not in logs or CI); and no bar object at all otherwise: a signal arriving

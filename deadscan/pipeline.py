@@ -55,16 +55,11 @@ def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEF
         from . import devmap
 
         devmap.check_run(device_map, device, distributed.launched().world)
-    placed = None
     data = (DataOptions(name=data) if isinstance(data, str) else data).absolute()  # as the record keeps it
     out = Path(output.out or DEFAULTS.out_dir)
     group = distributed.setup(resolve_device(device))
     with contextlib.ExitStack() as stack:
-        staged = data.download and group.active  # --download: process 0 fetches the files, then the others read
-        if staged and not group.is_main:
-            group.check()
-        error = None
-        try:  # only process 0 claims --out and writes; every process loads, then all agree before scanning
+        def prepare():  # only process 0 claims --out and writes; every process loads
             if group.is_main:
                 stack.enter_context(claim_out_dir(out, INSPECT_OUTPUTS, overwrite=output.overwrite,
                                                   inputs=(checkpoint, data.name)))  # before any work
@@ -72,6 +67,7 @@ def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEF
             ckpt = load_checkpoint(checkpoint, load.arch, trust_pickle=load.trust_pickle,
                                    allow_globals=load.allow_globals)
             ds = load_data(data.name, split, limit=limit, model_folder=_hf_folder(checkpoint), **data.load_kwargs())
+            placed = None
             if device_map is None:
                 model = for_device(ckpt.model, dev)
             else:  # restored (hooks removed, weights back on the CPU) after the scan, or on any error
@@ -79,11 +75,9 @@ def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEF
                 model, dev = ckpt.model, placed.input_device
             check_fits(model, ds, dev)
             sitemap = find_sites(model) if placed is None else placed.sitemap  # found before dispatch
-        except DeadscanError as e:
-            error = e
-        if staged and group.is_main:
-            group.check(error)
-        group.check(error)
+            return dev, ckpt, ds, model, sitemap, placed
+
+        dev, ckpt, ds, model, sitemap, placed = _in_turn(group, data.download, prepare)
         result = scan(model, ds, sitemap=sitemap, batch_size=batch_size, device=dev, tau=tau,
                       progress=progress and group.is_main, input_means=True)
         if placed is not None:
@@ -110,6 +104,24 @@ def inspect(checkpoint: str | Path, data: DataOptions | str, *, split: str = DEF
         if output.csv:  # sites.csv, neurons.csv
             files.update(write_csv(report_data, out))
         return Inspection(ckpt, ds, result, cap, summary, path, files)
+
+
+def _in_turn(group: distributed.Group, download: bool, prepare):
+    """``prepare()`` in every process, then all agree before any goes on: an error in one stops them all (one
+    line, from process 0). ``download`` under torchrun: process 0 prepares first and fetches the files, the
+    others then read them (no two processes write one dataset folder at once)."""
+    staged = download and group.active
+    if staged and not group.is_main:
+        group.check()  # until process 0 has loaded
+    error = value = None
+    try:
+        value = prepare()
+    except DeadscanError as e:
+        error = e
+    if staged and group.is_main:
+        group.check(error)  # the others start loading
+    group.check(error)
+    return value
 
 
 def for_device(model, dev):
@@ -188,13 +200,10 @@ def strip_checkpoint(checkpoint: str | Path | None, data: DataOptions | str | No
     resume = resume or finalize
     group = distributed.setup(resolve_device(device))
     with contextlib.ExitStack() as stack:
-        error = None
-        try:  # only process 0 claims --out and writes; every process loads, then all agree before training
-            prepared = _prepare_strip(checkpoint, data, cfg, load, output, from_dir, resume, device, corrupted,
-                                      group, stack)
-        except DeadscanError as e:
-            error = e
-        group.check(error)
+        # only process 0 claims --out and writes; every process loads, then all agree before training
+        download = isinstance(data, DataOptions) and bool(data.download)  # the corrupted set inherits it
+        prepared = _in_turn(group, download, lambda: _prepare_strip(
+            checkpoint, data, cfg, load, output, from_dir, resume, device, corrupted, group, stack))
         return _run_strip(prepared, baseline=baseline, resume=resume, command=command, compact=compact,
                           on_epoch=on_epoch if group.is_main else None, progress=progress and group.is_main,
                           finalize=finalize, output=output, start=start, group=group)

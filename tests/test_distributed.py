@@ -576,6 +576,45 @@ def test_language_model_strip_with_compact_in_two_processes_equals_one_process(t
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
+SPARE_ARCH = """
+from torch import nn
+from deadscan.zoo import build
+
+class SpareHead(nn.Module):  # the tests' MLP and a second head its forward never uses
+    def __init__(self):
+        super().__init__()
+        self.mlp, self.spare = build("mlp(depth=2, width=16, in_features=8, classes=3)"), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.mlp(x)
+
+def spare():
+    return SpareHead()
+"""
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_a_model_with_parameters_its_forward_never_uses_trains_in_two_processes(strip_runs, tmp_path, monkeypatch):
+    """DDP would stop in its reducer at the second step (a parameter that never gets a gradient): deadscan
+    sees the spare head before wrapping and lets DDP look for unused parameters; the one-process result."""
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_finetune import _model
+
+    (tmp_path / "spare_arch.py").write_text(SPARE_ARCH)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    weights = {f"mlp.{k}": v for k, v in _model().state_dict().items()}
+    weights.update({"spare.weight": torch.zeros(3, 16), "spare.bias": torch.zeros(3)})
+    save_file(weights, tmp_path / "spare.safetensors")
+    inputs = [str(tmp_path / "spare.safetensors"), "--arch", "spare_arch:spare", *strip_runs["inputs"][1:]]
+    a, b, _ = _one_and_two_processes(tmp_path, inputs)
+    _history_close(a["history"], b["history"])
+    assert [row["dead"] for row in b["history"]] == [3, 2]  # mlp.fc1 rows 0-2, as in the plain MLP
+    assert b["totals"] == a["totals"] and b["test"]["acc"] == a["test"]["acc"]
+
+
 def _without_losses(text: str) -> str:
     """Printed epoch lines with the train loss cut (its last digit may differ in float rounding)."""
     import re
@@ -604,6 +643,41 @@ def test_a_batch_that_does_not_divide_is_one_error_line(strip_runs, tmp_path):
     assert _errors(_rank_logs(logs, 0, "stderr")) == [BATCH_ERROR]
     assert _rank_logs(logs, 1, "stderr") == _rank_logs(logs, 1, "stdout") == ""
     assert not (tmp_path / "out").exists()
+
+
+LOAD_TIMES = """
+import json, os, sys, time
+from deadscan import pipeline
+
+real = pipeline.load_data
+def timed(*args, **kwargs):  # when each process's data loads start and end
+    t0 = time.time()
+    if os.environ["RANK"] == "0":
+        time.sleep(0.5)  # a download takes a while
+    res = real(*args, **kwargs)
+    with open(os.path.join(os.environ["TIMES_DIR"], f"rank{os.environ['RANK']}.jsonl"), "a") as f:
+        f.write(json.dumps([t0, time.time()]) + "\\n")
+    return res
+pipeline.load_data = timed
+from deadscan.cli import main
+main(prog_name="deadscan")
+"""
+
+
+@pytest.mark.slow  # torchrun subprocesses
+@pytest.mark.parametrize("command", ["inspect", "strip"])
+def test_download_under_torchrun_loads_in_process_0_first(strip_runs, tmp_path, command):
+    """--download: process 0 loads (fetching the files) before any other process starts to read them."""
+    (tmp_path / "times.py").write_text(LOAD_TIMES)
+    inputs = strip_runs["inputs"] if command == "strip" else strip_runs["inputs"][:3]
+    res = _torchrun(2, [str(tmp_path / "times.py"), command, *inputs, "--download", "--out", str(tmp_path / "out")],
+                    tmp_path / "logs", port=_free_port(), env=_env(TIMES_DIR=str(tmp_path)))
+    assert res.returncode == 0, res.stderr
+    first, second = ([json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()]
+                     for r in (0, 1))
+    assert len(first) == len(second) == (3 if command == "strip" else 1)  # train, val and test; or the split
+    assert max(end for _, end in first) <= min(start for start, _ in second)
+    assert (tmp_path / "out" / "summary.json").is_file()
 
 
 @pytest.mark.slow  # torchrun subprocesses

@@ -516,3 +516,31 @@ def test_masks_file_round_trip(tmp_path):
     save_masks(masks, tmp_path / "masks.safetensors")
     back = load_masks(tmp_path / "masks.safetensors")
     assert back.keys() == masks.keys() and all(torch.equal(back[k], masks[k]) for k in masks)
+
+
+class _SpareHead(nn.Module):
+    """The test MLP with a second head its forward never uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp, self.spare = _model(dropout=True), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def test_ddp_looks_for_unused_parameters_only_in_a_model_that_has_them():
+    """DDP's find_unused_parameters is decided by one forward: on for a spare head (DDP would stop in its
+    reducer), off otherwise (a graph walk per step, and torch warns); training's random draws are untouched."""
+    from deadscan.finetune import TASKS, _leaves_parameters_out
+
+    train = Dataset("t", "train", *_arrays(40, 1))
+    task, cpu = TASKS["classification"], torch.device("cpu")
+    spare = _SpareHead().train()
+    state = torch.get_rng_state()
+    assert _leaves_parameters_out(spare, task, train, cpu)
+    assert torch.equal(torch.get_rng_state(), state) and spare.training  # dropout drew nothing; mode kept
+    assert not _leaves_parameters_out(_model(dropout=True), task, train, cpu)
+    frozen = _SpareHead()
+    frozen.spare.requires_grad_(False)  # no gradient wanted: nothing for DDP to wait for
+    assert not _leaves_parameters_out(frozen, task, train, cpu)
