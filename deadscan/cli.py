@@ -91,11 +91,15 @@ class _Group(click.Group):
             return result
         except DeadscanError as e:
             if not _main_process():  # under torchrun process 0 prints the error (another's as "process N: ...")
-                raise click.exceptions.Exit(1) from None
+                _exit_quietly(1)
             raise _Error(_error_message(ctx, e)) from None
+        except click.UsageError:
+            if not _main_process():  # every process parsed the same command line: process 0 says it once
+                _exit_quietly(2)
+            raise
         except KeyboardInterrupt:
             if not _main_process():
-                raise click.exceptions.Exit(1) from None
+                _exit_quietly(1)
             out = ctx.meta.get(_STRIP_OUT)
             if out is None:
                 raise _Error("interrupted; nothing was written") from None
@@ -105,6 +109,17 @@ class _Group(click.Group):
             # what stdout still buffers goes to /dev/null, so the final flush prints no traceback either
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
+
+
+_QUIET_EXIT_GRACE_S = 10.0
+
+
+def _exit_quietly(code: int):
+    """A torchrun process other than 0 ends on an error that process 0 says. torchrun stops every process as
+    soon as one exits: leaving at once could stop process 0 before it prints (it may have started later).
+    Process 0 usually exits first, and torchrun then stops this one during the wait."""
+    time.sleep(_QUIET_EXIT_GRACE_S)
+    raise click.exceptions.Exit(code) from None
 
 
 def _main_process() -> bool:

@@ -184,6 +184,15 @@ def test_an_error_in_another_process_is_process_0s_one_error_line(tmp_path):
 
 
 @pytest.mark.slow  # torchrun subprocesses
+def test_a_usage_error_is_said_once(tmp_path):
+    res = _torchrun(2, ["-m", "deadscan", "strip", str(MLP), "--data", "digits", "--limit", "3"], tmp_path / "logs",
+                    port=_free_port())
+    assert res.returncode != 0
+    assert _errors(_rank_logs(tmp_path / "logs", 0, "stderr")) == ["Error: No such option '--limit'."]
+    assert _rank_logs(tmp_path / "logs", 1, "stderr") == _rank_logs(tmp_path / "logs", 1, "stdout") == ""
+
+
+@pytest.mark.slow  # torchrun subprocesses
 @pytest.mark.parametrize("download", [[], ["--download"]], ids=["", "download"])
 def test_an_existing_out_folder_is_refused_once_and_left_alone(tmp_path, download):
     """Only process 0 claims --out; the others learn that it refused and stop before scanning (with
