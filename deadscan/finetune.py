@@ -270,7 +270,7 @@ def _leaves_parameters_out(model: nn.Module, task: Task, train: Dataset, device:
     model.eval()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
-            loss = task.loss(model, next(iter(task.eval_batches(train, 2, device))))
+            loss = task.sums(model, next(iter(task.eval_batches(train, 2, device))))[0]  # summed, as evaluated
     finally:
         model.train(was_training)
     reached, seen, todo = set(), set(), [loss.grad_fn]

@@ -719,6 +719,25 @@ def test_resume_after_an_interrupted_two_process_run_continues(strip_runs):
                                                    "epoch   2  ")  # only the remaining epoch trained
 
 
+@pytest.mark.slow  # torchrun subprocesses
+def test_finalize_in_two_processes_writes_the_completed_epochs(strip_runs):
+    """The README's other way out of an interrupted run: --finalize under torchrun trains no further and
+    writes the outputs of the epoch the interrupted run completed (the uninterrupted run's first epoch)."""
+    tmp = strip_runs["tmp"]
+    out = tmp / "finalized"
+    res, _, _ = _strip_torchrun(tmp, strip_runs["inputs"], out, "to-finalize", FAULT="interrupt")
+    assert res.returncode != 0 and not (out / "summary.json").exists()
+    res, logs, _ = _strip_torchrun(tmp, strip_runs["inputs"], out, "finalize", "--finalize")
+    assert res.returncode == 0, res.stderr
+    two, done = (json.loads((tmp / name / "summary.json").read_text()) for name in ("two", "finalized"))
+    assert done["finalized"] == {"epochs_done": 1, "epochs_planned": 2} and done["processes"] == 2
+    drop = ("seconds", "test_acc")  # the test figure goes on a run's last row
+    assert [{k: v for k, v in row.items() if k not in drop} for row in done["history"]] == [
+        {k: v for k, v in two["history"][0].items() if k not in drop}]
+    assert done["history"][0]["test_acc"] == done["test"]["acc"]
+    assert _rank_logs(logs, 1, "stderr") == _rank_logs(logs, 1, "stdout") == ""
+
+
 DDP_EXAMPLE = Path(__file__).with_name("ddp_stripper.py")
 
 
