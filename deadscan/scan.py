@@ -68,13 +68,17 @@ class ValidPositions:
 
 class Scratch:
     """One buffer the sites of a scan share for their temporaries (they run one at a time): on CPU a fresh
-    activation-sized tensor per call costs its page faults, more than the arithmetic on it."""
+    activation-sized tensor per call costs its page faults, more than the arithmetic on it. On a GPU the
+    caching allocator already reuses memory, so a temporary stays transient there (no memory held between
+    calls)."""
 
     def __init__(self):
         self.bufs: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> the largest buffer asked for there
 
     def like(self, t: torch.Tensor) -> torch.Tensor:
         """A contiguous tensor of ``t``'s shape, dtype and device, overwritten by the next call."""
+        if t.device.type != "cpu":
+            return torch.empty(t.shape, dtype=t.dtype, device=t.device)
         key = (t.device, t.dtype)
         buf = self.bufs.get(key)
         if buf is None or buf.numel() < t.numel():

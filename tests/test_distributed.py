@@ -535,6 +535,25 @@ def _one_and_two_processes(tmp_path, inputs):
 
 
 @pytest.mark.slow  # torchrun subprocesses
+def test_strip_on_two_machines_equals_one_process(strip_runs, tmp_path):
+    """Two torchrun launches ("machines", one process each) joined through one master address and port."""
+    tmp, out, port, masks = strip_runs["tmp"], tmp_path / "out", _free_port(), tmp_path / "masks"
+    masks.mkdir()
+    target = [str(tmp / "strip_script.py"), "strip", *strip_runs["inputs"], "--out", str(out)]
+    env = _env(MASKS_DIR=str(masks))
+    second = _torchrun(1, target, tmp_path / "logs1", nnodes=2, node_rank=1, port=port, env=env, wait=False)
+    first = _torchrun(1, target, tmp_path / "logs0", nnodes=2, node_rank=0, port=port, env=env)
+    _, err1 = second.communicate(timeout=300)
+    assert (first.returncode, second.returncode) == (0, 0), first.stderr + err1
+    one, two = (json.loads((folder / "summary.json").read_text()) for folder in (tmp / "one", out))
+    for rank in (0, 1):  # the global ranks
+        _assert_masks_equal(_load_masks(tmp / "masks-one", 0), _load_masks(masks, rank))
+    _history_close(one["history"], two["history"])
+    assert two["totals"] == one["totals"] and (two["processes"], two["test"]["acc"]) == (2, one["test"]["acc"])
+    assert _rank_logs(tmp_path / "logs1", 0, "stdout") == ""  # global rank 1 prints nothing
+
+
+@pytest.mark.slow  # torchrun subprocesses
 def test_gradient_accumulation_in_two_processes_equals_one_process(strip_runs, tmp_path):
     """--grad-accum 2 of --batch-size 8: two micro-batches of 4 per process per step (DDP synchronises only
     the second backward), the one-process run's steps."""
@@ -583,6 +602,19 @@ def test_language_model_strip_with_compact_in_two_processes_equals_one_process(t
         if not name.endswith("k_proj.bias"):
             torch.testing.assert_close(wb, wa, rtol=1e-3, atol=2e-5, msg=lambda m: f"{name}: {m}")  # rounding, after Adam
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_test_corrupted_in_two_processes_equals_one_process(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_finetune import write_corrupted_inputs
+
+    a, b, _ = _one_and_two_processes(tmp_path, write_corrupted_inputs(tmp_path))  # the same masks everywhere
+    assert [row["dead"] for row in b["history"]] == [2] and b["totals"]["pruned_weights"] > 0
+    assert b["test_corrupted"]["samples"] == 8 and b["test_corrupted"]["acc"] == a["test_corrupted"]["acc"]
+    assert b["test_corrupted"]["loss"] == pytest.approx(a["test_corrupted"]["loss"], rel=LOSS_RTOL)
+    assert {k: v for k, v in b["test_corrupted"].items() if k != "loss"} == {
+        k: v for k, v in a["test_corrupted"].items() if k != "loss"}
 
 
 SPARE_ARCH = """

@@ -544,3 +544,44 @@ def test_ddp_looks_for_unused_parameters_only_in_a_model_that_has_them():
     frozen = _SpareHead()
     frozen.spare.requires_grad_(False)  # no gradient wanted: nothing for DDP to wait for
     assert not _leaves_parameters_out(frozen, task, train, cpu)
+
+
+CORRUPTED_SPEC = "mlp(depth=1, width=16, in_features=3072, classes=10)"
+
+
+def write_corrupted_inputs(tmp_path) -> list[str]:
+    """strip's arguments for a CIFAR-sized MLP trained on fake images and evaluated at the end on two
+    severities of one corruption of a CIFAR-10-C folder (4 images each), with the training's normalisation."""
+    from test_data import write_cifar_c
+
+    write_cifar_c(tmp_path / "c")
+    torch.manual_seed(0)
+    model = build(CORRUPTED_SPEC)
+    with torch.no_grad():  # fc1 rows 0-1 dead on any input in [-2, 2]: |w.x| <= 3072 * 0.001 * 2 < 100
+        model.fc1.weight[:2] = -0.001
+        model.fc1.bias[:2] = -100.0
+    deadscan.save_safetensors(model, tmp_path / "cifar_mlp.safetensors", CORRUPTED_SPEC)
+    return [str(tmp_path / "cifar_mlp.safetensors"), "--data", "fake:3x32x32:10:64", "--data-root", str(tmp_path / "c"),
+            "--mean", "0.5", "--std", "0.25", "--test-corrupted", "cifar10-c", "--corruption", "fog",
+            "--severity", "2,3", "--finetune", "1", "--warmup", "0", "--batch-size", "16"]
+
+
+def test_test_corrupted_evaluates_the_stripped_model_on_the_chosen_blocks(tmp_path):
+    """--test-corrupted: the exported model's NLL and accuracy on fog at severities 2 and 3 (rows 4-11 of the
+    CIFAR-10-C arrays), normalised as the training data, computed here by hand."""
+    from conftest import invoke_cli
+
+    out = tmp_path / "out"
+    res, errors = invoke_cli("strip", *write_corrupted_inputs(tmp_path), "--out", out)
+    assert res.exit_code == 0 and not errors, res.output
+    got = json.loads((out / "summary.json").read_text())["test_corrupted"]
+    model = deadscan.load(out / "stripped.safetensors").eval()
+    base = tmp_path / "c" / "CIFAR-10-C"
+    images, labels = np.load(base / "fog.npy")[4:12], torch.from_numpy(np.load(base / "labels.npy")[4:12])
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        logits = model(x)
+    assert got["samples"] == 8 and (got["corruption"], got["severity"]) == (["fog"], [2, 3])
+    assert got["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)
+    assert got["acc"] == pytest.approx(100.0 * float((logits.argmax(1) == labels).float().mean()))
+    assert f"corrupted test (cifar10-c): acc {got['acc']:.2f}" in res.output
