@@ -332,7 +332,7 @@ def test_config_far_bigger_than_its_weights(opt_folder):
 
 def test_without_transformers(opt_folder, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
-    _one_error(opt_folder, "pip install 'deadscan[hf]'")
+    assert _error_of(opt_folder) == "<F>: a Hugging Face model folder needs transformers: pip install 'deadscan[hf]'"
 
 
 # ---------------------------------------------------------------------------------------------
