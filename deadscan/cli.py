@@ -601,6 +601,8 @@ def report(stats, out, plotlyjs):
     Example:
       deadscan report deadscan-out/stats.h5 --out paper
     """
+    if not _main_process():  # under torchrun: one file to write, process 0 writes it
+        return
     from .report import rerender
 
     _echo(f"wrote {rerender(stats, out, plotlyjs=plotlyjs)}")
@@ -622,6 +624,8 @@ def compare(a, b, out, plotlyjs):
     Example:
       deadscan compare base/stats.h5 stripped/stats.h5 --out compare-out
     """
+    if not _main_process():
+        return
     from .report import compare as compare_runs
 
     _echo(f"wrote {compare_runs(a, b, out, plotlyjs=plotlyjs)}")

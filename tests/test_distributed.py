@@ -131,6 +131,21 @@ def test_two_machines_equal_one_process(digits_reference, tmp_path):
 
 
 @pytest.mark.slow  # torchrun subprocesses
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_report_and_compare_under_torchrun_write_once(digits_reference, tmp_path, command):
+    """Nothing to share between processes: process 0 writes and prints, the others end at once, quietly."""
+    _, folder = digits_reference
+    run, out, logs = folder / MLP.stem, tmp_path / "out", tmp_path / "logs"
+    runs = [str(run)] if command == "report" else [str(run), str(run)]
+    res = _torchrun(2, ["-m", "deadscan", command, *runs, "--out", str(out)], logs, port=_free_port())
+    assert res.returncode == 0, res.stderr
+    written = out / f"{command}.html"
+    assert _rank_logs(logs, 0, "stdout") == f"wrote {written}\n"
+    assert _rank_logs(logs, 1, "stdout") == _rank_logs(logs, 1, "stderr") == ""
+    assert [p.name for p in out.iterdir()] == [written.name]
+
+
+@pytest.mark.slow  # torchrun subprocesses
 def test_language_model_in_two_processes_equals_one_process(tmp_path):
     """Token data: padded positions (attention_mask 0) never count, in any process's shard."""
     pytest.importorskip("transformers")
