@@ -168,6 +168,12 @@ def run_config(cfg: Config, repeats: int, warmup: int) -> dict:
     }
 
 
+def _rate(cfg: Config, seconds: float) -> str:
+    """Samples per second of one process on its device: images/s, or sequences/s for token batches."""
+    unit = "sequences/s" if cfg.spec == OPT_SPEC else "images/s"
+    return f"{cfg.batch * cfg.batches / seconds:,.0f} {unit}"
+
+
 def configs(args) -> list[Config]:
     cuda = torch.cuda.is_available()
     if args.device == "auto":
@@ -237,19 +243,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  scan       {r['scan']:.4f} s  ({r['scan'] * per:.2f} ms/batch; min {r['scan_spread'][0]:.4f} "
               f"max {r['scan_spread'][1]:.4f})")
         print(f"  scan+trace {r['scan_trace']:.4f} s")
+        print(f"  throughput: scan {_rate(cfg, r['scan'])}, bare {_rate(cfg, r['bare'])}")
         print(f"  fixed costs: find_sites {r['trace_s'] * 1000:.1f} ms (first call), instrument set-up "
               f"{r['instrument_s'] * 1000:.1f} ms")
 
     print("\n| config | device | batch x n | bare s | scan s | ratio | target | ok "
-          "| ratio of minima | CPU-time ratio | scan+trace ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ratio of minima | CPU-time ratio | scan+trace ratio | scan throughput |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cfg = r["cfg"]
         ok_text = "n/a (quick)" if args.quick else ("yes" if r["ratio"] <= cfg.target else "NO")
         dev = f"{cfg.device.type} ({device_name(cfg.device)})"
         print(f"| {cfg.name} | {dev} | {cfg.batch} x {cfg.batches} | {r['bare']:.4f} | {r['scan']:.4f} | "
               f"{r['ratio']:.3f} | <= {cfg.target:.2f} | {ok_text} "
-              f"| {r['ratio_min']:.3f} | {r['ratio_cpu']:.3f} | {r['ratio_trace']:.3f} |")
+              f"| {r['ratio_min']:.3f} | {r['ratio_cpu']:.3f} | {r['ratio_trace']:.3f} | {_rate(cfg, r['scan'])} |")
     return 0
 
 
