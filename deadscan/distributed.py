@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -127,6 +128,24 @@ def launched() -> Group:
     return Group(rank, world, local) if world > 1 else _ONE
 
 
+def restarts() -> int:
+    """How many times torchrun has restarted this launch's processes (``--max-restarts``); 0 outside torchrun."""
+    try:
+        return max(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), 0)
+    except ValueError:
+        return 0
+
+
+def launch_token() -> str | None:
+    """What one torchrun launch keeps over its restarts, as process 0 sees it: its machine, its torchrun
+    agent (the parent process, which restarts the processes) and the rendezvous id. A strip run saves it
+    with its state, so a restarted process 0 knows the state as its own launch's. None outside torchrun."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run is None:
+        return None
+    return f"{socket.gethostname()}:{os.getppid()}:{run}"
+
+
 def timeout_seconds() -> float:
     raw = os.environ.get(TIMEOUT_ENV, "")
     try:
@@ -163,7 +182,11 @@ def setup(device=None) -> Group:
     timeout = timedelta(seconds=timeout_seconds())
     if not dist.is_initialized():
         try:
-            dist.init_process_group(backend, timeout=timeout)
+            # Keys of this attempt only: after torchrun restarts the processes (--max-restarts), a process
+            # reading the address a dead one left in the store fails to connect (seen with gloo).
+            store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+            store = dist.PrefixStore(f"deadscan/attempt{restarts()}", store)
+            dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world, timeout=timeout)
         except (RuntimeError, ValueError) as e:
             raise TraceError(f"cannot join the torchrun process group ({backend}): {one_line(e, 200)}") from None
     _current = Group(env.rank, env.world, env.local_rank, backend)

@@ -26,7 +26,7 @@ from .checkpoint import load_torch_file
 from .outputs import atomic_path
 from .data import Dataset
 from .errors import DataError, DeadscanError, one_line
-from .runfolder import ANY, COUNT, HISTORY_ROW, STR, MapOf, check
+from .runfolder import ANY, COUNT, HISTORY_ROW, STR, MapOf, Opt, check
 from .options import TrainConfig
 from .strip import StepReport, Stripper
 
@@ -319,6 +319,7 @@ def _save_state(path: Path, model, opt, stripper, history, gen, cfg, epoch, sour
         "epoch": epoch, "config": asdict(cfg), "source": source, "model": model.state_dict(), "optimizer": opt.state_dict(),
         "stripper": stripper.state_dict(), "history": history, "generator": gen.get_state(),
         "torch_rng": torch.get_rng_state(),
+        "launch": distributed.launch_token(),  # a torchrun restart resumes the state of its own launch
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -362,7 +363,7 @@ def _sigterm_as_interrupt(signalled: list):
 # What train-state.pt holds (checked before any of it is used: the file is data, like a checkpoint).
 STATE_SCHEMA = {"epoch": COUNT, "config": MapOf(ANY), "source": STR, "model": MapOf(ANY), "optimizer": MapOf(ANY),
                 "stripper": {"epoch": COUNT, "masks": MapOf(ANY), "previous": MapOf(ANY)}, "history": [HISTORY_ROW],
-                "generator": ANY, "torch_rng": ANY}
+                "generator": ANY, "torch_rng": ANY, "launch?": Opt(STR)}
 
 
 def load_state(path: Path, cfg: TrainConfig | None = None) -> dict:
@@ -380,6 +381,18 @@ def load_state(path: Path, cfg: TrainConfig | None = None) -> dict:
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         raise DataError(f"{path}: not a deadscan train-state.pt (its model, masks or random states are not tensors)")
     return state
+
+
+def saved_by(path: Path, token: str | None) -> int | None:
+    """The epoch of the state at ``path`` if the torchrun launch ``token`` saved it, else None (no file, another
+    launch's, or not readable: the command line then decides as usual)."""
+    if token is None or not path.exists():
+        return None
+    try:
+        state = load_state(path)
+    except DeadscanError:
+        return None
+    return state["epoch"] if state.get("launch") == token else None
 
 
 def check_divides(cfg: TrainConfig, world: int) -> None:

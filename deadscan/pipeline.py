@@ -17,8 +17,8 @@ from .checkpoint import Checkpoint, load_checkpoint, save_masks, save_safetensor
 from .data import Dataset, check_fits, load_data
 from .defaults import DEFAULTS
 from . import distributed
-from .errors import DataError, DeadscanError, DeadscanWarning, OutputError, TraceError
-from .finetune import STATE_FILE, check_divides, evaluate, finetune
+from .errors import DataError, DeadscanError, DeadscanNote, DeadscanWarning, OutputError, TraceError
+from .finetune import STATE_FILE, check_divides, evaluate, finetune, saved_by
 from .options import DataOptions, LoadOptions, OutputOptions, TrainConfig
 from .outputs import claim_out_dir
 from .report import build_summary, start_state, write_outputs, write_summary
@@ -199,6 +199,7 @@ def strip_checkpoint(checkpoint: str | Path | None, data: DataOptions | str | No
     check_divides(cfg, distributed.launched().world)  # every process alike, before the group starts
     resume = resume or finalize
     group = distributed.setup(resolve_device(device))
+    resume = resume or _restarted_with_own_state(_strip_out(output, from_dir), group)
     with contextlib.ExitStack() as stack:
         # only process 0 claims --out and writes; every process loads, then all agree before training
         download = isinstance(data, DataOptions) and bool(data.download)  # the corrupted set inherits it
@@ -207,6 +208,25 @@ def strip_checkpoint(checkpoint: str | Path | None, data: DataOptions | str | No
         return _run_strip(prepared, baseline=baseline, resume=resume, command=command, compact=compact,
                           on_epoch=on_epoch if group.is_main else None, progress=progress and group.is_main,
                           finalize=finalize, output=output, start=start, group=group)
+
+
+def _strip_out(output: OutputOptions, from_dir) -> Path:
+    return Path(output.out) if output.out is not None else Path(from_dir) / DEFAULTS.strip_dir
+
+
+def _restarted_with_own_state(out: Path, group: distributed.Group) -> bool:
+    """After torchrun restarted the processes (``--max-restarts``), a state this launch saved in ``out`` is
+    continued as with --resume; another run's state is left to the command line. Process 0 decides for all."""
+    if not distributed.restarts():
+        return False
+    epoch = saved_by(out / STATE_FILE, distributed.launch_token()) if group.is_main else None
+    epoch = group.gather_ints(-1 if epoch is None else epoch)[0]
+    if epoch < 0:
+        return False
+    if group.is_main:
+        warnings.warn(DeadscanNote(f"torchrun restarted the processes (restart {distributed.restarts()}): continuing "
+                                   f"from epoch {epoch}, saved in {out / STATE_FILE} by this launch"), stacklevel=3)
+    return True
 
 
 @dataclass
@@ -243,7 +263,7 @@ def _prepare_strip(checkpoint, data, cfg, load, output, from_dir, resume, device
         raise DataError(f"{checkpoint}: the checkpoint {last.summary_path} records is not there; pass CKPT "
                         "(and --data) yourself")
     hf_folder = _hf_folder(checkpoint)
-    out = Path(output.out) if output.out is not None else Path(from_dir) / DEFAULTS.strip_dir
+    out = _strip_out(output, from_dir)
     if not (resume or output.overwrite) and (out / STATE_FILE).exists():
         raise OutputError(f"--out {out} holds {STATE_FILE} from an earlier strip run; pass --resume to continue it, "
                           "--overwrite to start over, or choose another --out")

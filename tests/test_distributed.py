@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -55,10 +56,10 @@ def _one_process(model, out: Path, *args) -> subprocess.CompletedProcess:
 
 
 def _torchrun(nproc: int, target: list[str], logs: Path, *, nnodes: int = 1, node_rank: int = 0, port: int,
-              env: dict | None = None, wait: bool = True):
+              env: dict | None = None, wait: bool = True, restarts: int = 0):
     cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--node-rank", str(node_rank),
            "--master-addr", "127.0.0.1", "--master-port", str(port), "--log-dir", str(logs), "--redirects", "3",
-           "--tee", "3", *target]
+           "--tee", "3", "--max-restarts", str(restarts), *target]
     proc = subprocess.Popen(cmd, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
         return proc
@@ -66,8 +67,8 @@ def _torchrun(nproc: int, target: list[str], logs: Path, *, nnodes: int = 1, nod
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def _rank_logs(logs: Path, rank: int, stream: str) -> str:
-    files = list(logs.glob(f"*/attempt_0/{rank}/{stream}.log"))
+def _rank_logs(logs: Path, rank: int, stream: str, attempt: int = 0) -> str:
+    files = list(logs.glob(f"*/attempt_{attempt}/{rank}/{stream}.log"))
     assert len(files) == 1, list(logs.rglob("*"))
     return files[0].read_text()
 
@@ -421,6 +422,8 @@ def strip(model, scan, masks, **kwargs):
 def step(self, data):
     if fault == "interrupt" and self.epoch == 1:  # Ctrl-C in every process, during epoch 2
         raise KeyboardInterrupt
+    if fault == "die" and self.epoch == 1 and rank == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        os._exit(3)  # process 1 dies during epoch 2 of torchrun's first attempt
     return real_step(self, data)
 
 pipeline.finetune, strip_module.strip, strip_module.Stripper.step = finetune, strip, step
@@ -447,12 +450,12 @@ def _strip_inputs(tmp_path) -> list[str]:
     return [str(ckpt), "--data", str(data), *STRIP_ARGS]
 
 
-def _strip_torchrun(tmp_path, inputs, out, name, *extra, **env):
+def _strip_torchrun(tmp_path, inputs, out, name, *extra, restarts=0, **env):
     masks = tmp_path / f"masks-{name}"
     masks.mkdir(exist_ok=True)
     logs = tmp_path / f"logs-{name}"
     res = _torchrun(2, [str(tmp_path / "strip_script.py"), "strip", *inputs, "--out", str(out), *extra], logs,
-                    port=_free_port(), env=_env(MASKS_DIR=str(masks), **env))
+                    port=_free_port(), env=_env(MASKS_DIR=str(masks), **env), restarts=restarts)
     return res, logs, masks
 
 
@@ -764,6 +767,51 @@ def test_resume_after_an_interrupted_two_process_run_continues(strip_runs):
         _assert_masks_equal(_load_masks(strip_runs["masks"], 0), _load_masks(masks, rank))
     assert _rank_logs(logs, 0, "stdout").startswith("dead: detected after the epoch's training, before its strip step\n"
                                                    "epoch   2  ")  # only the remaining epoch trained
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_a_torchrun_restart_continues_from_the_epoch_its_launch_saved(strip_runs):
+    """torchrun --max-restarts 1: process 1 dies during epoch 2; torchrun restarts both processes, which join a
+    new group and continue from epoch 1 (saved by this launch) without --resume: the uninterrupted run's end."""
+    tmp = strip_runs["tmp"]
+    out = tmp / "restarted"
+    res, logs, masks = _strip_torchrun(tmp, strip_runs["inputs"], out, "restarted", restarts=1, FAULT="die")
+    assert res.returncode == 0, res.stderr
+    assert "exitcode  : 3" not in res.stderr  # torchrun's failure summary is for a launch that failed
+    assert _rank_logs(logs, 0, "stdout").startswith("dead: detected after the epoch's training, before its strip "
+                                                   "step\nepoch   1  ")  # attempt 0 completed epoch 1
+    assert _errors(_rank_logs(logs, 0, "stderr", attempt=1)) == []
+    notes = [line for line in _rank_logs(logs, 0, "stderr", attempt=1).splitlines() if line.startswith("Note:")]
+    assert notes == [f"Note: torchrun restarted the processes (restart 1): continuing from epoch 1, saved in "
+                     f"{out / 'train-state.pt'} by this launch"]
+    assert _rank_logs(logs, 0, "stdout", attempt=1).startswith(
+        "dead: detected after the epoch's training, before its strip step\nepoch   2  ")  # only the epoch left
+    assert _rank_logs(logs, 1, "stderr", attempt=1) == _rank_logs(logs, 1, "stdout", attempt=1) == ""
+    two, restarted = (json.loads((tmp / name / "summary.json").read_text()) for name in ("two", "restarted"))
+    drop_seconds = [{k: v for k, v in row.items() if k != "seconds"} for row in two["history"]]
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in restarted["history"]] == drop_seconds
+    assert restarted["test"] == two["test"]
+    for rank in (0, 1):
+        _assert_masks_equal(_load_masks(strip_runs["masks"], 0), _load_masks(masks, rank))
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_a_torchrun_restart_leaves_another_launchs_state_to_the_command_line(strip_runs):
+    """A train-state.pt an earlier torchrun launch saved is not this launch's: without --resume the restarted
+    processes refuse it as the first attempt did, and it is left as it was."""
+    tmp = strip_runs["tmp"]
+    out = tmp / "foreign"
+    out.mkdir()
+    shutil.copyfile(tmp / "two" / "train-state.pt", out / "train-state.pt")
+    before = (out / "train-state.pt").read_bytes()
+    res, logs, _ = _strip_torchrun(tmp, strip_runs["inputs"], out, "foreign", restarts=1)
+    assert res.returncode != 0
+    refused = (f"Error: --out {out} holds train-state.pt from an earlier strip run; pass --resume to continue it, "
+               "--overwrite to start over, or choose another --out")
+    for attempt in (0, 1):
+        assert _errors(_rank_logs(logs, 0, "stderr", attempt)) == [refused]
+        assert "Note:" not in _rank_logs(logs, 0, "stderr", attempt)
+    assert sorted(p.name for p in out.iterdir()) == ["train-state.pt"] and (out / "train-state.pt").read_bytes() == before
 
 
 @pytest.mark.slow  # torchrun subprocesses

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import html
 import json
+import os
+import socket
 from collections import OrderedDict
 
 import numpy as np
@@ -173,6 +175,35 @@ def test_on_epoch_sees_every_row():
 
 # ---------------------------------------------------------------------------------------------
 # Resume
+
+
+def test_a_state_knows_the_torchrun_launch_that_saved_it(tmp_path, monkeypatch):
+    """What a torchrun restart reads (tests/test_distributed.py restarts real processes): the launch token
+    saved with each state, and whether a state at a path is a given launch's."""
+    from deadscan import distributed
+    from deadscan.finetune import saved_by
+
+    train, val, _ = _splits()
+    for key in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(key, raising=False)
+    assert (distributed.launch_token(), distributed.restarts()) == (None, 0)
+    finetune(_model(), train, val, _cfg(epochs=1), device=CPU, state_path=tmp_path / "plain.pt")
+    assert load_state(tmp_path / "plain.pt")["launch"] is None  # outside torchrun
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    token = distributed.launch_token()
+    assert token == f"{socket.gethostname()}:{os.getppid()}:job-7" and distributed.restarts() == 2
+    finetune(_model(), train, val, _cfg(epochs=2), device=CPU, state_path=tmp_path / "ours.pt")
+    assert load_state(tmp_path / "ours.pt")["launch"] == token
+    assert saved_by(tmp_path / "ours.pt", token) == 2
+    assert saved_by(tmp_path / "ours.pt", token.replace("job-7", "job-8")) is None  # another launch's
+    assert saved_by(tmp_path / "plain.pt", token) is None
+    assert saved_by(tmp_path / "missing.pt", token) is None
+    assert saved_by(tmp_path / "ours.pt", None) is None  # not under torchrun: nothing is anyone's
+    (tmp_path / "damaged.pt").write_bytes((tmp_path / "ours.pt").read_bytes()[:200])
+    assert saved_by(tmp_path / "damaged.pt", token) is None  # the command line decides; resuming it says why
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "x")
+    assert distributed.restarts() == 0
 
 
 @pytest.mark.parametrize("dropout", [False, True], ids=["mlp", "mlp-dropout"])
