@@ -167,7 +167,7 @@ from deadscan.errors import DataError
 
 run = scan._scan_pass
 def faulty(*args, **kwargs):
-    if os.environ["RANK"] == "1":
+    if os.environ["RANK"] == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") in ("0", None):
         if os.environ["FAULT"] == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if os.environ["FAULT"] == "hang":
@@ -197,6 +197,23 @@ def test_an_error_in_another_process_is_process_0s_one_error_line(tmp_path):
     assert _rank_logs(logs, 1, "stderr") == _rank_logs(logs, 1, "stdout") == ""  # quiet, exit 1
     assert "exitcode  : 1" in res.stderr  # torchrun's summary: rank 1 exited 1
     assert not out.exists() or list(out.iterdir()) == []  # nothing written
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_inspect_after_a_torchrun_restart_equals_one_process(digits_reference, tmp_path):
+    """Process 1 is killed mid-scan in torchrun's first attempt; the restarted processes join a fresh group,
+    take the --out folder over (its lock's holder is dead) and scan it all again."""
+    _, folder = digits_reference
+    script = tmp_path / "faulty.py"
+    script.write_text(FAULTY)
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    res = _torchrun(2, [str(script), "inspect", str(MLP), *DIGITS, "--out", str(out)], logs, port=_free_port(),
+                    env=_env(FAULT="kill"), restarts=1)
+    assert res.returncode == 0, res.stderr
+    assert not _rank_logs(logs, 0, "stdout")  # killed before process 0 printed anything
+    _assert_same_scan(folder / MLP.stem, out, 2)
+    assert _rank_logs(logs, 0, "stdout", attempt=1).startswith(f"checkpoint {MLP} ")
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "stats.h5", "summary.json"]
 
 
 @pytest.mark.slow  # torchrun subprocesses
