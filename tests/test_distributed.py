@@ -756,6 +756,16 @@ def test_download_under_torchrun_loads_in_process_0_first(strip_runs, tmp_path, 
     assert (tmp_path / "out" / "summary.json").is_file()
 
 
+def _assert_ends_as_the_uninterrupted_run(strip_runs, out: Path, masks: Path) -> None:
+    """The history (but its timings), test figures and every process's masks of the uninterrupted two-process run."""
+    two, done = (json.loads((folder / "summary.json").read_text()) for folder in (strip_runs["tmp"] / "two", out))
+    untimed = [{k: v for k, v in row.items() if k != "seconds"} for row in two["history"]]
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in done["history"]] == untimed
+    assert done["test"] == two["test"]
+    for rank in (0, 1):
+        _assert_masks_equal(_load_masks(strip_runs["masks"], 0), _load_masks(masks, rank))
+
+
 @pytest.mark.slow  # torchrun subprocesses
 def test_resume_after_an_interrupted_two_process_run_continues(strip_runs):
     """Ctrl-C during epoch 2: process 0 says so in one line and epoch 1 is saved; --resume in two processes
@@ -776,12 +786,7 @@ def test_resume_after_an_interrupted_two_process_run_continues(strip_runs):
     assert torch.load(out / "train-state.pt", weights_only=True)["epoch"] == 1
     res, logs, masks = _strip_torchrun(tmp, strip_runs["inputs"], out, "resume", "--resume")
     assert res.returncode == 0, res.stderr
-    two, resumed = (json.loads((tmp / name / "summary.json").read_text()) for name in ("two", "resumed"))
-    strip_seconds = [{k: v for k, v in row.items() if k != "seconds"} for row in two["history"]]
-    assert [{k: v for k, v in row.items() if k != "seconds"} for row in resumed["history"]] == strip_seconds
-    assert resumed["test"] == two["test"]
-    for rank in (0, 1):
-        _assert_masks_equal(_load_masks(strip_runs["masks"], 0), _load_masks(masks, rank))
+    _assert_ends_as_the_uninterrupted_run(strip_runs, out, masks)
     assert _rank_logs(logs, 0, "stdout").startswith("dead: detected after the epoch's training, before its strip step\n"
                                                    "epoch   2  ")  # only the remaining epoch trained
 
@@ -804,12 +809,7 @@ def test_a_torchrun_restart_continues_from_the_epoch_its_launch_saved(strip_runs
     assert _rank_logs(logs, 0, "stdout", attempt=1).startswith(
         "dead: detected after the epoch's training, before its strip step\nepoch   2  ")  # only the epoch left
     assert _rank_logs(logs, 1, "stderr", attempt=1) == _rank_logs(logs, 1, "stdout", attempt=1) == ""
-    two, restarted = (json.loads((tmp / name / "summary.json").read_text()) for name in ("two", "restarted"))
-    drop_seconds = [{k: v for k, v in row.items() if k != "seconds"} for row in two["history"]]
-    assert [{k: v for k, v in row.items() if k != "seconds"} for row in restarted["history"]] == drop_seconds
-    assert restarted["test"] == two["test"]
-    for rank in (0, 1):
-        _assert_masks_equal(_load_masks(strip_runs["masks"], 0), _load_masks(masks, rank))
+    _assert_ends_as_the_uninterrupted_run(strip_runs, out, masks)
 
 
 @pytest.mark.slow  # torchrun subprocesses

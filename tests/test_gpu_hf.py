@@ -22,11 +22,10 @@ from click.testing import CliRunner  # noqa: E402
 import deadscan  # noqa: E402
 from deadscan.cli import main  # noqa: E402
 from deadscan.data import load_data  # noqa: E402
-from deadscan.data.tokens import model_kwargs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_hf import CONFIGS  # noqa: E402
-from test_tokens import PLANTED, _ffn_sites, _folder, _plant, _tokens_file  # noqa: E402
+from test_tokens import PLANTED, _ffn_sites, _folder, _oracle, _plant, _tokens_file  # noqa: E402
 
 DECODER = "model.decoder"
 # every kind of place: the GPU, CPU memory (weights moved to the GPU as the layer runs) and disk
@@ -41,29 +40,6 @@ def _inspect(*args) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def _cuda_counts(model, ds, acts, batch_size=8) -> dict[str, np.ndarray]:
-    """Per activation module: real-token positions with output > 0, by plain forward hooks on CUDA in the
-    model's own dtype (the same arithmetic as the scan's forward)."""
-    counts, mask = {}, {}
-
-    def hook(name):
-        def fn(_m, _args, out):
-            keep = mask["now"].reshape(-1).bool()
-            counts[name] = counts.get(name, 0) + (out.reshape(-1, out.shape[-1])[keep] > 0).sum(0)
-        return fn
-
-    handles = [model.get_submodule(a).register_forward_hook(hook(a)) for a in acts]
-    try:
-        with torch.no_grad():
-            for b in ds.batches(batch_size, "cuda"):
-                mask["now"] = b["attention_mask"]
-                model.eval()(**model_kwargs(model, b))
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: v.cpu().numpy() for k, v in counts.items()}
-
-
 def test_a_bf16_folder_scans_in_bf16_on_cuda(tmp_path):
     torch.manual_seed(0)
     model = _plant(transformers.OPTForCausalLM(CONFIGS["OPTForCausalLM"]()), "OPTForCausalLM").to(torch.bfloat16)
@@ -75,7 +51,7 @@ def test_a_bf16_folder_scans_in_bf16_on_cuda(tmp_path):
     acts = [a for a, _, _ in _ffn_sites("OPTForCausalLM")]
     loaded = deadscan.load(str(folder)).to("cuda")
     assert next(loaded.parameters()).dtype == torch.bfloat16
-    counts = _cuda_counts(loaded, load_data(str(data), "val"), acts)
+    counts = _oracle(loaded, load_data(str(data), "val"), acts, device="cuda")  # hooks, in bf16 on CUDA
     sites = {s["name"]: s for s in summary["sites"]}
     for act in acts:
         assert sites[act]["dead_indices"] == np.flatnonzero(counts[act] == 0).tolist()

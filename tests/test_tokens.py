@@ -83,8 +83,9 @@ def _tokens_file(tmp_path, n=24, t=10, seed=1, pad_id=0):
     return write_token_file(tmp_path / "tokens.npz", n=n, t=t, vocab=VOCAB, seed=seed, pad_id=pad_id)
 
 
-def _oracle(model, ds: TokenDataset, act_names, batch_size=8):
-    """Per activation module: count of real-token positions with output > 0, by plain forward hooks."""
+def _oracle(model, ds: TokenDataset, act_names, batch_size=8, device="cpu"):
+    """Per activation module: count of real-token positions with output > 0, by plain forward hooks (on
+    ``device``, in the model's own dtype)."""
     counts = {}
     current = {}
 
@@ -98,13 +99,13 @@ def _oracle(model, ds: TokenDataset, act_names, batch_size=8):
     handles = [model.get_submodule(a).register_forward_hook(hook(a)) for a in act_names]
     try:
         with torch.no_grad():
-            for b in ds.batches(batch_size, "cpu"):
+            for b in ds.batches(batch_size, device):
                 current["mask"] = b["attention_mask"]
                 model.eval()(**model_kwargs(model, b))
     finally:
         for h in handles:
             h.remove()
-    return {k: v.numpy() for k, v in counts.items()}
+    return {k: v.cpu().numpy() for k, v in counts.items()}
 
 
 # ---------------------------------------------------------------------------------------------
