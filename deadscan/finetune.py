@@ -390,7 +390,7 @@ def saved_by(path: Path, token: str | None) -> int | None:
         return None
     try:
         state = load_state(path)
-    except DeadscanError:
+    except (DeadscanError, OSError):
         return None
     return state["epoch"] if state.get("launch") == token else None
 
