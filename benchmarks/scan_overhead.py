@@ -34,6 +34,8 @@ spent descheduled does not count; with several threads it includes OpenMP spin-w
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
 import platform
 import statistics
@@ -45,6 +47,8 @@ import torch
 
 import deadscan
 from deadscan.scan import instrument, resolve_device
+
+scan_module = importlib.import_module("deadscan.scan")  # the module: deadscan.scan is also the function
 
 
 @dataclass
@@ -126,7 +130,23 @@ def timed(fn, dev: torch.device, cpu: list | None = None) -> float:
     return wall
 
 
-def run_config(cfg: Config, repeats: int, warmup: int) -> dict:
+def _fused(x, y, dims):
+    return y.sum(dims, dtype=torch.float32), (y > 0).sum(dims, dtype=torch.float32), x.amax(dims)
+
+
+@contextlib.contextmanager
+def compiled_stats(compiled):
+    """deadscan.scan with each call's statistics computed by ``compiled`` (a torch.compile of :func:`_fused`:
+    one kernel reading the activation once where inductor fuses the three reductions) instead of eager ops."""
+    eager = scan_module.call_stats
+    scan_module.call_stats = lambda x, y, dims, scratch: compiled(x, y, dims)
+    try:
+        yield
+    finally:
+        scan_module.call_stats = eager
+
+
+def run_config(cfg: Config, repeats: int, warmup: int, compiled=None) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg).to(cfg.device).eval()
     batches = make_batches(cfg)
@@ -151,11 +171,22 @@ def run_config(cfg: Config, repeats: int, warmup: int) -> dict:
         bare_loop(model, batches)
         scan_given()
         scan_traced()
+    fused, compile_s = [], None
+    if compiled is not None:  # the first calls compile (one kernel per site shape): a fixed cost, reported
+        with compiled_stats(compiled):
+            compile_s = timed(scan_given, cfg.device)
+            check = scan_given()
+        for a, b in zip(result.sites, check.sites, strict=True):  # the same statistics as the eager ops
+            assert (a.active == b.active).all(), a.site.name
+            assert abs(a.out_sum - b.out_sum).max() <= 1e-3 * (1 + abs(a.out_sum).max()), a.site.name
     bare, scan, scan_trace, bare_cpu, scan_cpu = [], [], [], [], []
     for _ in range(repeats):
         bare.append(timed(lambda: bare_loop(model, batches), cfg.device, bare_cpu))
         scan.append(timed(scan_given, cfg.device, scan_cpu))
         scan_trace.append(timed(scan_traced, cfg.device))
+        if compiled is not None:
+            with compiled_stats(compiled):
+                fused.append(timed(scan_given, cfg.device))
     setup = statistics.median(timed(setup_only, cfg.device) for _ in range(max(repeats, 3)))
     b, s, st = statistics.median(bare), statistics.median(scan), statistics.median(scan_trace)
     return {
@@ -165,6 +196,7 @@ def run_config(cfg: Config, repeats: int, warmup: int) -> dict:
         "ratio_cpu": statistics.median(scan_cpu) / statistics.median(bare_cpu),
         "bare_spread": (min(bare), max(bare)), "scan_spread": (min(scan), max(scan)),
         "trace_s": trace_s, "instrument_s": setup,
+        "fused": statistics.median(fused) if fused else None, "compile_s": compile_s,
     }
 
 
@@ -219,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="override the batch size of both configurations")
     p.add_argument("--config", default="mlp,vit,opt", help="comma-separated: mlp, vit, opt (default all)")
     p.add_argument("--quick", action="store_true", help="tiny models and batches: a smoke run, figures meaningless")
+    p.add_argument("--compiled-stats", action="store_true",
+                   help="also time the scan with its per-call statistics fused by torch.compile (an experiment: "
+                        "deadscan itself computes them with eager ops)")
     args = p.parse_args(argv)
     args.config = {c.strip() for c in args.config.split(",") if c.strip()}
     if not args.config <= {"mlp", "vit", "opt"} or args.repeats < 1 or args.warmup < 0:
@@ -231,10 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     quick = "  [--quick: figures meaningless]" if args.quick else ""
     print(f"repeats {args.repeats} (median), warm-up {args.warmup}{quick}")
     rows = []
+    compiled = torch.compile(_fused, dynamic=True) if args.compiled_stats else None
     for cfg in configs(args):
         print(f"\n{cfg.name}: {cfg.spec}, batch {cfg.batch} x {cfg.batches} batches on {cfg.device} "
               f"({device_name(cfg.device)})" + (f"\n  note: {cfg.note}" if cfg.note else ""), flush=True)
-        r = run_config(cfg, args.repeats, args.warmup)
+        r = run_config(cfg, args.repeats, args.warmup, compiled)
         rows.append(r)
         per = 1000 / cfg.batches
         print(f"  {r['sites']} sites, {r['neurons']} neurons")
@@ -244,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
               f"max {r['scan_spread'][1]:.4f})")
         print(f"  scan+trace {r['scan_trace']:.4f} s")
         print(f"  throughput: scan {_rate(cfg, r['scan'])}, bare {_rate(cfg, r['bare'])}")
+        if r["fused"] is not None:
+            print(f"  scan, statistics compiled {r['fused']:.4f} s: ratio {r['fused'] / r['bare']:.3f} "
+                  f"(eager {r['ratio']:.3f}); first run with compiling {r['compile_s']:.1f} s")
         print(f"  fixed costs: find_sites {r['trace_s'] * 1000:.1f} ms (first call), instrument set-up "
               f"{r['instrument_s'] * 1000:.1f} ms")
 

@@ -131,17 +131,26 @@ class SiteStats:
         if y is None:
             y = _act(self.site.activation, x, inplace=False)
         per_neuron = x.numel() // n  # known from the shape: no sync
-        # Per-batch sums in float32 (a float64 reduction copies the whole activation on CPU), added
-        # into a float64 total. Counts: sign(y) is exactly 0 or 1 and a float32 sum of it is exact below
-        # 2**24 elements per neuron; it is several times cheaper on CPU than summing a bool mask.
-        self.sum += y.sum(dims, dtype=torch.float32)
-        if per_neuron < 2**24:
-            self.active += torch.sign(y, out=self.scratch.like(y)).sum(dims, dtype=torch.float32).long()
+        if per_neuron < 2**24:  # float32 counts are exact below 2**24
+            out_sum, positive, pre_max = call_stats(x, y, dims, self.scratch)
+            self.active += positive.long()
         else:
+            out_sum, pre_max = y.sum(dims, dtype=torch.float32), x.amax(dims)
             self.active += (x > 0).sum(dims, dtype=torch.int64)
-        torch.maximum(self.pre_max, x.amax(dims).float(), out=self.pre_max)
+        self.sum += out_sum  # a float32 sum per call, added into a float64 total
+        torch.maximum(self.pre_max, pre_max.float(), out=self.pre_max)
         self.elements += per_neuron
         self.calls += 1
+
+
+def call_stats(x: torch.Tensor, y: torch.Tensor, dims: list[int], scratch: Scratch):
+    """One call's per-neuron sum of outputs, count of positive outputs and max pre-activation (float32 sums:
+    a float64 reduction copies the whole activation on CPU). The count sums sign(y), exactly 0 or 1, in
+    float32: several times cheaper on CPU than summing a bool mask, and exact below 2**24 elements per
+    neuron. Looked up at each call, so benchmarks/scan_overhead.py --compiled-stats can time a fused kernel
+    in its place."""
+    return (y.sum(dims, dtype=torch.float32), torch.sign(y, out=scratch.like(y)).sum(dims, dtype=torch.float32),
+            x.amax(dims))
 
 
 def _act(activation: str, x: torch.Tensor, inplace: bool) -> torch.Tensor:
