@@ -399,20 +399,24 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return state, metadata
 
 
-def load_torch_file(path: str | os.PathLike, what: str = "torch.save file") -> object:
+def load_torch_file(path: str | os.PathLike, what: str = "torch.save file", mmap: bool = False) -> object:
     """``torch.load(weights_only=True)`` of an untrusted torch.save file (a checkpoint, a run folder's
     train-state.pt) after the checks a checkpoint gets: the format read from the bytes, the zip's members,
     every storage's declared size against the bytes that hold it. Returns what the pickle holds; any
-    failure is one CheckpointError naming ``what``."""
+    failure is one CheckpointError naming ``what``. ``mmap``: the tensors map the file instead of being read
+    (cheap when only the other values are wanted; a zip file whose name does not end in .safetensors)."""
     path = Path(path)
     fmt = detect_format(path)
     if fmt not in ("torch-zip", "torch-legacy"):
         raise _error(f"{path}: {what} is a {fmt} file, not a torch.save file")
     _check_storage_sizes(path, fmt)
-    return _torch_load(path, False, what=what)
+    if mmap and (fmt != "torch-zip" or path.suffix == ".safetensors"):
+        raise _error(f"{path}: {what} cannot be mapped (a legacy torch.save file, or named .safetensors)")
+    return _torch_load(path, False, what=what, mmap=mmap)
 
 
-def _torch_load(path: Path, trust_pickle: bool, allow_globals: tuple[str, ...] = (), what: str | None = None):
+def _torch_load(path: Path, trust_pickle: bool, allow_globals: tuple[str, ...] = (), what: str | None = None,
+                mmap: bool = False):
     """``what``: name of a file that is not a checkpoint (then errors carry no flag hints)."""
     allowed = [_resolve_global(name) for name in allow_globals]  # before opening: a bad name is the user's error
     try:
@@ -421,6 +425,8 @@ def _torch_load(path: Path, trust_pickle: bool, allow_globals: tuple[str, ...] =
         # whatever the bytes say; the format was already detected from the bytes.
         with open(path, "rb") as f, torch.serialization.safe_globals(allowed), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # noise before a refusal
+            if mmap:  # torch maps only a file given by its path
+                return torch.load(os.fspath(path), map_location="cpu", weights_only=not trust_pickle, mmap=True)
             return torch.load(f, map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:  # torch raises many kinds for bad or unsafe pickles
         msg = one_line(e)

@@ -388,11 +388,14 @@ def saved_by(path: Path, token: str | None) -> int | None:
     launch's, or not readable: the command line then decides as usual)."""
     if token is None or not path.exists():
         return None
-    try:
-        state = load_state(path)
+    try:  # mapped: the weights and optimizer state are not read here (resuming reads and checks them all)
+        state = load_torch_file(path, what="resumable state", mmap=True)
     except (DeadscanError, OSError):
         return None
-    return state["epoch"] if state.get("launch") == token else None
+    if not isinstance(state, dict) or state.get("launch") != token:
+        return None
+    epoch = state.get("epoch")
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1 else None
 
 
 def check_divides(cfg: TrainConfig, world: int) -> None:

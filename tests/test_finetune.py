@@ -7,6 +7,7 @@ import copy
 import html
 import json
 import os
+import shutil
 import socket
 from collections import OrderedDict
 
@@ -181,6 +182,8 @@ def test_a_state_knows_the_torchrun_launch_that_saved_it(tmp_path, monkeypatch):
     """What a torchrun restart reads (tests/test_distributed.py restarts real processes): the launch token
     saved with each state, and whether a state at a path is a given launch's."""
     from deadscan import distributed
+    from deadscan.checkpoint import load_torch_file
+    from deadscan.errors import CheckpointError
     from deadscan.finetune import saved_by
 
     train, val, _ = _splits()
@@ -202,6 +205,12 @@ def test_a_state_knows_the_torchrun_launch_that_saved_it(tmp_path, monkeypatch):
     assert saved_by(tmp_path / "ours.pt", None) is None  # not under torchrun: nothing is anyone's
     (tmp_path / "damaged.pt").write_bytes((tmp_path / "ours.pt").read_bytes()[:200])
     assert saved_by(tmp_path / "damaged.pt", token) is None  # the command line decides; resuming it says why
+    torch.save([token, 2], tmp_path / "list.pt")
+    torch.save({"launch": token, "epoch": True}, tmp_path / "odd.pt")
+    assert saved_by(tmp_path / "list.pt", token) is None and saved_by(tmp_path / "odd.pt", token) is None
+    shutil.copyfile(tmp_path / "ours.pt", tmp_path / "ours.safetensors")  # torch would read it as safetensors
+    with pytest.raises(CheckpointError, match="cannot be mapped"):
+        load_torch_file(tmp_path / "ours.safetensors", mmap=True)
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "x")
     assert distributed.restarts() == 0
 
