@@ -115,6 +115,9 @@ def _collective(fn, *args, **kwargs) -> None:
 
 _ONE = Group()
 _current: Group | None = None
+_store = None  # the store this process joined its group through (setup)
+_DONE_KEY = "deadscan/done"  # set by process 0 once its outputs are written
+_WRITES_WAIT = timedelta(days=7)  # how long the others wait for them: no collective timeout applies
 
 
 def launched() -> Group:
@@ -161,7 +164,7 @@ def setup(device=None) -> Group:
     """Resolve this process's group once: under torchrun with a world of several processes, initialise
     torch.distributed (NCCL on CUDA, each process on its LOCAL_RANK GPU; gloo on CPU) with the timeout
     of ``DEADSCAN_DIST_TIMEOUT``. ``device``: the resolved scan device of the first call."""
-    global _current
+    global _current, _store
     if _current is not None:
         return _current
     env = launched()
@@ -187,6 +190,7 @@ def setup(device=None) -> Group:
             store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
             store = dist.PrefixStore(f"deadscan/attempt{restarts()}", store)
             dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world, timeout=timeout)
+            _store = store
         except (RuntimeError, ValueError) as e:
             raise TraceError(f"cannot join the torchrun process group ({backend}): {one_line(e, 200)}") from None
     _current = Group(env.rank, env.world, env.local_rank, backend)
@@ -195,16 +199,27 @@ def setup(device=None) -> Group:
 
 
 def finish() -> None:
-    """End of a command that succeeded in every process: wait for all, then tear the group down.
-    Without the barrier a process that finishes first closes its connections while process 0 still
-    writes, and gloo can abort the other at exit ("terminate called without an active exception")."""
+    """End of a command that succeeded in every process: the others wait until process 0 has written its
+    outputs, then every process tears the group down. Without the wait a process that finishes first closes
+    its connections while process 0 still writes, and gloo can abort it at exit ("terminate called without an
+    active exception"). The wait is on a key of the store, not a collective: no ``DEADSCAN_DIST_TIMEOUT``
+    bounds it (a large model's export can take longer), and if process 0 dies torchrun stops the others."""
     global _current
     if _current is None or not _current.active:
         return
     import torch.distributed as dist
 
     if dist.is_initialized():
-        _collective(dist.barrier)
+        if _store is None:  # a group deadscan did not start: every process there is its owner's
+            _collective(dist.barrier)
+        elif _current.is_main:
+            _store.set(_DONE_KEY, "1")
+        else:
+            try:
+                _store.wait([_DONE_KEY], _WRITES_WAIT)
+            except RuntimeError as e:  # the store's host is gone
+                raise TraceError(f"process 0 stopped before writing its outputs ({one_line(e, 160)}); see its "
+                                 "own output") from None
         dist.destroy_process_group()
     _current = None
 

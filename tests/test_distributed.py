@@ -216,6 +216,35 @@ def test_inspect_after_a_torchrun_restart_equals_one_process(digits_reference, t
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "stats.h5", "summary.json"]
 
 
+SLOW_WRITES = """
+import os, time
+from deadscan import pipeline
+write = pipeline.write_outputs
+def slow(*args, **kwargs):  # process 0 alone writes: a large export, on a slow disk
+    time.sleep(float(os.environ["WRITE_SECONDS"]))
+    return write(*args, **kwargs)
+pipeline.write_outputs = slow
+from deadscan.cli import main
+main(prog_name="deadscan")
+"""
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_writes_longer_than_the_collective_timeout_are_waited_for(digits_reference, tmp_path):
+    """The other processes wait for process 0's writes on a key of torchrun's store, which no
+    DEADSCAN_DIST_TIMEOUT bounds (a barrier would time out after 3 s here and fail the run)."""
+    _, folder = digits_reference
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_WRITES)
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    res = _torchrun(2, [str(script), "inspect", str(MLP), *DIGITS, "--out", str(out)], logs, port=_free_port(),
+                    env=_env(DEADSCAN_DIST_TIMEOUT="3", WRITE_SECONDS="8"))
+    assert res.returncode == 0, res.stderr
+    _assert_same_scan(folder / MLP.stem, out, 2)
+    assert _errors(_rank_logs(logs, 0, "stderr")) == []
+    assert _rank_logs(logs, 1, "stderr") == _rank_logs(logs, 1, "stdout") == ""
+
+
 @pytest.mark.slow  # torchrun subprocesses
 def test_a_usage_error_is_said_once(tmp_path):
     res = _torchrun(2, ["-m", "deadscan", "strip", str(MLP), "--data", "digits", "--limit", "3"], tmp_path / "logs",
