@@ -419,6 +419,33 @@ def test_one_process_group_is_a_no_op():
     assert launched() == g  # this test process is not under torchrun (or its world is 1)
 
 
+def test_nccl_processes_each_take_their_local_rank_gpu(monkeypatch):
+    """The CUDA side of setup() that runs without a GPU: the check before any NCCL call, and the device each
+    process scans on and gathers into (NCCL itself needs several GPUs: benchmarks/device_check.sh's note)."""
+    import torch
+
+    from deadscan import distributed
+    from deadscan.errors import TraceError
+
+    monkeypatch.setattr(distributed, "_current", None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(TraceError) as e:
+        distributed.setup(torch.device("cuda"))
+    assert str(e.value) == ("torchrun process 1 has LOCAL_RANK 1 but this machine has 1 CUDA device(s): use "
+                            "--nproc-per-node 1 or fewer, or --device cpu")
+    assert distributed._current is None  # nothing was resolved: no half-made group
+
+    monkeypatch.setattr(distributed, "_current", distributed.Group(3, 4, 1, "nccl"))
+    for asked in ("cuda", "cuda:0", torch.device("cuda", 0)):  # "cuda" under torchrun: this process's own GPU
+        assert distributed.scan_device(asked) == torch.device("cuda", 1)
+    assert distributed.current().device == torch.device("cuda", 1)
+    monkeypatch.setattr(distributed, "_current", distributed.Group(3, 4, 1, "gloo"))
+    assert distributed.scan_device(torch.device("cpu")) == torch.device("cpu")
+    assert distributed.current().device == torch.device("cpu")
+
+
 def test_shards_are_disjoint_contiguous_and_cover_everything():
     from deadscan.distributed import Group
 
