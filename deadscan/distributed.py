@@ -18,6 +18,7 @@ from .errors import DeadscanError, TraceError, one_line
 
 TIMEOUT_ENV = "DEADSCAN_DIST_TIMEOUT"  # seconds a collective waits for the other processes
 DEFAULT_TIMEOUT = 1800.0
+MAX_TIMEOUT = 365 * 24 * 3600.0  # a year: beyond it torch's timedelta overflows (inf) or it is a typo
 _STATUS_BYTES = 1024  # one process's status line in check(): "ok", "oom N" or "error MESSAGE"
 
 
@@ -155,8 +156,9 @@ def timeout_seconds() -> float:
         value = float(raw) if raw else DEFAULT_TIMEOUT
     except ValueError:
         raise TraceError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds") from None
-    if not value > 0:
-        raise TraceError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    if not 0 < value <= MAX_TIMEOUT:  # also rejects nan and inf
+        raise TraceError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds, at most "
+                         f"{MAX_TIMEOUT:.0f} (a year)")
     return value
 
 

@@ -419,6 +419,23 @@ def test_one_process_group_is_a_no_op():
     assert launched() == g  # this test process is not under torchrun (or its world is 1)
 
 
+@pytest.mark.parametrize("raw, why", [("soon", "a number of seconds"),
+                                      *((v, "a positive number of seconds, at most 31536000 (a year)")
+                                        for v in ("0", "-5", "nan", "inf", "1e40"))])
+def test_a_bad_dist_timeout_is_one_error_line_before_the_group_starts(monkeypatch, tmp_path, raw, why):
+    from deadscan import distributed
+
+    monkeypatch.setattr(distributed, "_current", None)
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "DEADSCAN_DIST_TIMEOUT": raw}.items():
+        monkeypatch.setenv(key, value)
+    res = CliRunner().invoke(main, ["inspect", str(MLP), "--data", "digits", "--limit", "8", "--device", "cpu",
+                                    "--out", str(tmp_path / "out")])
+    assert (res.exit_code, res.stdout) == (1, "")
+    assert res.stderr == f"Error: DEADSCAN_DIST_TIMEOUT={raw!r}: expected {why}\n"
+    assert not (tmp_path / "out").exists()
+    assert distributed._current is None
+
+
 def test_nccl_processes_each_take_their_local_rank_gpu(monkeypatch):
     """The CUDA side of setup() that runs without a GPU: the check before any NCCL call, and the device each
     process scans on and gathers into (NCCL itself needs several GPUs: benchmarks/device_check.sh's note)."""
