@@ -72,8 +72,8 @@ def rare_tokens(model: nn.Module, result: ScanResult, data: TokenDataset, *, bat
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
-                batch = {"input_ids": data.input_ids[start:stop].to(device),
-                         "attention_mask": data.attention_mask[start:stop].to(device)}
+                batch = {"input_ids": data.input_ids[start:stop].to(device).long(),
+                         "attention_mask": data.attention_mask[start:stop].to(device).long()}
                 kwargs = model_kwargs(model, batch)
                 current["encoder"] = batch["input_ids"]
                 current["decoder"] = kwargs.get("decoder_input_ids", batch["input_ids"])

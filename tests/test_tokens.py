@@ -284,7 +284,7 @@ def test_jsonl_text_field_and_tokenizer_option(tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(["the cat sat", "a red sun"])))
     ds = load_data(str(path), "all", seq_len=3, tokenizer=str(tok), text_field="body")
-    assert ds.input_ids.dtype == torch.int64 and ds.tokens == 7 and len(ds) == 3
+    assert ds.input_ids.dtype == torch.int32 and ds.tokens == 7 and len(ds) == 3  # held compact
     with pytest.raises(DataError, match="--text-field"):
         load_data(str(path), "all", seq_len=3, tokenizer=str(tok))
     res, err = _run("inspect", model, "--data", path, "--tokenizer", tok, "--text-field", "body", "--seq-len", 3,
@@ -301,6 +301,41 @@ def test_splits_apply_to_sequences(tmp_path):
     np.testing.assert_array_equal(load_data(path, "val").indices, parts["val"].indices)  # seeded
     b = next(parts["val"].batches(2, "cpu"))
     assert set(b) == {"input_ids", "attention_mask"} and all(v.dtype == torch.int64 for v in b.values())
+
+
+@pytest.mark.parametrize("file_dtype, held", [(np.uint16, torch.int32), (np.int64, torch.int32),
+                                               (np.uint64, torch.int64)])
+def test_token_arrays_are_held_compact_and_handed_out_as_int64(tmp_path, file_dtype, held):
+    """5 bytes a token on the host (int32 ids, bool mask), not int64's 16; every batch is int64 with the file's
+    values. Ids beyond int32 keep int64; beyond int64 are refused."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 60000, size=(10, 6)).astype(file_dtype)
+    if held == torch.int64:
+        ids[3, 2] = 2**40
+    mask = np.ones((10, 6), np.uint8)
+    mask[9, 4:] = 0
+    path = tmp_path / "tokens.npz"
+    np.savez(path, input_ids=ids, attention_mask=mask)
+    ds = load_data(str(path), "all")
+    assert (ds.input_ids.dtype, ds.attention_mask.dtype, ds.tokens, ds.max_id) == (held, torch.bool, 58,
+                                                                                   int(ids.max()))
+    want_ids, want_mask = ids[ds.indices].astype(np.int64), mask[ds.indices].astype(np.int64)
+    batches = list(ds.batches(4, "cpu"))
+    shuffled = list(ds.train_batches(4, "cpu", generator=0))
+    for b in [*batches, *shuffled, ds.example(3)]:
+        assert b["input_ids"].dtype == b["attention_mask"].dtype == torch.int64
+    np.testing.assert_array_equal(torch.cat([b["input_ids"] for b in batches]).numpy(), want_ids)
+    np.testing.assert_array_equal(torch.cat([b["attention_mask"] for b in batches]).numpy(), want_mask)
+    rows = sorted(map(tuple, torch.cat([b["input_ids"] for b in shuffled]).tolist()))
+    assert rows == sorted(map(tuple, want_ids.tolist()))  # one epoch: every sequence once
+    np.testing.assert_array_equal(ds.example(3)["input_ids"].numpy(), want_ids[:3])
+
+    ids = ids.astype(np.uint64)
+    ids[0, 0] = 2**63
+    np.savez(path, input_ids=ids)
+    with pytest.raises(DataError) as e:
+        load_data(str(path), "all")
+    assert str(e.value) == (f"{path}: 'input_ids' holds {2**63}, beyond int64; token ids index a vocabulary")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
 
 @dataclass
 class TokenDataset:
-    """One split of token sequences: ``input_ids`` and ``attention_mask`` (N, T) int64 on the host."""
+    """One split of token sequences: ``input_ids`` and ``attention_mask`` (N, T) integer tensors on the host.
+
+    :func:`load_tokens` keeps them compact (int32 ids, bool mask: 5 bytes a token, not int64's 16: a corpus of
+    billions of tokens is held by every torchrun process); every batch it hands out is int64."""
 
     name: str
     split: str
@@ -66,7 +69,7 @@ class TokenDataset:
     @property
     def tokens(self) -> int:
         """Real (unpadded) tokens."""
-        return int(self.attention_mask.sum())
+        return int(torch.count_nonzero(self.attention_mask))  # a bool sum would make an int64 copy
 
     @property
     def max_id(self) -> int:
@@ -89,8 +92,8 @@ class TokenDataset:
         """``{"input_ids", "attention_mask"}`` batches of long tensors on ``device``, in order."""
         dev = torch.device(device)
         for i in range(0, len(self), batch_size):
-            yield {"input_ids": self.input_ids[i:i + batch_size].to(dev, non_blocking=True),
-                   "attention_mask": self.attention_mask[i:i + batch_size].to(dev, non_blocking=True)}
+            yield {"input_ids": _long(self.input_ids[i:i + batch_size], dev),
+                   "attention_mask": _long(self.attention_mask[i:i + batch_size], dev)}
 
     def train_batches(self, batch_size: int, device: torch.device | str,
                       generator: torch.Generator | int | None = None, augment: str | None = "default",
@@ -112,7 +115,7 @@ class TokenDataset:
             if drop_last and i + batch_size > n:
                 break
             idx = perm[i:i + batch_size]
-            yield {"input_ids": ids.index_select(0, idx), "attention_mask": mask.index_select(0, idx)}
+            yield {"input_ids": ids.index_select(0, idx).long(), "attention_mask": mask.index_select(0, idx).long()}
 
     def _on(self, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Both arrays on ``dev``, copied once for repeated epochs (ids are small next to the model)."""
@@ -123,11 +126,16 @@ class TokenDataset:
         return self._device_copy[1], self._device_copy[2]
 
     def example(self, n: int = 2) -> dict:
-        return {"input_ids": self.input_ids[:n], "attention_mask": self.attention_mask[:n]}
+        return {"input_ids": self.input_ids[:n].long(), "attention_mask": self.attention_mask[:n].long()}
 
     def release(self) -> None:
         """Drop the device copy kept for repeated epochs."""
         self._device_copy = None
+
+
+def _long(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A batch as models take it: int64 on ``dev`` (moved compact, cast there)."""
+    return t.to(dev, non_blocking=True).long()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,9 +267,9 @@ def load_tokens(spec, split: str = DEFAULTS.split, *, seed: int = DEFAULTS.seed,
     if len(idx) == 0:
         raise DataError(f"--data {shown(spec)} split {split!r} is empty ({len(ids)} sequences); use --split all, "
                         "more text, or a shorter --seq-len")
-    ids_t = torch.from_numpy(np.ascontiguousarray(ids[idx], dtype=np.int64))
-    mask_t = torch.from_numpy(np.ascontiguousarray(mask[idx], dtype=np.int64))
-    if int(mask_t.sum()) == 0:
+    ids_t = torch.from_numpy(_take(ids, idx, _id_dtype(ids, path)))
+    mask_t = torch.from_numpy(_take(mask, idx, bool))
+    if not mask_t.any():
         raise DataError(f"--data {shown(spec)} split {split!r}: every position is padding (attention_mask 0); "
                         "nothing to scan")
     return TokenDataset(str(spec), split, ids_t, mask_t, seed, None if split == "all" else val_fraction,
@@ -274,16 +282,35 @@ def _read_token_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
     ids = found["input_ids"]
     mask = found.get("attention_mask")
     if mask is None:
-        mask = np.ones(ids.shape, dtype=np.int64)
+        mask = np.ones(ids.shape, dtype=bool)
     elif mask.shape != ids.shape:
         raise DataError(f"{shown(path)}: 'attention_mask' has shape {mask.shape} but 'input_ids' {ids.shape}; "
                         "give one 0/1 entry per token")
-    elif mask.size and not np.isin(mask, (0, 1)).all():
-        bad = mask[~np.isin(mask, (0, 1))].flat[0]
+    elif mask.size and not 0 <= mask.min() <= mask.max() <= 1:  # min and max copy nothing (np.isin: 12 B a token)
+        bad = mask[(mask < 0) | (mask > 1)].flat[0]
         raise DataError(f"{shown(path)}: 'attention_mask' must hold only 0 (padding) and 1 (token), found {bad}")
     if ids.size and int(ids.min()) < 0:
         raise DataError(f"{shown(path)}: 'input_ids' must be 0 or more, found {int(ids.min())}")
     return ids, mask
+
+
+def _take(a: np.ndarray, rows: np.ndarray, dtype, chunk: int = 4096) -> np.ndarray:
+    """``a[rows]`` as ``dtype``, gathered a chunk of rows at a time: no whole intermediate copy in the file's
+    dtype beside the result (the load's peak is the file's arrays plus the split held)."""
+    out = np.empty((len(rows), *a.shape[1:]), dtype=dtype)
+    for i in range(0, len(rows), chunk):
+        out[i:i + chunk] = a[rows[i:i + chunk]]
+    return out
+
+
+def _id_dtype(ids: np.ndarray, path: Path) -> type:
+    """The dtype ids are held in: int32 when they fit (every real vocabulary), else int64."""
+    top = int(ids.max()) if ids.size else 0
+    if top < 2**31:
+        return np.int32
+    if top < 2**63:
+        return np.int64
+    raise DataError(f"{shown(path)}: 'input_ids' holds {top}, beyond int64; token ids index a vocabulary")
 
 
 def _check_meta(path, key: str, shape: tuple, dtype: np.dtype) -> None:
