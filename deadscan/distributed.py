@@ -44,9 +44,8 @@ class Group:
         return self.world > 1 and self.backend is not None
 
     def span(self, n: int) -> tuple[int, int]:
-        """This process's contiguous share [start, stop) of ``n`` samples: disjoint, no padding, the first
-        ``n % world`` ranks one sample more (a DistributedSampler pads, which would count samples twice)."""
-        return n * self.rank // self.world, n * (self.rank + 1) // self.world
+        """This process's contiguous share [start, stop) of ``n`` samples (:func:`span`)."""
+        return span(n, self.rank, self.world)
 
     def check(self, error: DeadscanError | None = None, oom: int | None = None) -> int | None:
         """Every process reports how its step ended; all then raise or go on together, so none waits
@@ -103,6 +102,12 @@ class Group:
         import torch
 
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+
+def span(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Process ``rank``'s contiguous share [start, stop) of ``n`` samples: disjoint, no padding, the first
+    ``n % world`` ranks one sample more (a DistributedSampler pads, which would count samples twice)."""
+    return n * rank // world, n * (rank + 1) // world
 
 
 def _collective(fn, *args, **kwargs) -> None:

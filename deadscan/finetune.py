@@ -285,17 +285,6 @@ def _leaves_parameters_out(model: nn.Module, task: Task, train: Dataset, device:
     return bool(trainable - reached)
 
 
-def _shares(batches, group: distributed.Group):
-    """This process's contiguous share of each global batch (tensors, (x, y) tuples or token dicts)."""
-    for batch in batches:
-        if isinstance(batch, dict):
-            start, stop = group.span(len(batch["input_ids"]))
-            yield {k: v[start:stop] for k, v in batch.items()}
-        else:
-            start, stop = group.span(len(batch[0]))
-            yield tuple(t[start:stop] for t in batch)
-
-
 def _history_row(epoch: int, report: StepReport, train_loss, val: dict) -> dict:
     """One epoch: what the scan after its training detected (``dead``, before that epoch's strip step), what
     the strip step then did, and the validation figures after it. The end state is the run's own scan."""
@@ -493,9 +482,9 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig, *
                 net.train()
                 total = torch.zeros((), device=device, dtype=torch.float64)
                 terms = 0
-                batches = bar = train.train_batches(cfg.batch_size, device, gen, augment=cfg.augment)
-                if group.active:
-                    batches = _shares(batches, group)
+                # under torchrun each process reads, decodes and augments only its share of every batch
+                batches = bar = train.train_batches(cfg.batch_size, device, gen, augment=cfg.augment,
+                                                    share=(group.rank, group.world) if group.active else None)
                 if show_bar:
                     batches = bar = tqdm(batches, total=micro_batches, desc=f"epoch {epoch + 1}", unit="batch",
                                          leave=False, dynamic_ncols=True)

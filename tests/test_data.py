@@ -22,8 +22,8 @@ from deadscan import data as D
 from deadscan.data import dataset as data_dataset
 from deadscan.data import images as data_images
 from deadscan.data import sources as data_sources
-from deadscan.data import (AutoAugment, Dataset, check_fits, load_data, random_crop_flip, read_cifar_batch,
-                           split_indices)
+from deadscan.data import (AutoAugment, Dataset, TokenDataset, check_fits, load_data, random_crop_flip,
+                           read_cifar_batch, split_indices)
 from deadscan.errors import DataError
 
 
@@ -677,6 +677,18 @@ def test_autoaugment_batched_groups_equal_per_image_application():
         assert torch.equal(out, ref), policy
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per-image-fallback"])
+def test_autoaugment_of_a_share_is_that_share_of_the_batch(grouped):
+    x = torch.from_numpy(pattern(11, 3, 16, 16))
+    aa = AutoAugment("imagenet")
+    aa._grouped = aa._grouped and grouped  # the fallback: torchvision's public call per image
+    whole = aa(x, np.random.default_rng(4))
+    for cut in ((0, 6, 11), (0, 3, 7, 11)):
+        parts = [aa(x[a:b], np.random.default_rng(4), of_batch=(a, 11)) for a, b in zip(cut, cut[1:])]
+        assert torch.equal(torch.cat(parts), whole), cut
+    assert not torch.equal(whole, x)
+
+
 def test_train_batches_autoaugment_seeded(tmp_path):
     write_cifar(tmp_path)
     ds = load_data("cifar10", "all", root=tmp_path)
@@ -706,9 +718,54 @@ def test_streamed_image_files(tmp_path, monkeypatch):
     xs, ys = zip(*lazy.train_batches(8, "cpu", generator=0, augment="none"))
     order = torch.cat(ys)
     assert len(order) == 30 and sorted(order.tolist()) == sorted(resident.y.tolist())
+    # streamed or resident, one epoch is the same batches: the same draws from the generator
+    for a, b in zip(lazy.train_batches(8, "cpu", generator=2, augment="crop+flip+autoaugment-cifar10"),
+                    resident.train_batches(8, "cpu", generator=2, augment="crop+flip+autoaugment-cifar10"),
+                    strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert torch.equal(lazy.x[3:5].to("cpu"), resident.x[3:5]) and torch.equal(lazy.x[4], resident.x[4])
     check_fits(conv_net(3, 3), lazy, torch.device("cpu"))
     assert lazy.describe()["samples"] == 30
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["resident", "streamed"])
+def test_torchrun_shares_of_each_batch_make_up_the_one_process_batch(tmp_path, monkeypatch, streamed):
+    """Each process reads, decodes and augments only its rows of a batch (train_batches(share=(rank, world))),
+    with the whole batch's draws: the shares, in rank order, are exactly the one-process batch."""
+    write_folder(tmp_path / "imgs", per=9, size=12)  # 27 images: batches of 10, 10, 7 split unevenly
+    if streamed:
+        monkeypatch.setattr(data_images, "HOST_BYTES_LIMIT", 0)
+        monkeypatch.setattr(data_dataset, "STREAM_WORKERS", 0)  # decoded in this process: counted
+    ds = load_data(f"imagefolder:{tmp_path / 'imgs'}", "all")
+    assert isinstance(ds.x, D.LazyImages) == streamed
+    decoded = []
+    if streamed:
+        real = D.LazyImages.decode
+        monkeypatch.setattr(D.LazyImages, "decode", lambda self, idx=None: decoded.append(len(idx)) or real(self, idx))
+
+    def epoch(share=None, batch=10):
+        g = torch.Generator().manual_seed(5)
+        return list(ds.train_batches(batch, "cpu", g, augment="crop+flip+autoaugment-cifar10", share=share))
+
+    whole = epoch()
+    assert [len(y) for _, y in whole] == [10, 10, 7]
+    last = [epoch((rank, 2), batch=13)[-1] for rank in range(2)]  # a last batch of 1: process 0's share is empty
+    assert [len(y) for _, y in last] == [0, 1] and torch.equal(last[1][0], epoch(batch=13)[-1][0])
+    for world in (2, 3):
+        decoded.clear()
+        shares = [epoch((rank, world)) for rank in range(world)]
+        for i, (x, y) in enumerate(whole):
+            assert torch.equal(torch.cat([s[i][0] for s in shares]), x), (world, i)
+            assert torch.equal(torch.cat([s[i][1] for s in shares]), y), (world, i)
+        if streamed:  # every image once over the processes: none decoded by two
+            assert sum(decoded) == 27 and max(decoded) == -(-10 // world), decoded
+    toks = TokenDataset("t", "all", torch.arange(60, dtype=torch.int32).view(20, 3),
+                        torch.ones(20, 3, dtype=torch.bool))
+    full = list(toks.train_batches(8, "cpu", 1))
+    parts = [list(toks.train_batches(8, "cpu", 1, share=(rank, 3))) for rank in range(3)]
+    for i, b in enumerate(full):
+        for key in b:
+            assert torch.equal(torch.cat([p[i][key] for p in parts]), b[key])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

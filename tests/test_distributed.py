@@ -725,6 +725,36 @@ def test_test_corrupted_in_two_processes_equals_one_process(tmp_path):
         k: v for k, v in a["test_corrupted"].items() if k != "loss"}
 
 
+@pytest.mark.slow  # torchrun subprocesses
+def test_augmented_image_files_streamed_in_two_processes_equal_one_process(tmp_path):
+    """An image folder decoded batch by batch (DEADSCAN_HOST_BYTES=0) with crops, flips and AutoAugment: each
+    process decodes and augments only its share of every batch, with the whole batch's draws, so the run is
+    the one-process run (the same masks in every process; the samples each trained on add up to it)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import deadscan
+    from deadscan.zoo import build
+    from test_data import write_folder
+
+    write_folder(tmp_path / "imgs", per=14, size=8)  # 42 images: 34 train, batches of 8 (the last one of 2)
+    spec = "mlp(depth=2, width=16, in_features=192, classes=3)"
+    import torch
+
+    torch.manual_seed(0)
+    deadscan.save_safetensors(build(spec), tmp_path / "mlp.safetensors", spec)
+    inputs = [str(tmp_path / "mlp.safetensors"), "--data", f"imagefolder:{tmp_path / 'imgs'}", "--augment",
+              "crop+flip+autoaugment-cifar10", "--finetune", "2", "--warmup", "0", "--batch-size", "8"]
+    os.environ["DEADSCAN_HOST_BYTES"] = "0"  # read by the subprocesses _env() copies it into
+    try:
+        a, b, masks = _one_and_two_processes(tmp_path, inputs)
+    finally:
+        del os.environ["DEADSCAN_HOST_BYTES"]
+    (n0, x0), (n1, x1), (n, x) = _seen(masks, 0), _seen(masks, 1), _seen(tmp_path / "masks-one", 0)
+    assert (n0, n1, n) == (2 * 17, 2 * 17, 2 * 34)
+    assert x0 + x1 == pytest.approx(x, rel=1e-6)  # the same augmented images, split between the processes
+    _history_close(a["history"], b["history"])
+    assert b["totals"] == a["totals"] and b["test"]["acc"] == a["test"]["acc"] and b["data"] == a["data"]
+
+
 SPARE_ARCH = """
 from torch import nn
 from deadscan.zoo import build

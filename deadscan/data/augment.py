@@ -57,26 +57,30 @@ def parse_augment(augment: str | Augment | None, *, default: tuple[str, ...] | s
 
 
 def random_crop_flip(x: torch.Tensor, index: torch.Tensor | None = None, *, padding: int = 4, flip: bool = True,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None,
+                     of_batch: tuple[int, int] | None = None) -> torch.Tensor:
     """Per-sample random crop with zero padding, then random horizontal flip, as one gather on x's device.
 
     ``x``: (N, C, H, W), any dtype; ``index``: the (B,) samples of ``x`` to take (default: all). Returns a
     new (B, C, H, W) tensor. Per sample this is torchvision's ``RandomCrop((H, W), padding, fill=0)`` then
     ``RandomHorizontalFlip(0.5)``. Draws (in this order: row offsets, column offsets, flips) come from
     ``generator``, which must be on x's device, so a fixed generator state gives the same batch.
-    ``x`` should be contiguous (a non-contiguous one is copied on every call).
+    ``x`` should be contiguous (a non-contiguous one is copied on every call). ``of_batch=(start, size)``: the
+    B samples are rows ``start:start+B`` of a batch of ``size``; the draws are made for the whole batch and
+    these rows' used, so a torchrun process augments its share of a batch as one process does the batch.
     """
     dev = x.device
     n, c, h, w = x.shape
     idx = torch.arange(n, device=dev) if index is None else index
     b = idx.shape[0]
+    first, size = (0, b) if of_batch is None else of_batch
     rows = torch.arange(h, device=dev).expand(b, h)
     cols = torch.arange(w, device=dev).expand(b, w)
     if padding > 0:
-        rows = rows + torch.randint(-padding, padding + 1, (b, 1), generator=generator, device=dev)
-        shift = torch.randint(-padding, padding + 1, (b, 1), generator=generator, device=dev)
+        rows = rows + _draw(-padding, padding + 1, size, generator, dev)[first:first + b]
+        shift = _draw(-padding, padding + 1, size, generator, dev)[first:first + b]
     if flip:
-        flipped = torch.randint(0, 2, (b, 1), generator=generator, device=dev).bool()
+        flipped = _draw(0, 2, size, generator, dev)[first:first + b].bool()
         cols = torch.where(flipped, (w - 1) - cols, cols)
     if padding > 0:
         cols = cols + shift
@@ -89,6 +93,10 @@ def random_crop_flip(x: torch.Tensor, index: torch.Tensor | None = None, *, padd
     if padding > 0:
         out = out.mul_(inside)  # the zero padding
     return out
+
+
+def _draw(low: int, high: int, size: int, generator, dev) -> torch.Tensor:
+    return torch.randint(low, high, (size, 1), generator=generator, device=dev)
 
 
 class AutoAugment:
@@ -117,14 +125,26 @@ class AutoAugment:
                          and hasattr(self._tv, "_apply_image_or_video_transform"))
         self._magnitudes: dict = {}
 
-    def __call__(self, xb: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    def __call__(self, xb: torch.Tensor, rng: np.random.Generator,
+                 of_batch: tuple[int, int] | None = None) -> torch.Tensor:
+        """``xb`` augmented. ``of_batch=(start, size)``: ``xb`` is rows ``start:start+B`` of a batch of ``size``;
+        the draws are the whole batch's (as :func:`random_crop_flip`'s)."""
         if xb.dtype != torch.uint8 or xb.ndim != 4:
             raise ValueError(f"AutoAugment takes uint8 (B, C, H, W) batches, got {xb.dtype} {tuple(xb.shape)}")
+        first, size = (0, len(xb)) if of_batch is None else of_batch
         if not self._grouped:  # torchvision's internals moved: one public call per image (slower, same law)
+            seeds = rng.integers(2**62, size=size)[first:first + len(xb)]  # one per image: a share draws alike
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(rng.integers(2**62)))
-                return torch.stack([self._tv(img) for img in xb])
-        groups = self._groups(len(xb), xb.shape[-2], xb.shape[-1], rng)
+                out = []
+                for img, seed in zip(xb, seeds):
+                    torch.manual_seed(int(seed))
+                    out.append(self._tv(img))
+                return torch.stack(out)
+        groups = self._groups(size, xb.shape[-2], xb.shape[-1], rng)
+        if of_batch is not None:  # this share's members, as positions in xb
+            groups = [(op, m, members[(members >= first) & (members < first + len(xb))] - first)
+                      for op, m, members in groups]
+            groups = [g for g in groups if len(g[2])]
         if not groups:
             return xb
         pos = torch.from_numpy(np.concatenate([members for _, _, members in groups]))

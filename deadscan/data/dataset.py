@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..defaults import DEFAULTS
+from ..distributed import span
 from ..errors import DataError
 from .augment import Augment, AutoAugment, default_padding, parse_augment, random_crop_flip
 from .images import LazyImages
@@ -91,7 +92,7 @@ class Dataset:
             for i in range(0, len(x), batch_size):
                 yield self.prepare(x[i:i + batch_size])
         else:
-            for xb, _ in self._stream(None, batch_size, dev):
+            for xb, _, _ in self._stream(None, batch_size, dev):
                 yield self.prepare(xb)
 
     def augmentation(self, augment) -> Augment:
@@ -112,7 +113,7 @@ class Dataset:
 
     def train_batches(self, batch_size: int, device: torch.device | str,
                       generator: torch.Generator | int | None = None, augment: str | Augment | None = "default",
-                      drop_last: bool = False):
+                      drop_last: bool = False, share=None):
         """One epoch of shuffled, augmented, model-ready ``(x, y)`` batches for a training loop.
 
         ``generator``: a ``torch.Generator`` on ``device`` (or an int seed for a fresh one) that draws the
@@ -124,6 +125,10 @@ class Dataset:
 
         Device-resident data: randperm, gather, crop/flip, AutoAugment and normalisation all run on the
         device; the only host read is one seed per epoch for AutoAugment's choices, outside the batch loop.
+
+        ``share``: ``(rank, world)`` of a torchrun process: of each batch only its rows
+        (``distributed.span``) are read, decoded and augmented, with the whole batch's draws, so the processes'
+        shares make up the one-process batch.
         """
         dev = torch.device(device)
         plan = self.augmentation(augment)
@@ -138,11 +143,15 @@ class Dataset:
                 if drop_last and i + batch_size > n:
                     break
                 idx = perm[i:i + batch_size]
-                yield self._augment(x, idx, plan, g, augmenter, rng), y.index_select(0, idx)
+                start, stop = _rows(len(idx), share)
+                mine = idx[start:stop]
+                yield self._augment(x, mine, plan, g, augmenter, rng, (start, len(idx))), y.index_select(0, mine)
         else:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(_draw_seed(g, dev)))
-            for xb, yb in self._stream(order, batch_size, dev, drop_last):
-                yield self._augment(xb, None, plan, g, augmenter, rng), yb
+            # the resident path's very draws: under torchrun a process that streams (its GPU had less room)
+            # still takes its share of the same batches as one that does not
+            order = torch.randperm(n, generator=g, device=dev).cpu()  # sync point: once per epoch
+            for xb, yb, part in self._stream(order, batch_size, dev, drop_last, share):
+                yield self._augment(xb, None, plan, g, augmenter, rng, part), yb
 
     def release(self) -> None:
         """Drop the device copy kept for repeated epochs."""
@@ -151,14 +160,16 @@ class Dataset:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _augment(self, x, idx, plan: Augment, g, augmenter, rng) -> torch.Tensor:
+    def _augment(self, x, idx, plan: Augment, g, augmenter, rng, part: tuple[int, int]) -> torch.Tensor:
+        """``part``: (first row, size) of the batch these rows are of (the draws are the whole batch's)."""
         if plan.crop or plan.flip:
             pad = plan.padding if plan.padding is not None else default_padding(x.shape[-2])
-            xb = random_crop_flip(x, idx, padding=pad if plan.crop else 0, flip=plan.flip, generator=g)
+            xb = random_crop_flip(x, idx, padding=pad if plan.crop else 0, flip=plan.flip, generator=g,
+                                  of_batch=part)
         else:
             xb = x if idx is None else x.index_select(0, idx)
         if augmenter is not None:
-            xb = augmenter(xb, rng)
+            xb = augmenter(xb, rng, of_batch=part)
         return self.prepare(xb)
 
     def _norm(self, device: torch.device, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,24 +199,31 @@ class Dataset:
             self._device_copy = copy = (self.x, self.y, str(dev), self.x.to(dev), self.y.to(dev))
         return copy[3], copy[4]
 
-    def _stream(self, order: torch.Tensor | None, batch_size: int, dev: torch.device, drop_last: bool = False):
-        """Batches read (and decoded) by DataLoader workers, pinned, copied to the device asynchronously."""
+    def _stream(self, order: torch.Tensor | None, batch_size: int, dev: torch.device, drop_last: bool = False,
+                share=None):
+        """Batches read (and decoded) by DataLoader workers, pinned, copied to the device asynchronously, with
+        (first row, size) of the batch they are (of ``share``: this process's rows only)."""
         from torch.utils.data import DataLoader
 
         order = torch.arange(len(self)) if order is None else order
         workers = STREAM_WORKERS if isinstance(self.x, LazyImages) or dev.type == "cuda" else 0
-        loader = DataLoader(_BatchSource(self.x, self.y, order, batch_size, drop_last), batch_size=None,
+        loader = DataLoader(_BatchSource(self.x, self.y, order, batch_size, drop_last, share), batch_size=None,
                             num_workers=workers, pin_memory=dev.type == "cuda",
                             prefetch_factor=4 if workers else None)
-        for xb, yb in loader:
-            yield xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+        for xb, yb, part in loader:
+            yield xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True), tuple(part)
+
+
+def _rows(size: int, share: tuple[int, int] | None) -> tuple[int, int]:
+    """The rows of a batch of ``size`` that process ``share=(rank, world)`` takes (all of them: None)."""
+    return (0, size) if share is None else span(size, *share)
 
 
 class _BatchSource(torch.utils.data.Dataset):
     """Item i is batch i of ``order``: what each DataLoader worker reads (and decodes)."""
 
-    def __init__(self, x, y, order: torch.Tensor, batch_size: int, drop_last: bool):
-        self.x, self.y, self.order, self.batch_size = x, y, order, batch_size
+    def __init__(self, x, y, order: torch.Tensor, batch_size: int, drop_last: bool, share=None):
+        self.x, self.y, self.order, self.batch_size, self.share = x, y, order, batch_size, share
         n = len(order)
         self.n = n // batch_size if drop_last else -(-n // batch_size)
 
@@ -214,8 +232,10 @@ class _BatchSource(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        start, stop = _rows(len(idx), self.share)
+        part, idx = (start, len(idx)), idx[start:stop]  # only this process's rows are decoded
         x = self.x.decode(idx.numpy()) if isinstance(self.x, LazyImages) else self.x.index_select(0, idx)
-        return x, self.y.index_select(0, idx)
+        return x, self.y.index_select(0, idx), part
 
 
 def fingerprint(indices) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..defaults import DEFAULTS, MAX_BYTES_ENV
+from ..distributed import span
 from ..errors import DataError, one_line
 from ..files import open_regular, read_array_file, regular_size, shown
 
@@ -97,12 +98,13 @@ class TokenDataset:
 
     def train_batches(self, batch_size: int, device: torch.device | str,
                       generator: torch.Generator | int | None = None, augment: str | None = "default",
-                      drop_last: bool = False):
+                      drop_last: bool = False, share: tuple[int, int] | None = None):
         """One epoch of shuffled ``{"input_ids", "attention_mask"}`` batches for a training loop.
 
         ``generator`` (a ``torch.Generator``, an int seed, or None for torch's default) draws a permutation of
         the sequences on ``device``; the same generator state gives the same epoch. Sequences are never cut or
-        re-packed. ``augment``: token data has none (``"default"``, ``"none"`` or None)."""
+        re-packed. ``augment``: token data has none (``"default"``, ``"none"`` or None). ``share``: ``(rank,
+        world)`` of a torchrun process: only its rows of each batch (``Dataset.train_batches``)."""
         from .dataset import _generator
 
         if augment not in (None, "default", "none"):
@@ -115,6 +117,9 @@ class TokenDataset:
             if drop_last and i + batch_size > n:
                 break
             idx = perm[i:i + batch_size]
+            if share is not None:
+                start, stop = span(len(idx), *share)
+                idx = idx[start:stop]
             yield {"input_ids": ids.index_select(0, idx).long(), "attention_mask": mask.index_select(0, idx).long()}
 
     def _on(self, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
