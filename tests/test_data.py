@@ -20,7 +20,6 @@ from torch import nn
 
 from deadscan import data as D
 from deadscan.data import dataset as data_dataset
-from deadscan.data import images as data_images
 from deadscan.data import sources as data_sources
 from deadscan.data import (AutoAugment, Dataset, TokenDataset, check_fits, load_data, random_crop_flip,
                            read_cifar_batch, split_indices)
@@ -710,7 +709,7 @@ def test_batches_in_order_match_prepare(tmp_path):
 def test_streamed_image_files(tmp_path, monkeypatch):
     write_folder(tmp_path / "imgs", per=10)
     resident = load_data(f"imagefolder:{tmp_path / 'imgs'}", "all")
-    monkeypatch.setattr(data_images, "HOST_BYTES_LIMIT", 0)  # too big for memory: decode batch by batch
+    monkeypatch.setenv("DEADSCAN_HOST_BYTES", "0")  # too big for memory: decode batch by batch
     monkeypatch.setattr(data_dataset, "STREAM_WORKERS", 2)
     lazy = load_data(f"imagefolder:{tmp_path / 'imgs'}", "all")
     assert isinstance(lazy.x, D.LazyImages) and lazy.x.shape == resident.x.shape and len(lazy) == 30
@@ -734,7 +733,7 @@ def test_torchrun_shares_of_each_batch_make_up_the_one_process_batch(tmp_path, m
     with the whole batch's draws: the shares, in rank order, are exactly the one-process batch."""
     write_folder(tmp_path / "imgs", per=9, size=12)  # 27 images: batches of 10, 10, 7 split unevenly
     if streamed:
-        monkeypatch.setattr(data_images, "HOST_BYTES_LIMIT", 0)
+        monkeypatch.setenv("DEADSCAN_HOST_BYTES", "0")
         monkeypatch.setattr(data_dataset, "STREAM_WORKERS", 0)  # decoded in this process: counted
     ds = load_data(f"imagefolder:{tmp_path / 'imgs'}", "all")
     assert isinstance(ds.x, D.LazyImages) == streamed
@@ -810,3 +809,24 @@ def test_cli_missing_dataset_is_one_error_line(tmp_path):
     import json
 
     assert json.loads(r.output)["data"]["samples"] == 359
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1", "4GiB"])
+def test_a_bad_host_bytes_setting_is_one_error_line(tmp_path, monkeypatch, raw):
+    from click.testing import CliRunner
+
+    from deadscan.cli import main
+
+    import deadscan
+    from deadscan.zoo import build
+
+    write_folder(tmp_path / "imgs")
+    spec = "mlp(depth=2, width=8, in_features=192, classes=3)"
+    deadscan.save_safetensors(build(spec), tmp_path / "mlp.safetensors", spec)
+    monkeypatch.setenv("DEADSCAN_HOST_BYTES", raw)
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "mlp.safetensors"), "--data",
+                                  f"imagefolder:{tmp_path / 'imgs'}", "--split", "all", "--out", str(tmp_path / "out")])
+    assert (r.exit_code, r.stdout) == (1, "")
+    assert r.stderr == (f"Error: DEADSCAN_HOST_BYTES={raw!r}: expected a number of bytes (0: decode every set of "
+                        "image files batch by batch)\n")
+    assert not (tmp_path / "out").exists()

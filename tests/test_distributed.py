@@ -726,7 +726,7 @@ def test_test_corrupted_in_two_processes_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow  # torchrun subprocesses
-def test_augmented_image_files_streamed_in_two_processes_equal_one_process(tmp_path):
+def test_augmented_image_files_streamed_in_two_processes_equal_one_process(tmp_path, monkeypatch):
     """An image folder decoded batch by batch (DEADSCAN_HOST_BYTES=0) with crops, flips and AutoAugment: each
     process decodes and augments only its share of every batch, with the whole batch's draws, so the run is
     the one-process run (the same masks in every process; the samples each trained on add up to it)."""
@@ -743,11 +743,8 @@ def test_augmented_image_files_streamed_in_two_processes_equal_one_process(tmp_p
     deadscan.save_safetensors(build(spec), tmp_path / "mlp.safetensors", spec)
     inputs = [str(tmp_path / "mlp.safetensors"), "--data", f"imagefolder:{tmp_path / 'imgs'}", "--augment",
               "crop+flip+autoaugment-cifar10", "--finetune", "2", "--warmup", "0", "--batch-size", "8"]
-    os.environ["DEADSCAN_HOST_BYTES"] = "0"  # read by the subprocesses _env() copies it into
-    try:
-        a, b, masks = _one_and_two_processes(tmp_path, inputs)
-    finally:
-        del os.environ["DEADSCAN_HOST_BYTES"]
+    monkeypatch.setenv("DEADSCAN_HOST_BYTES", "0")  # in the environment _env() gives the subprocesses
+    a, b, masks = _one_and_two_processes(tmp_path, inputs)
     (n0, x0), (n1, x1), (n, x) = _seen(masks, 0), _seen(masks, 1), _seen(tmp_path / "masks-one", 0)
     assert (n0, n1, n) == (2 * 17, 2 * 17, 2 * 34)
     assert x0 + x1 == pytest.approx(x, rel=1e-6)  # the same augmented images, split between the processes

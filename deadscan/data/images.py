@@ -16,7 +16,7 @@ import torch
 
 from ..errors import DataError, one_line
 from ..files import not_regular, open_regular, shown
-from .presets import HOST_BYTES_LIMIT, IMAGE_SUFFIXES, TINY_IMAGENET_URL
+from .presets import IMAGE_SUFFIXES, TINY_IMAGENET_URL, host_bytes_limit
 from .sources import Adapt, Pool, Source, _fetch_archive, _missing
 
 # The decoders an image file may reach: raster formats only, whatever its bytes say (PIL would hand an EPS
@@ -104,7 +104,7 @@ def _image_pool(paths: list, labels: list, adapt: Adapt) -> Pool:
     def take(idx: np.ndarray):
         chosen = [paths[i] for i in idx]
         shape, mode = _probe(chosen[0], adapt)
-        if len(chosen) * math.prod(shape) > HOST_BYTES_LIMIT:
+        if len(chosen) * math.prod(shape) > host_bytes_limit():
             return LazyImages(chosen, shape, mode, adapt.resize)
         return _decode_all(chosen, shape, mode, adapt.resize)
     return Pool(np.asarray(labels, dtype=np.int64), take)

@@ -66,7 +66,21 @@ NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "mnist": 10, "fashion
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
-HOST_BYTES_LIMIT = int(os.environ.get("DEADSCAN_HOST_BYTES", 4 * 2**30))  # decoded image sets above: streamed
+HOST_BYTES_ENV = "DEADSCAN_HOST_BYTES"  # decoded image sets above it (bytes) stay on disk, decoded batch by batch
+HOST_BYTES_DEFAULT = 4 * 2**30
+
+
+def host_bytes_limit() -> int:
+    """``$DEADSCAN_HOST_BYTES``, read when a set of image files is loaded; a bad value is one Error line."""
+    raw = os.environ.get(HOST_BYTES_ENV, "").strip()
+    if not raw:
+        return HOST_BYTES_DEFAULT
+    if not raw.isdigit():
+        from ..errors import DataError
+
+        raise DataError(f"{HOST_BYTES_ENV}={raw!r}: expected a number of bytes (0: decode every set of image "
+                        "files batch by batch)")
+    return int(raw)
 
 
 DEVICE_FRACTION = 0.5  # a dataset is kept on a GPU when it takes at most this share of its free memory
