@@ -5,7 +5,6 @@ Only commands that load a model import torch (through deadscan.pipeline, inside 
 
 from __future__ import annotations
 
-import importlib
 import os
 import shlex
 import sys

@@ -4,7 +4,6 @@ where token i is read (so every count is known by construction)."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
