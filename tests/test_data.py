@@ -682,7 +682,7 @@ def test_autoaugment_of_a_share_is_that_share_of_the_batch(grouped):
     aa = AutoAugment("imagenet")
     aa._grouped = aa._grouped and grouped  # the fallback: torchvision's public call per image
     whole = aa(x, np.random.default_rng(4))
-    for cut in ((0, 6, 11), (0, 3, 7, 11)):
+    for cut in ((0, 6, 11), (0, 3, 7, 11), (0, 0, 11)):  # an empty share too
         parts = [aa(x[a:b], np.random.default_rng(4), of_batch=(a, 11)) for a, b in zip(cut, cut[1:])]
         assert torch.equal(torch.cat(parts), whole), cut
     assert not torch.equal(whole, x)

@@ -132,6 +132,8 @@ class AutoAugment:
         if xb.dtype != torch.uint8 or xb.ndim != 4:
             raise ValueError(f"AutoAugment takes uint8 (B, C, H, W) batches, got {xb.dtype} {tuple(xb.shape)}")
         first, size = (0, len(xb)) if of_batch is None else of_batch
+        if not len(xb):  # an empty share (a last batch smaller than the world): no image to transform
+            return xb
         if not self._grouped:  # torchvision's internals moved: one public call per image (slower, same law)
             seeds = rng.integers(2**62, size=size)[first:first + len(xb)]  # one per image: a share draws alike
             with torch.random.fork_rng(devices=[]):
