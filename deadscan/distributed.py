@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -111,12 +112,31 @@ def span(n: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def _collective(fn, *args, **kwargs) -> None:
+    tensors = [t for a in args for t in (a if isinstance(a, list) else [a])]
+    counts = [t._use_count() for t in tensors]
     try:
         fn(*args, **kwargs)
     except RuntimeError as e:  # gloo: a peer's socket closed; either backend: the timeout passed
         raise TraceError(f"another process of the torchrun group failed or stopped answering within "
                          f"{timeout_seconds():g} s ({one_line(e, 160)}); see its own output "
                          f"(set {TIMEOUT_ENV} to wait longer)") from None
+    _await_release(tensors, counts)
+
+
+_RELEASE_WAIT = 5.0  # seconds at most; past it go on (a tensor something else kept)
+
+
+def _await_release(tensors, counts) -> None:
+    """Wait until gloo's worker thread has dropped a finished collective's CPU tensors. It drops them after
+    the caller has woken, and dropping a tensor Python knows takes the GIL; if the interpreter is exiting by
+    then, the worker aborts the whole process ("terminate called without an active exception": a race in
+    torch, about 1 run in 15 of a DDP loop that ends soon after a collective, or after a barrier, which keeps
+    the collective before it alive). Sleeping releases the GIL to that thread. NCCL's tensors are CUDA ones,
+    left to its own watchdog."""
+    pending = [(t, c) for t, c in zip(tensors, counts) if t.device.type == "cpu"]
+    deadline = time.monotonic() + _RELEASE_WAIT
+    while any(t._use_count() > c for t, c in pending) and time.monotonic() < deadline:
+        time.sleep(0.0002)
 
 
 _ONE = Group()

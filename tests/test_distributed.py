@@ -419,6 +419,29 @@ def test_one_process_group_is_a_no_op():
     assert launched() == g  # this test process is not under torchrun (or its world is 1)
 
 
+def test_a_collective_returns_once_gloos_worker_has_dropped_its_tensors(monkeypatch):
+    """The guard against torch's exit race (see distributed._await_release): a tensor some other thread still
+    holds (as gloo's worker holds a finished collective's) is waited for until released, and at most
+    _RELEASE_WAIT seconds when it never is."""
+    import threading
+
+    import torch
+
+    from deadscan import distributed
+
+    t = torch.zeros(4)
+    count = t._use_count()
+    held = [t.view(2, 2)]  # one more reference, dropped later by another thread
+    assert t._use_count() == count + 1
+    threading.Timer(0.2, held.clear).start()
+    distributed._await_release([t, torch.zeros(1)], [count, 1])
+    assert t._use_count() == count and not held
+    monkeypatch.setattr(distributed, "_RELEASE_WAIT", 0.05)
+    kept = t.view(2, 2)  # never released: the wait gives up
+    distributed._await_release([t], [count])
+    assert t._use_count() == count + 1 and kept is not None
+
+
 @pytest.mark.parametrize("raw, why", [("soon", "a number of seconds"),
                                       *((v, "a positive number of seconds, at most 31536000 (a year)")
                                         for v in ("0", "-5", "nan", "inf", "1e40"))])
@@ -966,7 +989,7 @@ def test_the_readme_stripper_example_in_two_processes_equals_one(tmp_path):
         cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
                str(_free_port()), "--log-dir", str(logs), "--redirects", "3", str(DDP_EXAMPLE)]
         res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr
+        assert res.returncode == 0, [_rank_logs(logs, r, "stderr") for r in range(nproc)]
         printed[nproc] = _rank_logs(logs, 0, "stdout").splitlines()
         if nproc == 2:
             assert _rank_logs(logs, 1, "stdout") == ""
