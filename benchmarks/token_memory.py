@@ -11,7 +11,13 @@ process: ``import deadscan``, load a tiny file (the modules a load imports), rea
 (``ru_maxrss``). Printed side by side: the bytes per token the dataset's tensors hold against int64 ids and
 mask (the layout every batch has, and what deadscan held before), and the peak over the import's RSS per
 token. Targets: held <= 5 bytes a token (int32 ids, bool mask); peak <= 9 (the file's arrays, 3 bytes a
-token here, are read whole first).
+token here, are read before they are converted).
+
+Then the "val" split (a tenth), the same way in two fresh processes side by side: ``load_data(file,
+"val")``, which reads only the split's rows from the file a block at a time, against reading the whole
+file's arrays and then taking the split's rows (how deadscan read token files before). Printed: each
+peak over the split's tokens and their ratio (target >= 2x less; a torchrun process scanning its share
+holds a split, not a file).
 
 This script imports neither torch nor numpy at the top: Linux carries a process's peak RSS across exec into
 the children it starts.
@@ -45,9 +51,20 @@ def rss():
     with open("/proc/self/status") as f:  # resident now, in KiB
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
+split = sys.argv[3]
 load_data(sys.argv[2], "all")  # a tiny file first: the modules a load imports are not the data's bytes
 base = rss()
-ds = load_data(sys.argv[1], "all")
+if sys.argv[4] == "whole":  # the file's arrays read whole, then the split's rows taken
+    from pathlib import Path
+    from deadscan.data import tokens
+    from deadscan.files import read_array_file
+    found = read_array_file(Path(sys.argv[1]), tokens.KEYS, ("input_ids",), tokens._check_meta, "ids")
+    from deadscan.defaults import DEFAULTS
+    idx = tokens._split_rows(len(found["input_ids"]), split, DEFAULTS.seed, DEFAULTS.val_fraction, None)
+    ds = tokens.TokenDataset(sys.argv[1], split, torch.from_numpy(tokens._take(found["input_ids"], idx, "int32")),
+                             torch.from_numpy(tokens._take(found["attention_mask"], idx, bool)))
+else:
+    ds = load_data(sys.argv[1], split)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 held = ds.input_ids.nbytes + ds.attention_mask.nbytes
 wide = ds.input_ids.long().nbytes + ds.attention_mask.long().nbytes  # the int64 layout of the same split
@@ -66,17 +83,26 @@ def main() -> int:
         subprocess.run([sys.executable, "-c", WRITE, str(path), str(args.sequences), str(args.seq_len)], check=True)
         tiny = Path(tmp) / "tiny.npz"
         subprocess.run([sys.executable, "-c", WRITE, str(tiny), "4", "8"], check=True)
-        out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(tiny)], check=True, capture_output=True,
-                             text=True)
+        def child(split: str, how: str) -> list[str]:
+            return subprocess.run([sys.executable, "-c", CHILD, str(path), str(tiny), split, how], check=True,
+                                  capture_output=True, text=True).stdout.split()
+
+        out = child("all", "rows")
+        split_rows, split_whole = child("val", "rows"), child("val", "whole")
         size = path.stat().st_size
-    tokens, held, wide, peak, ids_dtype, mask_dtype, torch_version = out.stdout.split()
+    tokens, held, wide, peak, ids_dtype, mask_dtype, torch_version = out
     tokens, held, wide, peak = int(tokens), int(held), int(wide), int(peak)
     print(f"python {platform.python_version()}, torch {torch_version}, {platform.machine()}")
     print(f"{tokens:,} tokens, file {size / 2**20:.0f} MiB ({size / tokens:.1f} bytes a token: uint16 ids, uint8 mask)")
     print(f"held:  {held / tokens:.1f} bytes a token ({ids_dtype}, {mask_dtype}); int64 layout {wide / tokens:.1f}; "
           f"ratio {wide / held:.2f}x less (target <= 5 bytes a token)")
     print(f"peak while loading: {peak / tokens:.1f} bytes a token over the import (target <= 9)")
-    return 0 if held / tokens <= 5 and peak / tokens <= 9 else 1
+    val_tokens, rows_peak, whole_peak = int(split_rows[0]), int(split_rows[3]), int(split_whole[3])
+    assert int(split_whole[0]) == val_tokens
+    print(f"val split ({val_tokens:,} tokens), peak while loading: {rows_peak / val_tokens:.1f} bytes a split token "
+          f"reading only its rows vs {whole_peak / val_tokens:.1f} reading the whole file first; ratio "
+          f"{whole_peak / rows_peak:.2f}x less (target >= 2x)")
+    return 0 if held / tokens <= 5 and peak / tokens <= 9 and whole_peak >= 2 * rows_peak else 1
 
 
 if __name__ == "__main__":

@@ -100,17 +100,21 @@ def npy_header(f) -> tuple[tuple, bool, np.dtype]:
 # Array files: .npz or HDF5, named arrays checked from their headers before they are read
 
 CheckMeta = Callable[[Path, str, tuple, np.dtype], None]  # (path, key, shape, dtype): raise DataError if wrong
+Rows = Callable[[str, tuple], np.ndarray]  # (key, shape) -> the rows (first-axis indices) to keep, in order
+BLOCK_BYTES = 4 * 2**20  # rows are gathered from a file this many bytes at a time
 
 
 def read_array_file(path: Path, keys: tuple[str, ...], required: tuple[str, ...], check_meta: CheckMeta,
-                    expected: str, what: str = "arrays") -> dict[str, np.ndarray]:
+                    expected: str, what: str = "arrays", rows: Rows | None = None) -> dict[str, np.ndarray]:
     """The arrays ``keys`` (those present; ``required`` must be) of a .npz or HDF5 file. ``expected`` says
-    what the file should hold, for the message when a required key is missing."""
+    what the file should hold, for the message when a required key is missing. ``rows``: asked with each
+    array's key and shape (after its header is checked), it names the rows to keep; they are gathered a
+    block at a time, so a split of a large file never holds the whole file."""
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         try:
             reader = _read_npz if path.suffix.lower() == ".npz" else _read_h5
-            return reader(path, f, size, keys, required, check_meta, expected)
+            return reader(path, f, size, keys, required, check_meta, expected, rows)
         except DataError:
             raise
         except MemoryError:
@@ -120,7 +124,8 @@ def read_array_file(path: Path, keys: tuple[str, ...], required: tuple[str, ...]
             raise DataError(f"{shown(path)}: cannot read {what} ({one_line(e, 200)}); write the file again") from None
 
 
-def _read_npz(path: Path, f, size: int, keys, required, check_meta: CheckMeta, expected: str) -> dict:
+def _read_npz(path: Path, f, size: int, keys, required, check_meta: CheckMeta, expected: str,
+              rows: Rows | None = None) -> dict:
     out = {}
     with zipfile.ZipFile(f) as zf:
         members = {n[:-4] if n.endswith(".npy") else n: zf.getinfo(n) for n in zf.namelist()}
@@ -131,19 +136,70 @@ def _read_npz(path: Path, f, size: int, keys, required, check_meta: CheckMeta, e
                 continue
             info = members[key]
             with zf.open(info) as m:
-                shape, _, dtype = npy_header(m)
+                shape, fortran, dtype = npy_header(m)
                 header = m.tell()
             check_meta(path, key, shape, dtype)
             packed = info.compress_type != zipfile.ZIP_STORED
             stored = info.compress_size if info.compress_size <= size else 0  # a size the archive cannot hold
             check_declared(path, f"'{key}' {shape} {dtype}", math.prod(shape) * dtype.itemsize,
                            stored if packed else max(stored - header, 0), packed)
+            want = None if rows is None else rows(key, shape)
             with zf.open(info) as m:
-                out[key] = np.lib.format.read_array(m, allow_pickle=False)
+                if want is None or fortran:  # Fortran order keeps no row together: read it whole
+                    a = np.lib.format.read_array(m, allow_pickle=False)
+                    out[key] = a if want is None else a[want]
+                else:
+                    npy_header(m)  # to the first data byte
+                    out[key] = gather_rows(_stream_reader(m, shape, dtype), shape, dtype, want)
+                    while m.read(BLOCK_BYTES):  # to the end, where zipfile checks the member's CRC
+                        pass
     return out
 
 
-def _read_h5(path: Path, f, size: int, keys, required, check_meta: CheckMeta, expected: str) -> dict:
+def _stream_reader(m, shape: tuple, dtype: np.dtype):
+    """``read(start, stop)``: rows [start, stop) of the C-order array whose bytes ``m`` streams from its first
+    row on; called with increasing ranges, it reads past the rows between them."""
+    row = math.prod(shape[1:]) * dtype.itemsize
+    at = [0]
+
+    def take(nbytes: int) -> bytes:
+        data = m.read(nbytes)
+        if len(data) != nbytes:
+            raise ValueError(f"the array's data ends early ({len(data)} of {nbytes} bytes)")
+        return data
+
+    def read(start: int, stop: int) -> np.ndarray:
+        skip = (start - at[0]) * row
+        while skip:
+            skip -= len(take(min(skip, BLOCK_BYTES)))
+        at[0] = stop
+        return np.frombuffer(take((stop - start) * row), dtype).reshape(stop - start, *shape[1:])
+    return read
+
+
+def gather_rows(read, shape: tuple, dtype: np.dtype, want: np.ndarray) -> np.ndarray:
+    """``a[want]`` of an array ``a`` of ``shape`` that ``read(start, stop)`` hands out a block of rows at a
+    time (increasing ranges; blocks holding none of ``want`` are skipped): peak memory is the result plus
+    one block."""
+    n = shape[0]
+    want = np.asarray(want, dtype=np.int64)
+    if want.size and (want.min() < 0 or want.max() >= n):
+        raise ValueError(f"rows outside 0..{n - 1}")
+    out = np.empty((len(want), *shape[1:]), dtype=dtype.newbyteorder("="))
+    order = np.argsort(want, kind="stable")
+    ranked = want[order]
+    step = max(1, BLOCK_BYTES // max(1, math.prod(shape[1:]) * dtype.itemsize))
+    for start in range(0, n, step):
+        lo, hi = np.searchsorted(ranked, [start, start + step])
+        if lo == len(ranked):
+            break
+        if lo < hi:
+            out[order[lo:hi]] = read(start, min(start + step, n))[ranked[lo:hi] - start]
+    return out
+
+
+def _read_h5(path: Path, f, size: int, keys, required, check_meta: CheckMeta, expected: str,
+             rows: Rows | None = None) -> dict:
     import h5py
 
     out = {}
@@ -169,7 +225,11 @@ def _read_h5(path: Path, f, size: int, keys, required, check_meta: CheckMeta, ex
                 raise DataError(f"{shown(path)}: '{key}' is an empty (null) dataset; store an array")
             check_meta(path, key, d.shape, d.dtype)
             _check_h5_storage(path, key, d, size)
-            out[key] = d[()]
+            want = None if rows is None else rows(key, d.shape)
+            if want is None:
+                out[key] = d[()]
+            else:
+                out[key] = gather_rows(lambda start, stop: d[start:stop], d.shape, d.dtype, want)
     return out
 
 

@@ -338,6 +338,101 @@ def test_token_arrays_are_held_compact_and_handed_out_as_int64(tmp_path, file_dt
     assert str(e.value) == (f"{path}: 'input_ids' holds {2**63}, beyond int64; token ids index a vocabulary")
 
 
+def _write_arrays(path, fmt: str, **arrays):
+    if fmt == "npz":
+        np.savez(path, **arrays)
+    elif fmt == "npz-deflated":
+        np.savez_compressed(path, **arrays)
+    else:
+        import h5py
+
+        with h5py.File(path, "w") as h:
+            for k, a in arrays.items():
+                h.create_dataset(k, data=a, **({"chunks": (3, a.shape[1]), "compression": "gzip"}
+                                               if fmt == "h5-chunked" else {}))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["npz", "npz-deflated", "h5", "h5-chunked", "npz-fortran", "npz-big-endian"])
+def test_rows_are_gathered_a_block_at_a_time_as_fancy_indexing_gives(tmp_path, fmt, monkeypatch):
+    """read_array_file(rows=...) keeps only the rows asked for, in their order (repeats too), reading the
+    file a block at a time (a block of 3 rows here: skipped blocks, a last partial one); Fortran order is
+    read whole and then indexed."""
+    from deadscan import files
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 1000, size=(20, 7)).astype(">i4" if fmt == "npz-big-endian" else np.int64)
+    if fmt == "npz-fortran":
+        ids = np.asfortranarray(ids)
+    mask = rng.integers(0, 2, size=(20, 7)).astype(bool)
+    path = _write_arrays(tmp_path / ("t.h5" if fmt.startswith("h5") else "t.npz"), fmt.split("-")[0] if
+                         fmt in ("npz-fortran", "npz-big-endian") else fmt, input_ids=ids, attention_mask=mask)
+    monkeypatch.setattr(files, "BLOCK_BYTES", 3 * 7 * ids.dtype.itemsize)
+    want = np.array([19, 4, 5, 0, 4, 13, 18])  # not 6..12: whole blocks skipped
+    asked = []
+
+    def rows(key, shape):
+        asked.append((key, shape))
+        return want
+
+    read = []
+    real = files.gather_rows
+    monkeypatch.setattr(files, "gather_rows", lambda r, *a: real(lambda lo, hi: read.append((lo, hi)) or r(lo, hi), *a))
+    got = files.read_array_file(path, ("input_ids", "attention_mask"), ("input_ids",), lambda *a: None, "ids",
+                                rows=rows)
+    assert asked == [("input_ids", (20, 7)), ("attention_mask", (20, 7))]
+    np.testing.assert_array_equal(got["input_ids"], ids[want])
+    np.testing.assert_array_equal(got["attention_mask"], mask[want])
+    assert got["input_ids"].dtype.isnative and got["attention_mask"].dtype == bool
+    ids_blocks = [] if fmt == "npz-fortran" else [(0, 3), (3, 6), (12, 15), (18, 20)]  # Fortran: read whole
+    mask_blocks = [(0, 12), (12, 20)] if ids.dtype.itemsize == 4 else [(0, 20)]  # 1-byte rows: more a block
+    assert read == ids_blocks + mask_blocks
+
+
+@pytest.mark.parametrize("fmt", ["npz-deflated", "h5-chunked"])
+def test_a_split_of_a_token_file_equals_the_rows_of_the_whole_file(tmp_path, fmt, monkeypatch):
+    """Only the split's rows are read (the file's other sequences never all sit in memory); the split, its
+    order and --limit are those of the whole file's indices."""
+    from deadscan import files
+
+    monkeypatch.setattr(files, "BLOCK_BYTES", 5 * 6 * 8)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 60, size=(50, 6)).astype(np.int64)
+    mask = np.ones((50, 6), np.uint8)
+    mask[::7, 4:] = 0
+    path = _write_arrays(tmp_path / ("t.h5" if fmt.startswith("h5") else "t.npz"), fmt, input_ids=ids,
+                         attention_mask=mask)
+    for split, limit in (("val", None), ("train", 11), ("all", None)):
+        ds = load_data(str(path), split, limit=limit)
+        assert len(ds) == (5 if split == "val" else 11 if limit else 50) == len(ds.indices)
+        np.testing.assert_array_equal(ds.input_ids.numpy(), ids[ds.indices])
+        np.testing.assert_array_equal(ds.attention_mask.numpy(), mask[ds.indices].astype(bool))
+        assert ds.tokens == int(mask[ds.indices].sum())
+    whole = load_data(str(path), "train")
+    np.testing.assert_array_equal(load_data(str(path), "train", limit=11).indices, whole.indices[:11])
+
+
+def test_a_damaged_row_outside_the_split_is_still_caught_by_the_crc(tmp_path, monkeypatch):
+    """The split's rows are gathered, then the rest of the member is read through anyway: zipfile checks an
+    .npz member's CRC at its end, so a damaged file is refused as it was when it was read whole."""
+    from deadscan import files
+
+    monkeypatch.setattr(files, "BLOCK_BYTES", 512)  # one row a block
+    ids = (np.arange(2000 * 64, dtype=np.int64).reshape(2000, 64) * 7) % 1000
+    ids[-1] = 999  # the last row's bytes are found nowhere else
+    path = tmp_path / "t.npz"
+    np.savez(path, input_ids=ids)
+    rows = load_data(str(path), "val", limit=3).indices
+    assert (1999 - rows.max()) * 512 > 64 * 1024  # far from the rows gathered: only reading on reaches it
+    raw = bytearray(path.read_bytes())
+    raw[raw.rfind(ids[-1].tobytes())] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError) as e:
+        load_data(str(path), "val", limit=3)
+    assert str(e.value) == (f"{path}: cannot read token arrays (Bad CRC-32 for file 'input_ids.npy'); write the "
+                            "file again")
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad token data: one Error line each
 

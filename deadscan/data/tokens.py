@@ -237,8 +237,6 @@ def load_tokens(spec, split: str = DEFAULTS.split, *, seed: int = DEFAULTS.seed,
 
     ``tokenizer``: the folder a text corpus is tokenised with (``--tokenizer``); default ``model_folder``
     (the Hugging Face model folder being scanned)."""
-    from .load import split_indices
-
     path = Path(str(spec)).expanduser()
     suffix = path.suffix.lower()
     info: dict = {}
@@ -246,7 +244,8 @@ def load_tokens(spec, split: str = DEFAULTS.split, *, seed: int = DEFAULTS.seed,
     if suffix in ARRAY_SUFFIXES:
         if tokenizer is not None:
             raise DataError("--tokenizer applies to text corpora; token arrays are already tokenised")
-        ids, mask = _read_token_arrays(path)
+        ids, mask, idx, total = _read_token_arrays(path, split, seed, val_fraction, limit)  # the split's rows
+        rows = None
         if seq_len is not None and seq_len != ids.shape[1]:
             raise DataError(f"--seq-len {seq_len}: {shown(path)} holds sequences of {ids.shape[1]} tokens; "
                             "--seq-len applies to text corpora (omit it for token arrays)")
@@ -266,14 +265,13 @@ def load_tokens(spec, split: str = DEFAULTS.split, *, seed: int = DEFAULTS.seed,
         tok_size = len(tok)
         info = {"tokenizer": str(tokenizer), "text_field": field_name if suffix != ".txt" else None}
         info = {k: v for k, v in info.items() if v is not None}
-    idx = split_indices(len(ids), split, seed, val_fraction, DEFAULTS.test_fraction)
-    if limit is not None:
-        idx = idx[:limit]
+        total = len(ids)
+        idx = rows = _split_rows(total, split, seed, val_fraction, limit)
     if len(idx) == 0:
-        raise DataError(f"--data {shown(spec)} split {split!r} is empty ({len(ids)} sequences); use --split all, "
+        raise DataError(f"--data {shown(spec)} split {split!r} is empty ({total} sequences); use --split all, "
                         "more text, or a shorter --seq-len")
-    ids_t = torch.from_numpy(_take(ids, idx, _id_dtype(ids, path)))
-    mask_t = torch.from_numpy(_take(mask, idx, bool))
+    ids_t = torch.from_numpy(_take(ids, rows, _id_dtype(ids, path)))
+    mask_t = torch.from_numpy(_take(mask, rows, bool))
     if not mask_t.any():
         raise DataError(f"--data {shown(spec)} split {split!r}: every position is padding (attention_mask 0); "
                         "nothing to scan")
@@ -281,27 +279,47 @@ def load_tokens(spec, split: str = DEFAULTS.split, *, seed: int = DEFAULTS.seed,
                         None if split == "all" else DEFAULTS.test_fraction, idx, str(path), tok_size, info)
 
 
-def _read_token_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _split_rows(n: int, split: str, seed: int, val_fraction: float, limit: int | None) -> np.ndarray:
+    from .load import split_indices
+
+    idx = split_indices(n, split, seed, val_fraction, DEFAULTS.test_fraction)
+    return idx if limit is None else idx[:limit]
+
+
+def _read_token_arrays(path: Path, split: str, seed: int, val_fraction: float,
+                       limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The split's rows of the file's ids and mask (only those are read into memory), the split's indices
+    and the file's number of sequences."""
+    shapes: dict = {}
+
+    def rows(key: str, shape: tuple) -> np.ndarray:
+        if key == "input_ids":  # read first (KEYS)
+            shapes[key], shapes["rows"] = shape, _split_rows(shape[0], split, seed, val_fraction, limit)
+        elif shape != shapes["input_ids"]:
+            raise DataError(f"{shown(path)}: 'attention_mask' has shape {shape} but 'input_ids' "
+                            f"{shapes['input_ids']}; give one 0/1 entry per token")
+        return shapes["rows"]
+
     found = read_array_file(path, KEYS, ("input_ids",), _check_meta, "'input_ids' (and optionally 'attention_mask')",
-                            what="token arrays")
+                            what="token arrays", rows=rows)
     ids = found["input_ids"]
     mask = found.get("attention_mask")
+    total = shapes["input_ids"][0]
     if mask is None:
         mask = np.ones(ids.shape, dtype=bool)
-    elif mask.shape != ids.shape:
-        raise DataError(f"{shown(path)}: 'attention_mask' has shape {mask.shape} but 'input_ids' {ids.shape}; "
-                        "give one 0/1 entry per token")
     elif mask.size and not 0 <= mask.min() <= mask.max() <= 1:  # min and max copy nothing (np.isin: 12 B a token)
         bad = mask[(mask < 0) | (mask > 1)].flat[0]
         raise DataError(f"{shown(path)}: 'attention_mask' must hold only 0 (padding) and 1 (token), found {bad}")
     if ids.size and int(ids.min()) < 0:
         raise DataError(f"{shown(path)}: 'input_ids' must be 0 or more, found {int(ids.min())}")
-    return ids, mask
+    return ids, mask, shapes["rows"], total
 
 
-def _take(a: np.ndarray, rows: np.ndarray, dtype, chunk: int = 4096) -> np.ndarray:
-    """``a[rows]`` as ``dtype``, gathered a chunk of rows at a time: no whole intermediate copy in the file's
-    dtype beside the result (the load's peak is the file's arrays plus the split held)."""
+def _take(a: np.ndarray, rows: np.ndarray | None, dtype, chunk: int = 4096) -> np.ndarray:
+    """``a[rows]`` (``rows`` None: all of ``a``) as ``dtype``, gathered a chunk of rows at a time: no whole
+    intermediate copy in the file's dtype beside the result."""
+    if rows is None:
+        return a.astype(dtype, copy=False)
     out = np.empty((len(rows), *a.shape[1:]), dtype=dtype)
     for i in range(0, len(rows), chunk):
         out[i:i + chunk] = a[rows[i:i + chunk]]
