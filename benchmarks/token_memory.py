@@ -57,9 +57,9 @@ base = rss()
 if sys.argv[4] == "whole":  # the file's arrays read whole, then the split's rows taken
     from pathlib import Path
     from deadscan.data import tokens
+    from deadscan.defaults import DEFAULTS
     from deadscan.files import read_array_file
     found = read_array_file(Path(sys.argv[1]), tokens.KEYS, ("input_ids",), tokens._check_meta, "ids")
-    from deadscan.defaults import DEFAULTS
     idx = tokens._split_rows(len(found["input_ids"]), split, DEFAULTS.seed, DEFAULTS.val_fraction, None)
     ds = tokens.TokenDataset(sys.argv[1], split, torch.from_numpy(tokens._take(found["input_ids"], idx, "int32")),
                              torch.from_numpy(tokens._take(found["attention_mask"], idx, bool)))
