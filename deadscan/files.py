@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -85,12 +86,13 @@ def plain_dtype(dtype: np.dtype, kinds: str) -> bool:
 def npy_header(f) -> tuple[tuple, bool, np.dtype]:
     """(shape, fortran_order, dtype) of the .npy stream ``f``, left at the first data byte."""
     version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    else:
+    if version not in ((1, 0), (2, 0)):
         raise ValueError(f"unsupported .npy version {version}")
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    try:
+        shape, fortran, dtype = read(f)
+    except (SyntaxError, tokenize.TokenError, IndexError) as e:  # numpy re-parses a garbled header as Python
+        raise ValueError(f"damaged .npy header ({one_line(e, 80)})") from None
     if any(d < 0 for d in shape):
         raise ValueError(f"negative size in shape {shape}")
     return shape, fortran, dtype

@@ -638,6 +638,24 @@ def test_damaged_and_odd_files_are_one_line(tmp_path):
     refused(tmp_path / "str.h5", "'x' must be uint8 or float")
 
 
+
+def test_a_garbled_npy_header_is_one_line(tmp_path):
+    """numpy reads a header that is not a literal again with Python's tokenizer, which raises its own errors
+    (a NUL byte and an open bracket here): still one Error line (npy_header, which every .npy reader uses)."""
+    import io
+
+    header = b"{'descr': '<i8', 'fortran_order': False, 'shape': (\x00".ljust(117) + b"\n"
+    npy = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\0" * 64
+    with pytest.raises(ValueError, match="damaged .npy header"):
+        files.npy_header(io.BytesIO(npy))
+    path = tmp_path / "t.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("input_ids.npy", npy)
+    with pytest.raises(DataError) as e:
+        load_data(str(path), "all")
+    assert str(e.value).startswith(f"{path}: ") and "damaged .npy header" in str(e.value), e.value
+    assert "\n" not in str(e.value)
+
 # ---------------------------------------------------------------------------------------------
 # Images: raster decoders only, bombs refused
 
